@@ -1,0 +1,198 @@
+"""`FusedLinearGRPOLoss`: the whole GRPO loss head from hidden states, a drop-in for Liger's.
+
+    loss_fn = ck.FusedLinearGRPOLoss(beta=0.0, loss_type="grpo")
+    loss, metrics = loss_fn(hidden, lm_head.weight, completion_ids, completion_mask, advantages)
+
+Equivalent to
+    logp = ck.linear_logprobs(hidden, W, completion_ids, bias, temperature=T)
+    loss, m = ck.policy_loss(logp, advantages, completion_mask, old_logprobs=..., ref_logprobs=..., ...)
+but cheaper: the per-token loss of every registered loss type is a weighted sum of terms that each depend
+on one token's log-prob, so a token's loss gradient is known as soon as its log-prob is. The head keeps
+one bounded chunk of whole logits rows `[n, V]`, scores it, asks `policy_loss` (via autograd on its
+[B, T] inputs) for the chunk's per-token gradients, turns the buffer into dlogits in place and multiplies
+out dH and dW: 2NHV (logits) + 4NHV (dH, dW) for the policy, plus 2NHV for a reference given as
+`ref_input`/`ref_weight`, i.e. 8NHV, where an autograd log-prob op followed by a loss costs 10NHV.
+The gradients are computed during forward (as Liger does); backward only scales them.
+
+Tokens outside `attention_mask` are skipped entirely (one host sync to gather the active rows).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from care_kernels import _validate
+from care_kernels.losses.policy_loss import policy_loss
+from care_kernels.row_epilogue import row_grad_, row_stats
+
+Tensor = torch.Tensor
+_IGNORE = -100
+
+
+def _default_buffer_bytes(device: torch.device) -> int:
+    return (1 << 30) if device.type == "cuda" else (96 << 20)
+
+
+def _logits_chunk(out: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """out[:n] = (h @ weight.T + bias) in float32, the matmul in the weight's dtype."""
+    n = h.shape[0]
+    if weight.dtype == torch.float32:
+        buf = out[:n]
+        torch.mm(h, weight.T, out=buf)
+    else:
+        buf = out[:n]
+        buf.copy_(h @ weight.T)
+    if bias is not None:
+        buf += bias.float()
+    return buf
+
+
+class _FusedGRPOHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, ref_hidden,
+                ref_weight, ref_bias, loss_kwargs, temperature, buffer_bytes):
+        b, t, h = hidden.shape
+        v = weight.shape[0]
+        flat_h = hidden.reshape(b * t, h)
+        active = mask.reshape(-1).nonzero()[:, 0]  # host sync: the number of active tokens
+        h_act = flat_h.index_select(0, active).contiguous()
+        y_act = targets.reshape(-1).index_select(0, active)
+        n = active.numel()
+        rows = max(1, min(n, buffer_bytes // (4 * v)))
+        buf = torch.empty(rows, v, dtype=torch.float32, device=hidden.device)
+
+        logp_flat = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
+        ref_flat = None
+        if ref_weight is not None:
+            ref_flat = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
+            ref_h_act = ref_hidden.reshape(b * t, h).index_select(0, active).contiguous()
+        grad_hidden_act = torch.empty_like(h_act)
+        grad_weight = torch.zeros(v, h, dtype=torch.float32, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(v, dtype=torch.float32, device=weight.device)
+
+        def chunk_grad(logp_full, ref_full):
+            """d loss / d logp for every token, from policy_loss itself (separable per token)."""
+            leaf = logp_full.view(b, t).detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss, _ = policy_loss(leaf, advantages, mask, old_logprobs=old_logps,
+                                      ref_logprobs=ref_full.view(b, t) if ref_full is not None else ref_logps,
+                                      **loss_kwargs)
+                (g,) = torch.autograd.grad(loss, leaf)
+            return g.reshape(-1)
+
+        for r0 in range(0, n, rows):
+            sel = slice(r0, min(r0 + rows, n))
+            idx = active[sel]
+            if ref_weight is not None:
+                z = _logits_chunk(buf, ref_h_act[sel], ref_weight, ref_bias)
+                ref_flat[idx] = row_stats(z, y_act[sel], temperature, _IGNORE)[0]
+            z = _logits_chunk(buf, h_act[sel], weight, bias)
+            logp, lse = row_stats(z, y_act[sel], temperature, _IGNORE)
+            logp_flat[idx] = logp
+            g = chunk_grad(logp_flat, ref_flat).index_select(0, idx)
+            dlogits = row_grad_(z, y_act[sel], lse, g, temperature, _IGNORE)
+            if weight.dtype == torch.float32:
+                torch.mm(dlogits, weight, out=grad_hidden_act[sel])
+                grad_weight.addmm_(dlogits.T, h_act[sel])
+            else:
+                d_lo = dlogits.to(weight.dtype)
+                grad_hidden_act[sel] = d_lo @ weight
+                grad_weight += (d_lo.T @ h_act[sel]).float()
+            if grad_bias is not None:
+                grad_bias += dlogits.sum(dim=0)
+
+        with torch.no_grad():
+            loss, metrics = policy_loss(logp_flat.view(b, t), advantages, mask, old_logprobs=old_logps,
+                                        ref_logprobs=ref_flat.view(b, t) if ref_flat is not None else ref_logps,
+                                        **loss_kwargs)
+        grad_hidden = torch.zeros_like(flat_h)
+        grad_hidden.index_copy_(0, active, grad_hidden_act)
+        ctx.save_for_backward(grad_hidden.view(b, t, h), grad_weight.to(weight.dtype),
+                              None if grad_bias is None else grad_bias.to(bias.dtype))
+        clip_ratio = metrics["clip_ratio"]
+        kl = metrics.get("kl", torch.zeros_like(clip_ratio))
+        ctx.mark_non_differentiable(clip_ratio, kl)
+        return loss, clip_ratio, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        gh, gw, gb = ctx.saved_tensors
+        scale = grad_loss.to(torch.float32)
+        out_h = (gh.float() * scale).to(gh.dtype) if ctx.needs_input_grad[0] else None
+        out_w = (gw.float() * scale).to(gw.dtype) if ctx.needs_input_grad[1] else None
+        out_b = (gb.float() * scale).to(gb.dtype) if gb is not None and ctx.needs_input_grad[2] else None
+        return out_h, out_w, out_b, *([None] * 11)
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """Drop-in for `liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss` (same constructor, forward, return).
+
+    Args (as Liger's): beta (k3 KL weight), compiled (accepted for compatibility; the loss math is a few
+    elementwise ops), use_ref_model, chunk_size (accepted for compatibility: the buffer here is bounded by
+    `max_buffer_bytes` instead), epsilon_low/epsilon_high (PPO clip), loss_type ("grpo", "bnpo", "dr_grpo",
+    "dapo" or any registered type), max_completion_length (dr_grpo), temperature.
+    Extra: max_buffer_bytes, the size of the float32 logits chunk (default 1 GiB on GPU, 96 MiB on CPU).
+
+    forward(_input [B, T, H], lin_weight [V, H], selected_token_ids [B, T], attention_mask [B, T] (the loss
+    mask), advantages [B], bias=None, ref_per_token_logps=None [B, T], old_per_token_logps=None [B, T],
+    ref_input=None [B, T, H], ref_weight=None [V, H], ref_bias=None, num_items_in_batch=None)
+    -> (loss, [kl_mean, clip_ratio]) when beta != 0 else (loss, [clip_ratio]).
+    """
+
+    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
+                 chunk_size: int = 1, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+                 loss_type: str = "dapo", max_completion_length: Optional[int] = None,
+                 temperature: float = 1.0, max_buffer_bytes: Optional[int] = None):
+        super().__init__()
+        self.beta = beta
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.chunk_size = chunk_size
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+        self.loss_type = loss_type
+        self.max_completion_length = max_completion_length
+        self.temperature = _validate.check_temperature(temperature)
+        self.max_buffer_bytes = max_buffer_bytes
+
+    def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
+                ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None,
+                ref_bias=None, num_items_in_batch=None):
+        _validate.check_head(_input, lin_weight, bias, "_input", "lin_weight", "bias")
+        if _input.dim() != 3:
+            raise ValueError(f"_input must be [B, T, H], got {tuple(_input.shape)}")
+        _validate.check_targets(selected_token_ids, _input, "selected_token_ids")
+        b, t, _ = _input.shape
+        if tuple(attention_mask.shape) != (b, t):
+            raise ValueError(f"attention_mask must be [B, T] = {(b, t)}, got {tuple(attention_mask.shape)}")
+        if tuple(advantages.shape) != (b,):
+            raise ValueError(f"advantages must be [B] = [{b}], got {tuple(advantages.shape)}")
+        for name, x in (("ref_per_token_logps", ref_per_token_logps), ("old_per_token_logps", old_per_token_logps)):
+            if x is not None and tuple(x.shape) != (b, t):
+                raise ValueError(f"{name} must be [B, T] = {(b, t)}, got {tuple(x.shape)}")
+        use_ref_pass = False
+        if self.beta != 0 and self.use_ref_model:
+            if ref_per_token_logps is None:
+                if ref_input is None or ref_weight is None:
+                    raise ValueError("beta != 0 with use_ref_model: pass ref_per_token_logps, or ref_input and ref_weight")
+                _validate.check_head(ref_input, ref_weight, ref_bias, "ref_input", "ref_weight", "ref_bias")
+                if ref_input.shape != _input.shape or ref_weight.shape[0] != lin_weight.shape[0]:
+                    raise ValueError("ref_input/ref_weight must match _input's shape and lin_weight's vocabulary")
+                use_ref_pass = True
+        loss_kwargs = dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                           loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+                           num_items_in_batch=num_items_in_batch)
+        mask = attention_mask.to(torch.float32)
+        buffer_bytes = self.max_buffer_bytes or _default_buffer_bytes(_input.device)
+        outs = _FusedGRPOHead.apply(
+            _input, lin_weight, bias, selected_token_ids.to(torch.int64), mask, advantages.to(torch.float32),
+            None if old_per_token_logps is None else old_per_token_logps.float(),
+            None if ref_per_token_logps is None else ref_per_token_logps.float(),
+            ref_input.detach() if use_ref_pass else None, ref_weight.detach() if use_ref_pass else None,
+            ref_bias.detach() if use_ref_pass and ref_bias is not None else None,
+            loss_kwargs, self.temperature, int(buffer_bytes),
+        )
+        loss, clip_ratio, kl = outs
+        return loss, ([kl, clip_ratio] if self.beta != 0 else [clip_ratio])

@@ -1,0 +1,1 @@
+"""Torch references: the readable ground truth every kernel is tested against."""

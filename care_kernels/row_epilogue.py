@@ -1,0 +1,51 @@
+"""Epilogues on a buffer that holds whole rows of logits: `[n, V]` for a bounded chunk of n tokens.
+
+Used by the fused GRPO loss head, which keeps one such chunk at a time so that it can form each token's
+loss gradient while the logits are still there (8NHV flops for the head instead of 10NHV). The C++
+kernels do each epilogue in one fused OpenMP pass; the torch versions are the fallback and reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from care_kernels import backends
+
+
+def _use_cpp(logits: torch.Tensor) -> bool:
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and backends.cpp_status()[0]
+
+
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int):
+    """logits [n, V] float32 (raw, bias added), targets [n] -> (logprobs [n], lse [n]) of logits / T.
+
+    Equivalent to `log_softmax(logits / T).gather(-1, targets[:, None])[:, 0]` and `logsumexp(logits / T)`,
+    0 log-prob at ignored targets.
+    """
+    if _use_cpp(logits):
+        logprobs, _, lse = torch.ops.care_kernels.logits_stats_cpu(logits, targets, temperature, ignore_index, False)
+        return logprobs, lse
+    z = logits / temperature
+    lse = torch.logsumexp(z, dim=1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    logprobs = torch.where(valid, z.gather(1, safe[:, None])[:, 0] - lse, torch.zeros_like(lse))
+    return logprobs, lse
+
+
+def row_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_logprobs: torch.Tensor,
+              temperature: float, ignore_index: int) -> torch.Tensor:
+    """Overwrite logits [n, V] with d(sum g * logprobs)/d logits = g (onehot(y) - softmax(logits / T)) / T.
+
+    Rows with an ignored target (or g = 0) become 0. Returns the same buffer.
+    """
+    valid = targets != ignore_index
+    g = torch.where(valid, grad_logprobs.to(logits.dtype), torch.zeros_like(lse))
+    if _use_cpp(logits):
+        torch.ops.care_kernels.logits_grad_cpu_(logits, targets, lse, torch.zeros_like(lse), g, None,
+                                                temperature, ignore_index)
+        return logits
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    logits.div_(temperature).sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    logits.scatter_add_(1, safe[:, None], g[:, None])
+    return logits.div_(temperature)

@@ -1,0 +1,49 @@
+"""Test setup: seeded tests, the Triton interpreter on machines without CUDA, GPU tests skipped with a reason.
+
+TRITON_INTERPRET must be set before any @triton.jit function is created, i.e. before care_kernels'
+Triton modules are imported, so it is set here at collection time.
+"""
+
+import os
+import random
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none present); run benchmarks/gpu_check.sh on one")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    try:
+        import numpy as np
+
+        np.random.seed(0)
+    except ImportError:  # pragma: no cover
+        pass
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if _HAS_CUDA else "cpu")

@@ -1,0 +1,140 @@
+"""ck.FusedLinearGRPOLoss: a drop-in for Liger's LigerFusedLinearGRPOLoss, at 8NHV flops for the head."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import care_kernels as ck
+from care_kernels.reference.naive import naive_linear_logprobs
+
+liger_chunked = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is in the [test] extra")
+
+B, T, H, V = 3, 6, 16, 70
+
+
+def _inputs(dtype=torch.float32, bias=False):
+    x = torch.randn(B, T, H, dtype=dtype)
+    w = (torch.randn(V, H) / 4).to(dtype)
+    b = (torch.randn(V) * 0.1).to(dtype) if bias else None
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T)
+    mask[0, 4:] = 0
+    adv = torch.randn(B)
+    with torch.no_grad():
+        logp, _ = naive_linear_logprobs(x, w, ids, b)
+    old = logp + 0.3 * torch.randn(B, T)  # ratios away from 1, so clipping happens
+    ref = logp + 0.2 * torch.randn(B, T)
+    return x, w, b, ids, mask, adv, old, ref
+
+
+def _run(loss_cls, x, w, b, ids, mask, adv, **call):
+    xx, ww = x.detach().requires_grad_(), w.detach().requires_grad_()
+    bb = None if b is None else b.detach().requires_grad_()
+    loss, metrics = loss_cls(xx, ww, ids, mask, adv, bias=bb, **call)
+    loss.backward()
+    return loss, metrics, xx.grad, ww.grad, None if bb is None else bb.grad
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("with_old", [False, True])
+@pytest.mark.parametrize("ref_mode", ["precomputed", "ref_input"])
+def test_matches_liger(loss_type, beta, with_old, ref_mode):
+    x, w, b, ids, mask, adv, old, ref = _inputs(bias=ref_mode == "ref_input")
+    ref_x, ref_w = x + 0.05 * torch.randn_like(x), w * 0.95
+    kw = dict(beta=beta, loss_type=loss_type, use_ref_model=beta != 0, max_completion_length=T, temperature=0.9)
+    call = dict(old_per_token_logps=old if with_old else None)
+    if beta != 0:
+        call.update(dict(ref_per_token_logps=ref) if ref_mode == "precomputed" else
+                    dict(ref_input=ref_x, ref_weight=ref_w, ref_bias=b))
+    ours = _run(ck.FusedLinearGRPOLoss(**kw), x, w, b, ids, mask, adv, **call)
+    theirs = _run(liger_chunked.LigerFusedLinearGRPOLoss(compiled=False, **kw), x, w, b, ids, mask, adv, **call)
+    _close(ours[0], theirs[0], "loss")
+    assert len(ours[1]) == len(theirs[1]) == (2 if beta != 0 else 1)
+    for mine, liger in zip(ours[1], theirs[1]):
+        _close(mine, liger, "metric")
+    for name, mine, liger in zip(("d_input", "d_weight", "d_bias"), ours[2:], theirs[2:]):
+        if liger is not None:
+            _close(mine, liger, name)
+
+
+def test_equals_linear_logprobs_then_policy_loss():
+    """The fused head is the composition of the two public pieces, not a second copy of the math."""
+    x, w, b, ids, mask, adv, old, _ = _inputs(bias=True)
+    fused = _run(ck.FusedLinearGRPOLoss(beta=0.0, loss_type="grpo", temperature=1.3), x, w, b, ids, mask, adv,
+                 old_per_token_logps=old)
+
+    def composed(xx, ww, ids, mask, adv, bias):
+        logp = ck.linear_logprobs(xx, ww, ids, bias, temperature=1.3)
+        loss, m = ck.policy_loss(logp, adv, mask, old_logprobs=old, loss_type="grpo", epsilon_high=0.2)
+        return loss, [m["clip_ratio"]]
+
+    ref = _run(composed, x, w, b, ids, mask, adv)
+    for a, c, what in zip(fused, ref, ("loss", "metrics", "d_input", "d_weight", "d_bias")):
+        if isinstance(a, list):
+            for u, v in zip(a, c):
+                _close(u, v, what)
+        else:
+            _close(a, c, what)
+
+
+def test_head_costs_eight_nhv():
+    """Policy forward + backward + reference forward: 8NHV matmul flops (10NHV for log-prob op + loss)."""
+    x, w, _, ids, _, adv, _, _ = _inputs()
+    mask = torch.ones(B, T)
+    loss_fn = ck.FusedLinearGRPOLoss(beta=0.04, loss_type="grpo", max_buffer_bytes=V * 4 * 5)
+    xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with MatmulFlops() as counter:
+        loss, _ = loss_fn(xx, ww, ids, mask, adv, ref_input=x, ref_weight=w)
+        loss.backward()
+    assert counter.flops == 8 * B * T * H * V
+
+
+class MatmulFlops(TorchDispatchMode):
+    """Counts 2*m*k*n for every aten mm / addmm call, whatever the overload (out= variants included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_"):
+            a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def test_fully_masked_sequence_gives_no_nan():
+    x, w, _, ids, mask, adv, old, ref = _inputs()
+    mask[1] = 0
+    loss, metrics, gx, gw, _ = _run(ck.FusedLinearGRPOLoss(beta=0.04, loss_type="grpo"), x, w, None, ids, mask,
+                                    adv, ref_per_token_logps=ref, old_per_token_logps=old)
+    for t in (loss, *metrics, gx, gw):
+        assert torch.isfinite(t).all()
+    assert (gx[1] == 0).all()
+
+
+def test_bfloat16_head_gradients_in_input_dtype():
+    x, w, _, ids, mask, adv, _, _ = _inputs(torch.bfloat16)
+    loss, _, gx, gw, _ = _run(ck.FusedLinearGRPOLoss(beta=0.0, loss_type="grpo"), x, w, None, ids, mask, adv)
+    assert gx.dtype == gw.dtype == torch.bfloat16 and torch.isfinite(loss)
+    ref = _run(ck.FusedLinearGRPOLoss(beta=0.0, loss_type="grpo"), x.float(), w.float(), None, ids, mask, adv)
+    torch.testing.assert_close(gx.float(), ref[2], rtol=0.05, atol=2e-3)
+
+
+def test_bad_input_errors():
+    x, w, _, ids, mask, adv, _, _ = _inputs()
+    loss_fn = ck.FusedLinearGRPOLoss(beta=0.04, loss_type="grpo")
+    with pytest.raises(ValueError, match="ref_per_token_logps, or ref_input"):
+        loss_fn(x, w, ids, mask, adv)
+    with pytest.raises(ValueError, match=r"advantages must be \[B\]"):
+        ck.FusedLinearGRPOLoss(beta=0.0)(x, w, ids, mask, adv[:2])
+    with pytest.raises(ValueError, match="loss_type"):
+        ck.FusedLinearGRPOLoss(beta=0.0, loss_type="ppo")(x, w, ids, mask, adv)
+    with pytest.raises(ValueError, match=r"_input must be \[B, T, H\]"):
+        ck.FusedLinearGRPOLoss(beta=0.0)(x[0], w, ids[0], mask[0], adv)
