@@ -27,6 +27,16 @@ def _env_flag(name: str, default: str) -> str:
     return os.environ.get(name, default).strip().lower()
 
 
+def _cmake() -> str:
+    """The cmake of the build environment (pip's `cmake` package) when present, else the one on PATH."""
+    try:
+        import cmake  # noqa: PLC0415
+
+        return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+    except (ImportError, AttributeError):
+        return shutil.which("cmake") or "cmake"
+
+
 def _find_nvcc() -> str | None:
     for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if candidate and (Path(candidate) / "bin" / "nvcc").exists():
@@ -120,8 +130,8 @@ class CMakeBuild(build_ext):
             cmake_args.append("-GNinja")
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
 
-        subprocess.check_call(["cmake", str(ROOT), *cmake_args], cwd=build_temp)
-        subprocess.check_call(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp)
+        subprocess.check_call([_cmake(), str(ROOT), *cmake_args], cwd=build_temp)
+        subprocess.check_call([_cmake(), "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp)
 
         # The build record: which torch the binaries were compiled against (checked at import time).
         info = {"torch_version": torch.__version__, "cuda": want_cuda, "torch_cuda": torch.version.cuda}
