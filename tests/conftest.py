@@ -9,6 +9,10 @@ import random
 
 import pytest
 
+# Interpreted tl.dot runs numpy matmuls, whose BLAS threads fight torch's: one BLAS thread doubles the
+# interpreter's speed. It must precede the first `import numpy` / `import torch`.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 try:
     import torch
 

@@ -1,0 +1,199 @@
+"""Forward Triton kernels: online softmax statistics of `hidden @ weight.T`, streamed over the vocabulary.
+
+Every program owns one block of BLOCK_M rows and one split of the vocabulary (a contiguous range of
+columns). It walks its split BLOCK_N columns at a time: a `tl.dot` K-loop over H builds the logits tile
+in fp32 on chip, and the tile is folded into four running row statistics, all in base-2 units of the
+tempered logits `z2 = (hidden @ weight.T + bias) * log2(e) / temperature`:
+
+    m = max z2,   s = sum 2^(z2 - m),   u = sum 2^(z2 - m) * (z2 - m),   t = z2[target]
+
+`u` is kept relative to the running max (not as `sum p * z`) so the entropy `ln2 * (log2 s - u / s)` never
+subtracts two large numbers. The per-split statistics go to a small [planes, splits, N] fp32 buffer that
+the launcher merges. Nothing of size [N, V] exists.
+
+Offsets are int64 (N*H and V*H can exceed 2^31); the big dimension is on grid axis 0 only.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# A finite stand-in for -inf: masked logits get it so that 0 * (z - m) stays 0 instead of NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
+
+# Planes of the partial-statistics buffer [planes, splits, N] (the launcher reads them by these numbers).
+PLANE_MAX = tl.constexpr(0)
+PLANE_SUMEXP = tl.constexpr(1)
+PLANE_TARGET = tl.constexpr(2)
+PLANE_ENTROPY = tl.constexpr(3)
+
+
+@triton.jit
+def logits_tile(
+    h_ptr,
+    w_ptr,
+    rows,
+    cols,
+    H,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """fp32 [BLOCK_M, BLOCK_N] tile of hidden[rows] @ weight[cols].T; rows/cols are int64, in range.
+
+    UPCAST: cast loads to fp32 first (the interpreter's bf16 is broken; also mixed-dtype pairs).
+    IEEE: true fp32 products for fp32 operands (tl.dot would otherwise use TF32).
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None] * H + offs_k[None, :]
+    b_ptrs = w_ptr + cols[:, None] * H + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, H, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_mask = offs_k < H - k
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _split_stats(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    target_local,
+    col_begin,
+    col_end,
+    H,
+    V,
+    scale2,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Online (m, s, u, t) of z2 over columns [col_begin, col_end); target_local is -1 outside them."""
+    m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n in range(col_begin, col_end, BLOCK_N):
+        cols = n + tl.arange(0, BLOCK_N)
+        # Columns past V load row V - 1 instead of masking every K step; their logits are masked below.
+        cols_ld = tl.minimum(cols, V - 1).to(tl.int64)
+        acc = logits_tile(h_ptr, w_ptr, rows, cols_ld, H, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols_ld).to(tl.float32)[None, :]
+        z = tl.where((cols < col_end)[None, :], acc * scale2, NEG_BIG)
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        zc = z - m_new[:, None]
+        p = tl.exp2(zc)
+        if WITH_ENTROPY:
+            u_i = alpha * (u_i + (m_i - m_new) * s_i) + tl.sum(p * zc, axis=1)
+        s_i = alpha * s_i + tl.sum(p, axis=1)
+        t_i += tl.sum(tl.where(cols[None, :] == target_local[:, None], z, 0.0), axis=1)
+        m_i = m_new
+    return m_i, s_i, u_i, t_i
+
+
+@triton.jit
+def linear_logprob_stats_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    part_ptr,
+    ref_h_ptr,
+    ref_w_ptr,
+    ref_b_ptr,
+    ref_part_ptr,
+    tgt_ptr,
+    N,
+    H,
+    V,
+    num_splits,
+    split_cols,
+    scale2,
+    N_CLASS,  # unused in the body: an autotuning key (size class of N)
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    DUAL: tl.constexpr,
+    REF_HAS_BIAS: tl.constexpr,
+    REF_EVEN_K: tl.constexpr,
+    REF_UPCAST: tl.constexpr,
+    REF_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Grid: (cdiv(N, BLOCK_M) * num_splits,). Writes per-split statistics; the launcher merges the splits.
+
+    part [4 or 3, num_splits, N] (planes max, sumexp, target, [entropy]); ref_part [3, num_splits, N].
+    With DUAL the same program then scores the reference (own hidden/weight/bias/dtype) on the same split.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(N, BLOCK_M)
+    # Grouped order: GROUP_M row blocks x all splits run together, so each weight tile is read from HBM once
+    # and reused from L2 by GROUP_M programs, and each hidden block by the programs of the other splits.
+    num_pid_in_group = GROUP_M * num_splits
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_in_group = pid % num_pid_in_group
+    pid_m = first_pid_m + pid_in_group % group_size_m
+    pid_s = pid_in_group // group_size_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    rows_ld = tl.minimum(rows, N - 1).to(tl.int64)
+    col_begin = pid_s * split_cols
+    col_end = tl.minimum(col_begin + split_cols, V)
+    tgt = tl.load(tgt_ptr + rows_ld)
+    target_local = tl.where((tgt >= col_begin) & (tgt < col_end), tgt, -1).to(tl.int32)
+
+    plane = tl.cast(num_splits, tl.int64) * N  # tl.cast: an int arg equal to 1 arrives as a constexpr
+    out = pid_s.to(tl.int64) * N + rows.to(tl.int64)
+
+    m, s, u, t = _split_stats(
+        h_ptr, w_ptr, b_ptr, rows_ld, target_local, col_begin, col_end, H, V, scale2,
+        HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE,
+    )  # fmt: skip
+    tl.store(part_ptr + PLANE_MAX * plane + out, m, mask=row_mask)
+    tl.store(part_ptr + PLANE_SUMEXP * plane + out, s, mask=row_mask)
+    tl.store(part_ptr + PLANE_TARGET * plane + out, t, mask=row_mask)
+    if WITH_ENTROPY:
+        tl.store(part_ptr + PLANE_ENTROPY * plane + out, u, mask=row_mask)
+
+    if DUAL:
+        rm, rs, _, rt = _split_stats(
+            ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ld, target_local, col_begin, col_end, H, V, scale2,
+            REF_HAS_BIAS, False, BLOCK_M, BLOCK_N, BLOCK_K, REF_EVEN_K, REF_UPCAST, REF_IEEE,
+        )  # fmt: skip
+        tl.store(ref_part_ptr + PLANE_MAX * plane + out, rm, mask=row_mask)
+        tl.store(ref_part_ptr + PLANE_SUMEXP * plane + out, rs, mask=row_mask)
+        tl.store(ref_part_ptr + PLANE_TARGET * plane + out, rt, mask=row_mask)

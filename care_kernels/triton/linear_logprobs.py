@@ -1,0 +1,395 @@
+"""Triton backend of `linear_logprobs` / `dual_linear_logprobs`: launchers for the forward and backward.
+
+    z = (hidden @ weight.T + bias).float() / temperature          # never materialized as [N, V]
+    logprobs = z[target] - logsumexp(z),  entropy = logsumexp(z) - sum(softmax(z) * z)
+
+Forward: one fused kernel (_forward_kernels) streams the vocabulary; programs own (row block, vocabulary
+split) pairs so that small N still fills the GPU, and write O(N * splits) fp32 partial statistics that a
+few torch ops merge. The dual variant scores a reference model (own hidden/weight/bias, possibly another
+dtype) in the same programs of the same launch.
+
+Backward: see `backward`. Inputs here are already validated by the dispatcher: 2-D, contiguous, one device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+
+from care_kernels.triton import _forward_kernels as fk
+from care_kernels.triton._backward_kernels import dlogits_kernel, matmul_accumulate_kernel
+from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel
+
+# The Triton interpreter (CPU) mis-handles bf16 arithmetic: every load is upcast to fp32 there.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_PLANE_MAX, _PLANE_SUMEXP = fk.PLANE_MAX.value, fk.PLANE_SUMEXP.value
+_PLANE_TARGET, _PLANE_ENTROPY = fk.PLANE_TARGET.value, fk.PLANE_ENTROPY.value
+
+# Vocabulary splits and backward column chunks start on multiples of this (a multiple of every BLOCK_N).
+_COL_ALIGN = 256
+_GROUP_M = 8
+
+# Upper bound of the backward's dlogits slab [N, chunk] (bytes). Larger chunks mean fewer passes of the fp32
+# dH accumulator over HBM; 1 GiB keeps that traffic near 1% of the backward at N=16k, H=3584, V=152k.
+DLOGITS_SLAB_BYTES = 1 << 30
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# GPU configurations. BLOCK_M and BLOCK_K are fixed within a forward list and BLOCK_K within a backward list
+# (the launcher sizes the vocabulary split and the EVEN_K flag from them); the autotuner picks the tile width,
+# warps and pipeline depth, once per (H, V, size class of N, dtypes). Below 2049 rows the first config of
+# each list is used untuned (those calls are short and memory-bound; it also saves compilations).
+# 16-bit: tensor-core (wgmma) tiles with a K=64 step. Compiled for sm_90 with Triton 3.6, none of these
+# spills (forward 169-255 registers, dlogits 118-254); the 96 KB 3-stage 128x128 ones can run two CTAs per SM
+# (one's epilogue overlaps the other's main loop), while 128x256 moves the fewest bytes from L2 per FLOP.
+_FWD_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 3)]
+_BWD_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)]
+# fp32 (exact fp32 products, no TF32) and mixed fp32/16-bit pairs: smaller tiles for the 4-byte operands.
+_FWD_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3), _cfg(64, 128, 32, 8, 3)]
+_BWD_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3), _cfg(64, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 3)]
+_MATMUL_CONFIG_16 = _cfg(128, 128, 64, 8, 3)
+_TUNE_FROM_N_CLASS = 2
+
+
+def _check_config_lists() -> None:
+    """The launchers size splits and EVEN_K from a list's first config: what they read must be shared."""
+    fwd, bwd = ("BLOCK_M", "BLOCK_K"), ("BLOCK_K",)
+    for configs, shared in [(_FWD_CONFIGS_16, fwd), (_FWD_CONFIGS_32, fwd), (_BWD_CONFIGS_16, bwd),
+                            (_BWD_CONFIGS_32, bwd)]:  # fmt: skip
+        assert len({tuple(c.kwargs[k] for k in shared) for c in configs}) == 1, shared
+    assert all(_COL_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in _FWD_CONFIGS_16 + _FWD_CONFIGS_32)
+
+
+_check_config_lists()
+
+_FWD_KEY = ["H", "V", "N_CLASS"]
+_fwd_tuned_16 = triton.autotune(configs=_FWD_CONFIGS_16, key=_FWD_KEY)(linear_logprob_stats_kernel)
+_fwd_tuned_32 = triton.autotune(configs=_FWD_CONFIGS_32, key=_FWD_KEY)(linear_logprob_stats_kernel)
+_bwd_tuned_16 = triton.autotune(configs=_BWD_CONFIGS_16, key=["H", "N_CLASS"])(dlogits_kernel)
+_bwd_tuned_32 = triton.autotune(configs=_BWD_CONFIGS_32, key=["H", "N_CLASS"])(dlogits_kernel)
+
+
+def _interpreter_config(hidden_size: int) -> triton.Config:
+    """One config with big tiles: the interpreter costs ~ms per program x loop iteration, any tile size."""
+    bk = min(128, triton.next_power_of_2(max(hidden_size, 16)))
+    return _cfg(128, _COL_ALIGN, bk, 4, 1)
+
+
+def _pick_kernel(plain, tuned, configs: list[triton.Config], hidden_size: int, n_class: int):
+    """(kernel, config, launch meta-parameters): the interpreter's config, a fixed one, or the autotuner's."""
+    if _INTERPRET:
+        config = _interpreter_config(hidden_size)
+    elif n_class < _TUNE_FROM_N_CLASS:
+        config = configs[0]
+    else:
+        return tuned, configs[0], {}
+    return plain, config, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _n_class(n: int) -> int:
+    return 0 if n <= 128 else (1 if n <= 2048 else 2)
+
+
+def _is_16bit(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+
+
+def _pair_flags(h: torch.Tensor, w: torch.Tensor) -> tuple[bool, bool]:
+    """(UPCAST, IEEE) for one hidden/weight pair: fp32 operands get true fp32 products, never TF32."""
+    upcast = _INTERPRET or h.dtype != w.dtype
+    ieee = upcast or h.dtype == torch.float32
+    return upcast, ieee
+
+
+_sm_count: dict[int, int] = {}
+
+
+def _num_programs_per_wave(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_count:
+        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_count[index]
+
+
+@functools.lru_cache(maxsize=256)
+def _num_splits(num_row_blocks: int, vocab: int, programs_per_wave: int) -> int:
+    """Vocabulary splits minimizing the makespan (waves x tiles per program), ties to fewer splits.
+
+    At least programs_per_wave / GROUP_M splits (when the vocabulary has them): the programs running at once
+    then cover few row blocks and several splits, so both operands are shared through L2 instead of every
+    program streaming a private hidden block.
+    """
+    units = triton.cdiv(vocab, _COL_ALIGN)
+    lowest = min(units, max(1, triton.cdiv(programs_per_wave, _GROUP_M)))
+    best, best_cost = units, math.inf
+    for splits in range(lowest, min(units, 4096) + 1):
+        per_split = triton.cdiv(units, splits)
+        used = triton.cdiv(units, per_split)
+        waves = triton.cdiv(num_row_blocks * used, programs_per_wave)
+        cost = waves * (per_split + 0.5)  # + 0.5: per-program start-up, so ties favour fewer programs
+        if cost < best_cost:
+            best, best_cost = used, cost
+    return best
+
+
+def _merge_splits(part: torch.Tensor, with_entropy: bool):
+    """Per-split base-2 statistics [planes, S, N] -> per row (lse2, target2, entropy in natural units)."""
+    m = part[_PLANE_MAX]
+    m_all = m.amax(dim=0)
+    scale = torch.exp2(m - m_all)
+    sumexp = (part[_PLANE_SUMEXP] * scale).sum(dim=0)
+    log2_sumexp = torch.log2(sumexp)
+    lse2 = m_all + log2_sumexp
+    target2 = part[_PLANE_TARGET].sum(dim=0)
+    entropy = None
+    if with_entropy:
+        # sum_j 2^(z_j - M) (z_j - M), rebased from each split's own max m to the global max M.
+        u = (scale * (part[_PLANE_ENTROPY] + (m - m_all) * part[_PLANE_SUMEXP])).sum(dim=0)
+        entropy = (_LN2 * (log2_sumexp - u / sumexp)).clamp_min_(0.0)
+    return lse2, target2, entropy
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+):
+    """Per-token log-probs (and entropy) of `hidden @ weight.T + bias` at `temperature`, streamed over V.
+
+    hidden [N, H] (fp32/bf16/fp16), weight [V, H] (same dtype), bias [V] or None, targets [N] int64 in [0, V)
+    or == ignore_index. ref_hidden [N, H] / ref_weight [V, H] / ref_bias [V]: optional reference model (its
+    dtype may differ), scored in the same launch. Returns float32 (logprobs [N], entropy [N] (zeros unless
+    with_entropy), lse [N], ref_logprobs [N] or None); ignored rows have logprobs = entropy = 0.
+    Equivalent torch (materializing):
+        z = (hidden @ weight.T + bias).float() / temperature
+        logprobs = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0];  lse = z.logsumexp(-1)
+        entropy = lse - (z.softmax(-1) * z).sum(-1)
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    dual = ref_weight is not None
+    device = hidden.device
+    zeros = lambda: torch.zeros(n_rows, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return zeros(), zeros(), zeros(), (zeros() if dual else None)
+
+    wide = not _is_16bit(hidden, weight, ref_hidden, ref_weight)
+    n_class = _n_class(n_rows)
+    kernel, config, meta = _pick_kernel(
+        linear_logprob_stats_kernel, _fwd_tuned_32 if wide else _fwd_tuned_16,
+        _FWD_CONFIGS_32 if wide else _FWD_CONFIGS_16, hidden_size, n_class,
+    )  # fmt: skip
+    block_m, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    num_row_blocks = triton.cdiv(n_rows, block_m)
+    splits = _num_splits(num_row_blocks, vocab, _num_programs_per_wave(device))
+    split_cols = triton.cdiv(triton.cdiv(vocab, splits), _COL_ALIGN) * _COL_ALIGN
+    splits = triton.cdiv(vocab, split_cols)
+
+    planes = 4 if with_entropy else 3
+    part = torch.empty((planes, splits, n_rows), dtype=torch.float32, device=device)
+    ref_part = torch.empty((3, splits, n_rows), dtype=torch.float32, device=device) if dual else part
+    upcast, ieee = _pair_flags(hidden, weight)
+    ref_upcast, ref_ieee = _pair_flags(ref_hidden, ref_weight) if dual else (upcast, ieee)
+    even_k = hidden_size % block_k == 0
+    args = (
+        hidden, weight, bias if bias is not None else weight, part,
+        ref_hidden if dual else hidden, ref_weight if dual else weight,
+        ref_bias if ref_bias is not None else weight, ref_part, targets,
+        n_rows, hidden_size, vocab, splits, split_cols, _LOG2E / temperature, n_class,
+    )  # fmt: skip
+    flags = dict(
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, EVEN_K=even_k, UPCAST=upcast, IEEE=ieee,
+        DUAL=dual, REF_HAS_BIAS=dual and ref_bias is not None, REF_EVEN_K=even_k, REF_UPCAST=ref_upcast,
+        REF_IEEE=ref_ieee, GROUP_M=_GROUP_M,
+    )  # fmt: skip
+    kernel[(num_row_blocks * splits,)](*args, **flags, **meta)
+
+    valid = targets != ignore_index
+    lse2, target2, entropy = _merge_splits(part, with_entropy)
+    # target <= max <= lse holds exactly in the merge; the clamp only guards the approximate GPU exp2 of 0.
+    logprobs = torch.where(valid, ((target2 - lse2) * _LN2).clamp_max_(0.0), 0.0)
+    entropy = torch.where(valid, entropy, 0.0) if with_entropy else zeros()
+    ref_logprobs = None
+    if dual:
+        ref_lse2, ref_target2, _ = _merge_splits(ref_part, False)
+        ref_logprobs = torch.where(valid, ((ref_target2 - ref_lse2) * _LN2).clamp_max_(0.0), 0.0)
+    return logprobs, entropy, lse2 * _LN2, ref_logprobs
+
+
+# A chunk never spans a real vocabulary: the slab stays a bounded [N, <= 32768] tile, never [N, V].
+MAX_SLAB_COLUMNS = 32768
+
+
+def _slab_columns(n_rows: int, vocab: int, element_size: int) -> int:
+    """Columns of one dlogits chunk: as many as DLOGITS_SLAB_BYTES allows, a multiple of _COL_ALIGN."""
+    cols = DLOGITS_SLAB_BYTES // max(1, n_rows * element_size)
+    cols = max(_COL_ALIGN, cols // _COL_ALIGN * _COL_ALIGN)
+    return min(cols, vocab, MAX_SLAB_COLUMNS)
+
+
+_cublas_fp32_out: dict[tuple[int, torch.dtype], bool] = {}
+
+
+def _cublas_writes_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch's `addmm(acc, a, b, out_dtype=float32, out=acc)` accumulates 16-bit a @ b into fp32.
+
+    Checked once per (device, dtype) on small integer-valued matrices (exact in every dtype), so an old torch
+    without the overload, or one with different in-place semantics, falls back to the Triton kernel.
+    """
+    key = (device.index if device.index is not None else torch.cuda.current_device(), dtype)
+    if key not in _cublas_fp32_out:
+        a = ((torch.arange(64 * 48, device=device) % 7) - 3).reshape(64, 48).to(dtype)
+        b = ((torch.arange(48 * 32, device=device) % 5) - 2).reshape(48, 32).to(dtype)
+        want = a.double() @ b.double()
+        try:
+            acc = torch.ones(64, 32, device=device)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, beta=1, out=acc)
+            fresh = torch.full((64, 32), float("nan"), device=device)
+            torch.addmm(fresh, a, b, out_dtype=torch.float32, beta=0, out=fresh)
+            works = bool(torch.equal(acc.double(), want + 1) and torch.equal(fresh.double(), want))
+        except (RuntimeError, TypeError):  # no fp32-output 16-bit GEMM in this torch
+            works = False
+        _cublas_fp32_out[key] = works
+    return _cublas_fp32_out[key]
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
+    """acc (fp32) = (acc if accumulate else 0) + a @ b for 16-bit a, b, with fp32 accumulation throughout.
+
+    cuBLAS when this torch can write fp32 from 16-bit inputs (`addmm(..., out_dtype=float32)`), else Triton.
+    """
+    if a.is_cuda and _cublas_writes_fp32(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, beta=1 if accumulate else 0, out=acc)
+        return
+    m, k = a.shape
+    n = b.shape[1]
+    config = _interpreter_config(k) if _INTERPRET else _MATMUL_CONFIG_16
+    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    matmul_accumulate_kernel[grid](
+        a, b, acc, m, n, k, a.stride(0), b.stride(0), acc.stride(0),
+        ACCUMULATE=accumulate, EVEN_K=k % bk == 0, UPCAST=_INTERPRET, GROUP_M=_GROUP_M,
+        **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+
+
+def backward(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    *,
+    temperature: float,
+    ignore_index: int,
+):
+    """Gradients of sum(grad_logprobs * logprobs + grad_entropy * entropy) w.r.t. hidden, weight and bias.
+
+    grad_logprobs [N] f32, grad_entropy [N] f32 or None, lse / entropy [N] f32 from `forward`. Returns
+    (grad_hidden [N, H] in hidden.dtype, grad_weight [V, H] in weight.dtype, grad_bias [V] or None).
+    Per element (z tempered logits, p = exp(z - lse)):
+        dlogits = (g_lp * (1[j == y] - p) - g_ent * p * (z - lse + entropy)) / temperature
+        grad_hidden = dlogits @ weight;  grad_weight = dlogits.T @ hidden;  grad_bias = dlogits.sum(0)
+
+    Design. A fully fused backward (dlogits tile in registers, then dH[rows] += dlogits @ W[cols] and
+    dW[cols] += dlogits.T @ H[rows] with fp32 atomics) issues (BLOCK_M + BLOCK_N) * H fp32 atomic adds per
+    6 * BLOCK_M * BLOCK_N * H FLOPs (recompute + both products): 128 FLOP per atomic byte at 128 x 256
+    tiles, under half of the ~300 FLOP/B an H100 needs to stay compute-bound (and L2 atomics are slower
+    than plain L2 traffic), so it cannot approach cuBLAS. A split/reduce in place would need [BLOCK_M, H]
+    and [BLOCK_N, H] fp32 accumulators (megabytes at H = 3584), which fit neither registers nor shared memory.
+    Like the fastest published kernels (Liger's SM90 kernel recomputes dZ in token waves, QuACK in chunks),
+    we recompute dlogits for one vocabulary chunk at a time in a Triton kernel (the recompute GEMM with the
+    gradient formula as its epilogue) into a slab of at most DLOGITS_SLAB_BYTES, then run two cuBLAS GEMMs:
+      - grad_weight[chunk] = slab.T @ hidden: complete for the chunk (reduction over all N in one GEMM),
+      - grad_hidden += slab @ weight[chunk]: fp32 accumulator across chunks (none when one chunk covers V).
+    The slab is rounded to the input dtype before the GEMMs, exactly as autograd rounds the logits' gradient.
+    Workspace: the slab, the fp32 dH accumulator [N, H] when V needs several chunks, O(N) otherwise.
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    dtype = hidden.dtype
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.empty_like(weight)
+    grad_bias = torch.empty_like(bias) if bias is not None else None
+    if n_rows == 0:
+        grad_weight.zero_()
+        if grad_bias is not None:
+            grad_bias.zero_()
+        return grad_hidden, grad_weight, grad_bias
+
+    # Under the interpreter a bf16 store truncates; the slab is kept in fp32 there and rounded by torch.
+    slab_dtype = torch.float32 if (_INTERPRET and dtype == torch.bfloat16) else dtype
+    chunk_cols = _slab_columns(n_rows, vocab, torch.finfo(slab_dtype).bits // 8)
+    slab = torch.empty(n_rows * chunk_cols, dtype=slab_dtype, device=hidden.device)
+    single_chunk = chunk_cols >= vocab
+    fp32_acc = None
+    if not single_chunk and dtype != torch.float32:
+        fp32_acc = torch.empty((n_rows, hidden_size), dtype=torch.float32, device=hidden.device)
+
+    wide = not _is_16bit(hidden, weight)
+    n_class = _n_class(n_rows)
+    kernel, config, meta = _pick_kernel(
+        dlogits_kernel, _bwd_tuned_32 if wide else _bwd_tuned_16,
+        _BWD_CONFIGS_32 if wide else _BWD_CONFIGS_16, hidden_size, n_class,
+    )  # fmt: skip
+    upcast, ieee = _pair_flags(hidden, weight)
+    has_grad_entropy = grad_entropy is not None
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy,
+        EVEN_K=hidden_size % config.kwargs["BLOCK_K"] == 0, UPCAST=upcast, IEEE=ieee, GROUP_M=_GROUP_M,
+        **meta,
+    )  # fmt: skip
+
+    for index, col_begin in enumerate(range(0, vocab, chunk_cols)):
+        n_cols = min(chunk_cols, vocab - col_begin)
+        dlogits = slab[: n_rows * n_cols].view(n_rows, n_cols)
+        grid = lambda launch, n_cols=n_cols: (
+            triton.cdiv(n_rows, launch["BLOCK_M"]) * triton.cdiv(n_cols, launch["BLOCK_N"]),
+        )
+        kernel[grid](
+            hidden, weight, bias if bias is not None else weight, targets, lse, entropy, grad_logprobs,
+            grad_entropy if has_grad_entropy else grad_logprobs, dlogits,
+            n_rows, hidden_size, vocab, col_begin, n_cols, _LOG2E / temperature, 1.0 / temperature,
+            ignore_index, n_class, **flags,
+        )  # fmt: skip
+        if dlogits.dtype != dtype:
+            dlogits = dlogits.to(dtype)
+        cols = slice(col_begin, col_begin + n_cols)
+        torch.mm(dlogits.t(), hidden, out=grad_weight[cols])
+        if grad_bias is not None:
+            grad_bias[cols] = dlogits.sum(dim=0, dtype=torch.float32)
+        if single_chunk:
+            torch.mm(dlogits, weight, out=grad_hidden)
+        elif fp32_acc is None:  # fp32 inputs: grad_hidden itself is the fp32 accumulator
+            if index == 0:
+                torch.mm(dlogits, weight[cols], out=grad_hidden)
+            else:
+                grad_hidden.addmm_(dlogits, weight[cols])
+        else:
+            _addmm_fp32_(fp32_acc, dlogits, weight[cols], accumulate=index > 0)
+    if fp32_acc is not None:
+        grad_hidden.copy_(fp32_acc)
+    return grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,368 @@
+"""The Triton log-prob backend against the float64 ground truth, within 2x the same-dtype naive torch error.
+
+Without CUDA these run the kernels under the Triton interpreter (conftest sets TRITON_INTERPRET=1), so shapes
+stay small. The tests marked `gpu` run the compiled kernels at real LM-head sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from care_kernels.reference.naive import naive_linear_logprobs
+from care_kernels.testing import assert_error_within
+from care_kernels.triton import linear_logprobs as tlp
+
+IGNORE = -100
+
+
+def make_inputs(n, h, v, dtype, device, *, bias=True, ignored=0.2, ref_dtype=None, logit_scale=2.0):
+    """hidden [n, h], weight [v, h] (logits of std ~logit_scale), bias [v], targets (`ignored` ignored)."""
+    hidden = torch.randn(n, h, device=device)
+    weight = torch.randn(v, h, device=device) * (logit_scale / math.sqrt(h))
+    b = torch.randn(v, device=device) * 0.5 if bias else None
+    targets = torch.randint(0, v, (n,), device=device)
+    targets[torch.rand(n, device=device) < ignored] = IGNORE
+    inputs = dict(hidden=hidden.to(dtype), weight=weight.to(dtype), bias=None if b is None else b.to(dtype))
+    inputs["targets"] = targets
+    if ref_dtype is not None:
+        inputs["ref_hidden"] = (hidden + 0.1 * torch.randn_like(hidden)).to(ref_dtype)
+        inputs["ref_weight"] = (weight + 0.01 * torch.randn_like(weight)).to(ref_dtype)
+        inputs["ref_bias"] = None if b is None else (b + 0.1).to(ref_dtype)
+    return inputs
+
+
+def naive_outputs(hidden, weight, bias, targets, temperature, g_lp, g_ent, compute_dtype):
+    """(logprobs, entropy, lse, grad_hidden, grad_weight, grad_bias) of the materialized torch computation."""
+    leaves = [
+        t.detach().to(compute_dtype).requires_grad_() if t is not None else None
+        for t in (hidden, weight, bias)
+    ]
+    h, w, b = leaves
+    logprobs, entropy = naive_linear_logprobs(
+        h, w, targets, b, temperature=temperature, ignore_index=IGNORE, compute_dtype=compute_dtype
+    )
+    with torch.no_grad():
+        logits = h @ w.T + (b if b is not None else 0)
+        lse = torch.logsumexp(logits.to(logprobs.dtype) / temperature, dim=-1)
+    loss = (logprobs * g_lp.to(logprobs.dtype)).sum()
+    if g_ent is not None:
+        loss = loss + (entropy * g_ent.to(entropy.dtype)).sum()
+    loss.backward()
+    grads = [t.grad if t is not None else None for t in leaves]
+    return (logprobs.detach(), entropy.detach(), lse, *grads)
+
+
+def check_against_naive(inputs, temperature, *, with_entropy=True, grad_entropy=True, floor=1e-5):
+    hidden, weight, bias, targets = (inputs[k] for k in ("hidden", "weight", "bias", "targets"))
+    n = hidden.shape[0]
+    g_lp = torch.randn(n, device=hidden.device)
+    g_ent = torch.randn(n, device=hidden.device) if grad_entropy else None
+
+    logprobs, entropy, lse, ref_logprobs = tlp.forward(
+        hidden, weight, bias, targets, temperature=temperature, ignore_index=IGNORE, with_entropy=with_entropy
+    )
+    assert ref_logprobs is None
+    grads = tlp.backward(
+        g_lp, g_ent, hidden, weight, bias, targets, lse, entropy, temperature=temperature, ignore_index=IGNORE
+    )
+    ours = (logprobs, entropy, lse, *grads)
+
+    truth = naive_outputs(hidden, weight, bias, targets, temperature, g_lp, g_ent, torch.float64)
+    base = naive_outputs(hidden, weight, bias, targets, temperature, g_lp, g_ent, hidden.dtype)
+    names = ("logprobs", "entropy", "lse", "grad_hidden", "grad_weight", "grad_bias")
+    for name, got, want, baseline in zip(names, ours, truth, base):
+        if name == "entropy" and not with_entropy:
+            assert torch.equal(got, torch.zeros_like(got))
+            continue
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.dtype == (torch.float32 if name in ("logprobs", "entropy", "lse") else hidden.dtype), name
+        assert_error_within(got, want, baseline, factor=2.0, floor=floor, name=name)
+    valid = targets != IGNORE
+    assert torch.all(logprobs[~valid] == 0) and torch.all(entropy[~valid] == 0)
+    assert torch.all(logprobs <= 0)
+    return ours
+
+
+SHAPES = [
+    (1, 16, 1),
+    (7, 16, 5),
+    (7, 100, 1000),
+    (130, 16, 5),
+    (1, 100, 1000),
+    (130, 100, 1000),
+    (7, 300, 1000),
+]
+# (temperature, bias) cases, crossed with every shape and dtype
+SETTINGS = [(1.0, True), (0.7, False), (1.3, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,h,v", SHAPES)
+@pytest.mark.parametrize("temperature,bias", SETTINGS)
+def test_matches_naive(device, dtype, n, h, v, temperature, bias):
+    if device.type == "cuda" and (dtype, temperature) != (torch.bfloat16, 0.7):
+        pytest.skip("on GPU the odd shapes run once (bf16, T=0.7); real sizes are in the gpu tests")
+    check_against_naive(make_inputs(n, h, v, dtype, device, bias=bias), temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_without_entropy(device, dtype):
+    """with_entropy=False and grad_entropy=None: the kernels' no-entropy variants."""
+    inputs = make_inputs(130, 100, 1000, dtype, device)
+    check_against_naive(inputs, 0.7, with_entropy=False, grad_entropy=False)
+
+
+def test_entropy_forward_without_entropy_gradient(device):
+    check_against_naive(make_inputs(7, 100, 1000, torch.float16, device), 1.0, grad_entropy=False)
+
+
+@pytest.mark.parametrize(
+    "dtype,ref_dtype,bias",
+    [
+        (torch.float16, torch.float32, True),
+        (torch.bfloat16, torch.bfloat16, False),
+        (torch.float32, torch.float16, True),
+    ],
+    ids=str,
+)
+def test_dual_scores_reference_in_same_launch(device, dtype, ref_dtype, bias):
+    inputs = make_inputs(130, 100, 1000, dtype, device, bias=bias, ref_dtype=ref_dtype)
+    temperature = 0.7
+    single = tlp.forward(
+        inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"],
+        temperature=temperature, ignore_index=IGNORE, with_entropy=True,
+    )  # fmt: skip
+    logprobs, entropy, lse, ref_logprobs = tlp.forward(
+        inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"], temperature=temperature,
+        ignore_index=IGNORE, with_entropy=True, ref_hidden=inputs["ref_hidden"],
+        ref_weight=inputs["ref_weight"], ref_bias=inputs["ref_bias"],
+    )  # fmt: skip
+    for got, alone in zip((logprobs, entropy, lse), single[:3]):
+        torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+    ref_args = (inputs["ref_hidden"], inputs["ref_weight"], inputs["ref_bias"], inputs["targets"])
+    n = inputs["targets"].shape[0]
+    zeros = torch.zeros(n, device=device)
+    truth = naive_outputs(*ref_args, temperature, zeros, None, torch.float64)[0]
+    base = naive_outputs(*ref_args, temperature, zeros, None, ref_dtype)[0]
+    assert ref_logprobs.dtype == torch.float32
+    assert_error_within(ref_logprobs, truth, base, name="ref_logprobs")
+    assert torch.all(ref_logprobs[inputs["targets"] == IGNORE] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_many_vocab_splits_and_dlogits_chunks(device, dtype, monkeypatch):
+    """Many splits per row block (merge path) and a backward that needs several column chunks (fp32 dH)."""
+    monkeypatch.setattr(tlp, "_num_programs_per_wave", lambda _device: 64)
+    monkeypatch.setattr(tlp, "DLOGITS_SLAB_BYTES", 130 * 256 * 4)
+    assert tlp._num_splits(2, 1000, 64) == 4
+    inputs = make_inputs(130, 100, 1000, dtype, device, ref_dtype=dtype)
+    check_against_naive(inputs, 1.3)
+
+
+def test_triton_fp32_accumulating_matmul(device, monkeypatch):
+    """The Triton C (+)= A @ B used for dH when cuBLAS cannot write fp32 from 16-bit inputs."""
+    monkeypatch.setattr(tlp, "_cublas_writes_fp32", lambda _device, _dtype: False)
+    for m, k, n, dtype in [
+        (130, 300, 100, torch.float16),
+        (1, 256, 16, torch.bfloat16),
+        (7, 5, 3, torch.float16),
+    ]:
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        acc = torch.randn(m, n, device=device)
+        want = acc.double() + a.double() @ b.double()
+        tlp._addmm_fp32_(acc, a, b, accumulate=True)
+        torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)
+        acc.fill_(float("nan"))
+        tlp._addmm_fp32_(acc, a, b, accumulate=False)
+        torch.testing.assert_close(acc.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_ignore_index_inside_vocabulary_and_all_ignored(device):
+    inputs = make_inputs(7, 16, 5, torch.float32, device, ignored=0.0)
+    targets = inputs["targets"]
+    targets[:3] = 2
+    lp, ent, lse, _ = tlp.forward(
+        inputs["hidden"], inputs["weight"], None, targets, temperature=1.0, ignore_index=2, with_entropy=True
+    )
+    assert torch.all(lp[:3] == 0) and torch.all(ent[:3] == 0) and torch.all(lp[3:][targets[3:] != 2] < 0)
+    targets.fill_(IGNORE)
+    lp, ent, lse, _ = tlp.forward(
+        inputs["hidden"],
+        inputs["weight"],
+        None,
+        targets,
+        temperature=1.0,
+        ignore_index=IGNORE,
+        with_entropy=True,
+    )
+    g = torch.randn(7, device=device)
+    hidden, weight = inputs["hidden"], inputs["weight"]
+    gh, gw, gb = tlp.backward(
+        g, g, hidden, weight, None, targets, lse, ent, temperature=1.0, ignore_index=IGNORE
+    )
+    assert torch.all(lp == 0) and torch.all(ent == 0) and gb is None
+    assert torch.all(gh == 0) and torch.all(gw == 0)
+
+
+def test_peaked_distribution_keeps_logprob_nonpositive_and_entropy_nonnegative(device):
+    """Near one-hot rows (logits of std 60), scored at their argmax: logprob <= 0 and entropy >= 0 exactly."""
+    inputs = make_inputs(130, 100, 1000, torch.float32, device, ignored=0.0, logit_scale=60.0)
+    hidden, weight = inputs["hidden"], inputs["weight"]
+    targets = (hidden @ weight.T).argmax(dim=-1)
+    lp, ent, _, _ = tlp.forward(
+        hidden, weight, None, targets, temperature=1.0, ignore_index=IGNORE, with_entropy=True
+    )
+    assert torch.all(lp <= 0) and torch.all(ent >= 0)
+    truth_lp, truth_ent = naive_linear_logprobs(hidden, weight, targets, compute_dtype=torch.float64)
+    torch.testing.assert_close(lp.double(), truth_lp, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ent.double(), truth_ent, rtol=0, atol=1e-4)
+
+
+def test_empty_batch(device):
+    hidden = torch.empty(0, 16, device=device)
+    weight = torch.randn(5, 16, device=device)
+    targets = torch.empty(0, dtype=torch.long, device=device)
+    lp, ent, lse, ref = tlp.forward(hidden, weight, None, targets, temperature=1.0, ignore_index=IGNORE,
+                                    with_entropy=True, ref_hidden=hidden, ref_weight=weight)  # fmt: skip
+    assert lp.shape == ent.shape == lse.shape == ref.shape == (0,)
+    gh, gw, gb = tlp.backward(
+        lp, ent, hidden, weight, None, targets, lse, ent, temperature=1.0, ignore_index=IGNORE
+    )
+    assert gh.shape == (0, 16) and torch.all(gw == 0) and gb is None
+
+
+def test_split_heuristic_covers_the_vocabulary():
+    for row_blocks, vocab, wave in [(1, 1, 132), (1, 152064, 132), (128, 152064, 132), (547, 151936, 132),
+                                    (3, 1000, 4), (1, 5, 4)]:  # fmt: skip
+        splits = tlp._num_splits(row_blocks, vocab, wave)
+        units = -(-vocab // 256)
+        assert 1 <= splits <= units
+        per_split = -(-units // splits)
+        assert -(-units // per_split) == splits  # every split owns at least one column
+    # small batches spread the vocabulary over the whole GPU, big ones still give each SM whole tiles
+    assert tlp._num_splits(1, 152064, 132) >= 100
+    assert tlp._num_splits(128, 152064, 132) >= 132 // 8
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real sizes on a GPU. The references run chunk by chunk over rows so that [N, V] never has to fit at once.
+
+
+def chunked_naive(inputs, temperature, g_lp, g_ent, compute_dtype, rows_per_chunk):
+    """naive_outputs over row chunks; weight/bias grads summed over chunks in float64."""
+    hidden, weight, bias, targets = (inputs[k] for k in ("hidden", "weight", "bias", "targets"))
+    pieces, grad_w, grad_b = [], None, None
+    for start in range(0, hidden.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        gent = g_ent[rows] if g_ent is not None else None
+        out = naive_outputs(
+            hidden[rows], weight, bias, targets[rows], temperature, g_lp[rows], gent, compute_dtype
+        )
+        pieces.append(out[:4])
+        grad_w = out[4].double() if grad_w is None else grad_w + out[4].double()
+        if out[5] is not None:
+            grad_b = out[5].double() if grad_b is None else grad_b + out[5].double()
+        del out
+    cat = [torch.cat([p[i] for p in pieces]) for i in range(4)]
+    return (*cat, grad_w, grad_b)
+
+
+def check_real_size(inputs, temperature, *, dual=False):
+    hidden, weight, bias, targets = (inputs[k] for k in ("hidden", "weight", "bias", "targets"))
+    n, vocab = hidden.shape[0], weight.shape[0]
+    g_lp, g_ent = torch.randn(n, device=hidden.device), torch.randn(n, device=hidden.device)
+    ref_kwargs = {k: inputs[k] for k in ("ref_hidden", "ref_weight", "ref_bias")} if dual else {}
+    lp, ent, lse, ref_lp = tlp.forward(
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature=temperature,
+        ignore_index=IGNORE,
+        with_entropy=True,
+        **ref_kwargs,
+    )
+    grads = tlp.backward(g_lp, g_ent, hidden, weight, bias, targets, lse, ent, temperature=temperature,
+                         ignore_index=IGNORE)  # fmt: skip
+    ours = (lp, ent, lse, *grads)
+    torch.cuda.synchronize()
+
+    valid = targets != IGNORE
+    assert torch.all(lp <= 0), "a log-probability above 0"
+    assert torch.all(ent >= 0) and torch.all(ent <= math.log(vocab) + 1e-4), "entropy outside [0, log V]"
+    assert torch.all(lp[~valid] == 0) and torch.all(ent[~valid] == 0)
+
+    names = ("logprobs", "entropy", "lse", "grad_hidden", "grad_weight", "grad_bias")
+    truth = chunked_naive(inputs, temperature, g_lp, g_ent, torch.float64, 1024)
+    base = chunked_naive(inputs, temperature, g_lp, g_ent, hidden.dtype, 4096)
+    for name, got, want, baseline in zip(names, ours, truth, base):
+        if want is None:
+            assert got is None
+            continue
+        assert_error_within(got, want, baseline, name=name)
+    del truth, base
+    if dual:
+        ref_inputs = dict(hidden=inputs["ref_hidden"], weight=inputs["ref_weight"], bias=inputs["ref_bias"])
+        ref_inputs["targets"] = targets
+        zeros = torch.zeros_like(g_lp)
+        want = chunked_naive(ref_inputs, temperature, zeros, None, torch.float64, 1024)[0]
+        baseline = chunked_naive(ref_inputs, temperature, zeros, None, ref_inputs["hidden"].dtype, 4096)[0]
+        assert torch.all(ref_lp <= 0)
+        assert_error_within(ref_lp, want, baseline, name="ref_logprobs")
+
+
+GPU_CASES = [
+    # n, h, v, dtype, temperature, bias
+    (1, 3584, 152064, torch.bfloat16, 1.0, False),
+    (1000, 896, 151936, torch.bfloat16, 0.7, True),
+    (4096, 3584, 152064, torch.bfloat16, 1.0, False),
+    (70000, 896, 151936, torch.bfloat16, 1.0, False),  # > 65535 rows
+    (70000, 3584, 152064, torch.bfloat16, 1.3, False),
+    (1, 896, 151936, torch.float32, 1.0, True),
+    (1000, 3584, 152064, torch.float32, 0.7, False),
+    (4096, 896, 151936, torch.float32, 1.0, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "n,h,v,dtype,temperature,bias", GPU_CASES, ids=lambda p: str(p).replace("torch.", "")
+)
+def test_gpu_real_sizes(n, h, v, dtype, temperature, bias):
+    check_real_size(make_inputs(n, h, v, dtype, torch.device("cuda"), bias=bias), temperature)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "n,h,v,dtype,ref_dtype",
+    [
+        (4096, 3584, 152064, torch.bfloat16, torch.bfloat16),
+        (1000, 896, 151936, torch.bfloat16, torch.float32),
+    ],
+    ids=lambda p: str(p).replace("torch.", ""),
+)
+def test_gpu_dual_real_sizes(n, h, v, dtype, ref_dtype):
+    inputs = make_inputs(n, h, v, dtype, torch.device("cuda"), bias=False, ref_dtype=ref_dtype)
+    check_real_size(inputs, 1.0, dual=True)
+
+
+@pytest.mark.gpu
+def test_gpu_cublas_fp32_accumulation_probe():
+    """Reports whether cuBLAS accumulates bf16 GEMMs into fp32 on this stack (both dH paths are tested)."""
+    works = tlp._cublas_writes_fp32(torch.device("cuda"), torch.bfloat16)
+    print(f"cuBLAS fp32-output bf16 addmm usable: {works}")
+
+
+@pytest.mark.gpu
+def test_gpu_triton_dh_accumulation(monkeypatch):
+    """The Triton fp32 dH accumulation (used when cuBLAS cannot write fp32 from bf16), over many chunks."""
+    monkeypatch.setattr(tlp, "DLOGITS_SLAB_BYTES", 256 << 20)
+    monkeypatch.setattr(tlp, "_cublas_writes_fp32", lambda _device, _dtype: False)
+    check_real_size(make_inputs(4096, 896, 151936, torch.bfloat16, torch.device("cuda")), 1.0)
