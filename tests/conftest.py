@@ -26,6 +26,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_report_header(config):
+    import care_kernels
+    from care_kernels.env_report import backend_status
+
+    live = ", ".join(f"{k}={'live' if ok else 'off'}" for k, (ok, _) in backend_status().items())
+    return [f"care_kernels {care_kernels.__version__} from {os.path.dirname(care_kernels.__file__)}: {live}"]
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

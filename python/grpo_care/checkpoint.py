@@ -1,0 +1,116 @@
+"""Atomic checkpoints: everything needed to continue a run exactly.
+
+    output_dir/checkpoint-500/
+        model.safetensors (+ config.json, processor files)   the policy, loadable with from_pretrained
+        trainer_state.pt     EMA shadow, optimizer, scheduler, RNG states, data position, step, config
+
+A checkpoint is written into `checkpoint-500.tmp-<pid>` and renamed into place, so a crash never leaves a
+half-written `checkpoint-500`; `latest_checkpoint` ignores temporary directories.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 - the legacy global state is what needs restoring
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path, step: int, model, trainer_state: dict, processor=None, save_total_limit: int = 0
+) -> Path:
+    """Write checkpoint-<step> atomically, return its path; drop the oldest beyond save_total_limit."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f"checkpoint-{step}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp, safe_serialization=True)
+    if processor is not None:
+        try:
+            processor.save_pretrained(tmp)
+        except Exception as e:  # noqa: BLE001 - an in-memory processor may not serialize; the weights matter
+            warnings.warn(f"could not save the processor with the checkpoint: {e}", stacklevel=2)
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if save_total_limit and save_total_limit > 0:
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if p.is_dir() and (m := _NAME.match(p.name)) and (p / "trainer_state.pt").is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """'' -> None; 'latest' -> the newest checkpoint in output_dir (None if none); else that directory."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={resume!r} is not a checkpoint (no trainer_state.pt)"
+        )
+    return path
+
+
+def load_policy_weights(model, checkpoint: str | Path) -> None:
+    """Load the saved policy into `model` in place.
+
+    The files are read back through `from_pretrained` (on CPU), which undoes the key renaming that
+    `save_pretrained` applies for some architectures (Qwen2.5-VL's `model.visual` -> `visual`), then copied.
+    """
+    saved = type(model).from_pretrained(str(checkpoint), dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict(), strict=True)
+    del saved
+
+
+def load_trainer_state(checkpoint: str | Path) -> dict:
+    return torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,125 @@
+"""`grpo-care`: train, eval, demo.
+
+grpo-care train --config configs/seed_bench_r1_care.yaml [--field value ...]
+grpo-care train --config configs/seed_bench_r1_care.yaml --resume_from_checkpoint latest
+grpo-care eval  --model outputs/care/checkpoint-1500 --data validation_L1.jsonl validation_L2.jsonl [...]
+grpo-care demo  [...]                      # the embedded CPU demo (grpo_care.demo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from grpo_care.config import GRPOCareConfig
+
+USAGE = (
+    "usage: grpo-care {train,eval,demo} [options]   (grpo-care <command> --help for each command's options)"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return _train(rest)
+    if command == "eval":
+        return _eval(rest)
+    if command == "demo":
+        return _demo(rest)
+    print(f"grpo-care: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def _train(argv: list[str]) -> int:
+    from grpo_care.trainer import train
+
+    config = GRPOCareConfig.from_cli(argv, prog="grpo-care train")
+    summary = train(config)
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2, default=str))
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="grpo-care eval",
+        description="SEED-Bench-R1 accuracy (per level and "
+        "domain) of a model directory; other config fields (eval_*, video_*) may "
+        "follow as --field value.",
+    )
+    parser.add_argument("--model", required=True, help="model directory or hub id (a checkpoint-N works)")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="annotation files (JSONL/JSON); default: the config's eval_files",
+    )
+    parser.add_argument("--config", default=None, help="YAML config whose eval/video fields to use")
+    parser.add_argument(
+        "--data_root", default="", help="dataset root (default: the annotation file's grandparent)"
+    )
+    parser.add_argument(
+        "--max_samples", type=int, default=0, help="score only the first N samples of each file"
+    )
+    parser.add_argument(
+        "--output", default="", help="write the full result (with per-sample records) as JSON"
+    )
+    args, rest = parser.parse_known_args(argv)
+    from grpo_care.evaluate import evaluate
+    from grpo_care.modeling import load_model, resolve_device
+
+    config = GRPOCareConfig.from_yaml(args.config, rest + [f"model_name_or_path={args.model}"])
+    files = args.data or config.eval_files
+    if not files:
+        parser.error("pass --data FILE [FILE ...] or a --config with eval_files")
+    device = resolve_device(config.device)
+    model, processor, tokenizer = load_model(config, device)
+    model.to(device).eval()
+    results = {}
+    for path in files:
+        results[path] = evaluate(
+            model,
+            processor or tokenizer,
+            path,
+            config,
+            data_root=args.data_root or None,
+            max_samples=args.max_samples,
+        )
+    print(
+        json.dumps({p: {k: v for k, v in r.items() if k != "records"} for p, r in results.items()}, indent=2)
+    )
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    """Run `grpo_care.demo.main` (a module with main(argv), or a main function of grpo_care.demo)."""
+    import importlib
+
+    try:
+        target = importlib.import_module("grpo_care.demo.main")
+    except ModuleNotFoundError as e:
+        if e.name not in ("grpo_care.demo", "grpo_care.demo.main"):
+            raise
+        target = importlib.import_module("grpo_care.demo") if e.name == "grpo_care.demo.main" else None
+    run = getattr(target, "main", None)
+    if not callable(run):
+        print(
+            "grpo-care demo: the demo (grpo_care.demo.main) is not available in this installation yet.",
+            file=sys.stderr,
+        )
+        return 2
+    result = run(argv)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""`GRPOCareConfig`: every knob of a run, with help text, loadable from YAML and overridable from the CLI.
+
+    config = GRPOCareConfig.from_yaml("configs/seed_bench_r1_care.yaml", ["max_steps=10"])
+    config = GRPOCareConfig.from_cli(["--config", "configs/tiny_cpu.yaml", "--use_care", "false"])
+
+Field names follow TRL's GRPOConfig where the meaning is the same (`num_generations`, `beta`, `epsilon`,
+`loss_type`, ...) and GRPO-CARE's where it adds (`use_care`, `ref_ema_decay`, `bonus_coefficient`, ...).
+The defaults are the paper's SEED-Bench-R1 run (grpo_care.md section 8), except that one process plays the 4
+GPUs of the paper through `gradient_accumulation_steps=4`: 4 prompts x 8 rollouts per optimizer step, the loss
+averaged over the 32 sequences exactly as DeepSpeed averaged it over the devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_SCALES = ("group", "batch", "none")
+
+
+def _f(default, help: str):
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class GRPOCareConfig:
+    # --- model ----------------------------------------------------------------------------------------------
+    model_name_or_path: str = _f(
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        "Hugging Face id or local directory of the policy (Qwen2.5-VL or any causal LM); "
+        "the EMA reference starts as a copy of it.",
+    )
+    model_dtype: str = _f(
+        "float32",
+        "dtype of the policy's parameters (float32 keeps fp32 master weights; "
+        "bfloat16 halves memory but AdamW then updates bf16 weights).",
+    )
+    bf16: bool = _f(True, "bf16 autocast for forward passes on GPU (ignored on CPU, which runs fp32).")
+    attn_implementation: str = _f(
+        "auto",
+        "attention kernel: auto (flash_attention_2 when installed on GPU, "
+        "else sdpa), sdpa, eager or flash_attention_2.",
+    )
+    gradient_checkpointing: bool = _f(True, "recompute decoder activations in backward to save memory.")
+    use_liger_kernel: bool = _f(
+        False,
+        "on GPU with liger-kernel installed, swap in its RMSNorm, SwiGLU and RoPE "
+        "kernels; the LM head and loss always run through care_kernels.",
+    )
+    freeze_vision_tower: bool = _f(False, "freeze the vision encoder (the paper trains it: False).")
+    device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+
+    # --- data -----------------------------------------------------------------------------------------------
+    train_file: str = _f(
+        "",
+        "training annotations: SEED-Bench-R1 JSONL (annotations/training_6k.jsonl) or a "
+        "Video-R1 style JSON/JSONL list.",
+    )
+    data_root: str = _f(
+        "",
+        "dataset root holding videos/ and images/ (SEED-Bench-R1) or the media paths "
+        "(Video-R1); empty means the annotation file's parent's parent.",
+    )
+    dataset_format: str = _f(
+        "auto",
+        "auto, seed_bench_r1 or video_r1 (auto: a record with `problem_type` is "
+        "Video-R1, one without is SEED-Bench-R1).",
+    )
+    eval_files: list = _f([], "validation files scored by `grpo-care eval` (e.g. validation_L1/L2/L3.jsonl).")
+    max_train_samples: int = _f(0, "use only the first N training records (0: all).")
+
+    # --- rollouts -------------------------------------------------------------------------------------------
+    num_generations: int = _f(8, "G, completions sampled per prompt (one group).")
+    per_device_train_batch_size: int = _f(1, "prompts per micro-batch (each expands to G completions).")
+    gradient_accumulation_steps: int = _f(4, "micro-batches per optimizer step; the loss is their mean.")
+    max_prompt_length: int = _f(
+        16384,
+        "text-only prompts longer than this are left-truncated; multimodal "
+        "prompts are never cut (it would split visual tokens).",
+    )
+    max_completion_length: int = _f(768, "max new tokens per completion.")
+    temperature: float = _f(1.0, "sampling temperature of the rollouts (also the loss's logit temperature).")
+    top_p: float = _f(0.95, "nucleus sampling threshold of the rollouts.")
+    top_k: int = _f(50, "top-k of the rollouts (HF's default, set explicitly; 0 disables).")
+    repetition_penalty: float = _f(1.0, "repetition penalty of the rollouts (1.0: none).")
+
+    # --- optimization ---------------------------------------------------------------------------------------
+    learning_rate: float = _f(1e-6, "peak AdamW learning rate.")
+    lr_scheduler_type: str = _f("cosine", "transformers scheduler name: cosine, linear, constant, ...")
+    warmup_ratio: float = _f(0.0, "fraction of max_steps spent warming up linearly.")
+    weight_decay: float = _f(
+        0.01, "AdamW weight decay (not applied to biases and norm weights, as HF Trainer)."
+    )
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(5.0, "global gradient-norm clip (0 disables).")
+    max_steps: int = _f(1500, "optimizer steps to run (<= 0: num_train_epochs passes over the data).")
+    num_train_epochs: int = _f(1, "passes over the data when max_steps <= 0.")
+    seed: int = _f(42, "seed of the option shuffle, the data order and the rollouts.")
+
+    # --- loss -----------------------------------------------------------------------------------------------
+    beta: float = _f(0.0, "k3 KL weight against the reference (GRPO-CARE: 0; TRL's default for GRPO: 0.04).")
+    epsilon: float = _f(0.2, "PPO clip epsilon (lower; never active with one update per rollout batch).")
+    epsilon_high: Optional[float] = _f(None, "upper clip epsilon (None: same as epsilon).")
+    loss_type: str = _f(
+        "grpo", "grpo (token mean per sequence, then mean: GRPO-CARE), bnpo, dr_grpo or dapo."
+    )
+    scale_rewards: str = _f(
+        "group", "advantage scale: group ((r - mean) / (std + 1e-4), unbiased std), batch, none."
+    )
+    reward_funcs: list = _f(
+        ["accuracy", "format"],
+        "reward functions: built-in names (accuracy, format) or dotted paths "
+        "`pkg.module.func` with TRL's signature f(completions, **columns) -> list[float|None]. "
+        "The first one is the accuracy that CARE's bonus reads.",
+    )
+    reward_weights: Optional[list] = _f(None, "one weight per reward function (None: all 1).")
+
+    # --- CARE -----------------------------------------------------------------------------------------------
+    use_care: bool = _f(True, "GRPO-CARE: EMA reference, consistency bonus (False: plain GRPO).")
+    ref_ema_decay: float = _f(0.995, "EMA decay alpha of the reference: phi <- alpha*phi + (1-alpha)*theta.")
+    ref_ema_update_every: int = _f(10, "update the EMA reference every this many optimizer steps.")
+    bonus_coefficient: float = _f(0.5, "lambda: the bonus is bonus_coefficient * accuracy.")
+    confidence_upper_bound: float = _f(0.95, "gamma_p: the reference likelihood is capped here.")
+    consistency_margin: float = _f(
+        0.0,
+        "eps_p: the likelihood must reach (baseline - margin); 0.01 for the transfer models of the paper.",
+    )
+    accuracy_floor: float = _f(0.1, "gamma_acc: high-accuracy rollouts need accuracy above this.")
+
+    # --- visual budget (grpo_care.md 2.3) -------------------------------------------------------------------
+    video_fps: float = _f(2.0, "frames sampled per second of video.")
+    video_min_frames: int = _f(4, "at least this many frames (rounded up to even).")
+    video_max_frames: int = _f(16, "at most this many frames (rounded down to even).")
+    video_min_pixels: int = _f(128 * 28 * 28, "per-frame pixel floor.")
+    video_max_pixels: int = _f(
+        128 * 28 * 28,
+        "per-frame pixel budget (the effective cap is at least "
+        "1.05 x video_min_pixels, as in qwen_vl_utils).",
+    )
+    video_total_pixels: int = _f(int(128000 * 28 * 28 * 0.9), "pixel budget of a whole video.")
+    image_min_pixels: int = _f(4 * 28 * 28, "current-observation image pixel floor.")
+    image_max_pixels: int = _f(
+        256 * 28 * 28, "current-observation image pixel cap (at most 256 visual tokens)."
+    )
+
+    # --- evaluation (grpo_care.md 9.3) ----------------------------------------------------------------------
+    eval_temperature: float = _f(0.1, "evaluation sampling temperature (near-greedy).")
+    eval_top_p: float = _f(0.001, "evaluation top_p.")
+    eval_max_new_tokens: int = _f(1024, "evaluation max new tokens.")
+    eval_batch_size: int = _f(4, "prompts per evaluation batch.")
+    eval_video_max_frames: int = _f(16, "max frames at evaluation (16 SEED-Bench-R1, 32 general benchmarks).")
+
+    # --- output, logging, checkpoints -----------------------------------------------------------------------
+    output_dir: str = _f("outputs/grpo_care", "where metrics, completions and checkpoints go.")
+    logging_steps: int = _f(1, "log metrics every N optimizer steps.")
+    report_to: list = _f(["tensorboard"], "metric sinks besides metrics.jsonl: tensorboard or none.")
+    log_completions: bool = _f(True, "write sampled completions to completions.jsonl and print a few.")
+    log_completions_steps: int = _f(50, "log completions every N optimizer steps.")
+    num_completions_to_print: int = _f(2, "completions printed to the console each time.")
+    save_steps: int = _f(500, "checkpoint every N optimizer steps (0: only at the end).")
+    save_total_limit: int = _f(0, "keep only the newest N checkpoints (0: keep all).")
+    resume_from_checkpoint: str = _f(
+        "", "'' (fresh run), 'latest' (newest checkpoint in output_dir) or a checkpoint directory."
+    )
+    disable_tqdm: bool = _f(False, "no progress bar.")
+
+    def __post_init__(self):
+        self._check()
+
+    # --------------------------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        need(
+            self.num_generations >= 2,
+            f"num_generations must be >= 2 (group statistics), got {self.num_generations}",
+        )
+        for name in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_completion_length",
+            "ref_ema_update_every",
+            "video_min_frames",
+            "video_max_frames",
+            "eval_batch_size",
+        ):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.loss_type in _LOSS_TYPES, f"loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
+        need(
+            self.scale_rewards in _SCALES,
+            f"scale_rewards must be one of {_SCALES}, got {self.scale_rewards!r}",
+        )
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(0.0 <= self.ref_ema_decay <= 1.0, f"ref_ema_decay must be in [0, 1], got {self.ref_ema_decay}")
+        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(len(self.reward_funcs) >= 1, "reward_funcs must name at least one reward function")
+        need(
+            self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
+            f"reward_weights must have one weight per reward function ({len(self.reward_funcs)}), "
+            f"got {self.reward_weights}",
+        )
+        need(
+            self.dataset_format in ("auto", "seed_bench_r1", "video_r1"),
+            f"dataset_format must be auto, seed_bench_r1 or video_r1, got {self.dataset_format!r}",
+        )
+        need(
+            self.model_dtype in ("float32", "bfloat16", "float16"),
+            f"model_dtype must be float32, bfloat16 or float16, got {self.model_dtype!r}",
+        )
+        need(
+            all(
+                isinstance(x, (int, float)) and math.isfinite(x)
+                for x in (self.learning_rate, self.max_grad_norm)
+            ),
+            "learning_rate and max_grad_norm must be finite numbers",
+        )
+
+    # --------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> GRPOCareConfig:
+        """Build from a dict; unknown keys are an error that names the closest field."""
+        known = set(cls.field_names())
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{source}: unknown config key {key!r}{hint}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k], source) for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> GRPOCareConfig:
+        """Load a YAML file (or the defaults when path is None) and apply overrides.
+
+        Overrides are `key=value` strings or `--key value` / `--key=value` tokens; values are parsed as YAML
+        (`true`, `1e-6`, `[accuracy, format]`, `null`), lists also as comma-separated text.
+        """
+        values: dict[str, Any] = {}
+        if path:
+            loaded = yaml.safe_load(Path(path).read_text())
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ValueError(f"{path}: a config file must be a YAML mapping of field: value")
+            values.update(loaded or {})
+        values.update(_parse_overrides(overrides or []))
+        return cls.from_dict(values, source=str(path) if path else "overrides")
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None, prog: str = "grpo-care train") -> GRPOCareConfig:
+        """`--config FILE.yaml` plus `--field value` overrides; `--help` lists every field with its help."""
+        parser = cls.argument_parser(prog)
+        args, rest = parser.parse_known_args(argv)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        given = {k: v for k, v in vars(args).items() if k != "config"}
+        overrides = [f"{k}={v}" for k, v in given.items()]
+        return cls.from_yaml(args.config, overrides)
+
+    @classmethod
+    def argument_parser(cls, prog: str = "grpo-care train") -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog=prog,
+            description="GRPO / GRPO-CARE training. Values on the command line override the YAML file.",
+            argument_default=argparse.SUPPRESS,
+        )
+        parser.add_argument("--config", default=None, help="YAML file of field: value pairs.")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            parser.add_argument(
+                f"--{f.name}", metavar="VALUE", type=str, help=f"{f.metadata['help']} [default: {default}]"
+            )
+        return parser
+
+
+def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        key = token[2:] if token.startswith("--") else token
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif token.startswith("--") and i + 1 < len(tokens):
+            raw = tokens[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"override {token!r} must be key=value or --key value")
+        out[key.replace("-", "_")] = raw
+    return out
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise naming the field."""
+    origin_args = typing.get_args(hint)
+    optional = type(None) in origin_args
+    base = next((a for a in origin_args if a is not type(None)), hint) if origin_args else hint
+    if isinstance(value, str):
+        text = value.strip()
+        if optional and text.lower() in ("none", "null", "~", ""):
+            return None
+        if base is list:
+            parsed = (
+                yaml.safe_load(text)
+                if text.startswith("[")
+                else [x.strip() for x in text.split(",") if x.strip()]
+            )
+            value = parsed
+        elif base is str:
+            return text
+        else:
+            value = yaml.safe_load(text)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{source}: {key} may not be null")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise TypeError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base is list:
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+        if base is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ValueError(f"{source}: {key} must be {getattr(base, '__name__', base)}, got {value!r}")

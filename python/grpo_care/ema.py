@@ -1,0 +1,66 @@
+"""The slowly evolving reference of GRPO-CARE: an EMA of the policy kept as an fp32 shadow.
+
+    ref = EMAReference(policy, dtype=torch.bfloat16)
+    ...after optimizer.step(), every `ref_ema_update_every` steps:
+    ref.update(policy, decay=0.995)          # shadow <- decay * shadow + (1 - decay) * theta, in fp32
+    hidden = ref.module.model(**inputs)      # the reference forward runs the shadow's weights
+
+Departure from the authors' code (grpo_care.md 7): they lerp the bf16 parameters of the reference in place,
+and a bf16 element only moves when 0.005 * |theta - phi| reaches half an ulp of phi (~40 % relative), which at
+lr 1e-6 almost never happens: their reference stays nearly frozen. The paper's EMA is kept here: the shadow is
+fp32 and `module` (a copy of the policy in the compute dtype) is refreshed from it after every update. When
+the compute dtype is fp32 (CPU runs) the module's parameters are the shadow itself, with no second copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from grpo_care.modeling import set_checkpointing
+
+
+class EMAReference:
+    """A frozen copy of the policy whose weights follow an fp32 exponential moving average of the policy's."""
+
+    def __init__(self, policy: torch.nn.Module, dtype: torch.dtype = torch.float32):
+        self.module = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+        if getattr(self.module, "supports_gradient_checkpointing", False):
+            set_checkpointing(self.module, False)  # the reference never runs backward
+        self._params = [p for _, p in self.module.named_parameters()]
+        self.aliased = dtype == torch.float32
+        if self.aliased:
+            self.shadow = [p.data for p in self._params]
+        else:
+            self.shadow = [p.detach().float().clone() for _, p in policy.named_parameters()]
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, policy: torch.nn.Module, decay: float) -> None:
+        """shadow <- decay * shadow + (1 - decay) * policy (fp32), then refresh the module's weights."""
+        theta = [p.detach() for _, p in policy.named_parameters()]
+        if len(theta) != len(self.shadow):
+            raise ValueError("the policy's parameters no longer match the EMA reference's")
+        theta = [t if t.dtype == torch.float32 else t.float() for t in theta]
+        torch._foreach_lerp_(self.shadow, theta, 1.0 - decay)
+        if not self.aliased:
+            for param, shadow in zip(self._params, self.shadow):
+                param.copy_(shadow)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.clone() for s in self.shadow], "num_updates": self.num_updates}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError(
+                f"EMA state has {len(state['shadow'])} tensors, the reference {len(self.shadow)}"
+            )
+        for dst, src in zip(self.shadow, state["shadow"]):
+            dst.copy_(src)
+        if not self.aliased:
+            for param, shadow in zip(self._params, self.shadow):
+                param.copy_(shadow)
+        self.num_updates = int(state.get("num_updates", 0))

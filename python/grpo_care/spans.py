@@ -1,0 +1,154 @@
+"""Answer spans: which completion tokens carry the answer that CARE's reference likelihood scores.
+
+    answer_mask = answer_token_mask(completion_ids, completion_mask, tokenizer)   # bool [B, L]
+
+A token is in the span when its characters overlap the content of the first `<answer>...</answer>` of the
+completion text, stripped, i.e. exactly the string the accuracy reward grades (`rewards.ANSWER_RE`). With
+Qwen's BPE `<answer>A</answer>` gives the single token `>A` and `<answer> A </answer>` the token ` A`. No
+closed `<answer>` tag, or an empty answer, gives an empty span (likelihood exp(0) = 1, as the authors').
+
+Departure from the authors' `get_thinking_answer_masks` (grpo_care.md 5.2, 11.2): they find the last
+`<answer>` token of the whole sequence assuming one unpadded prompt per device and end the span 3 tokens
+before EOS (so a "\\n" after `</answer>` shifts it). Here every row is handled on its own, with any left or
+right padding (only tokens inside `completion_mask` count), and the span is the graded content.
+
+Token-to-character offsets come from each token's bytes for byte-level BPE tokenizers (Qwen, Llama 3, GPT-2),
+and from prefix decoding for others.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from grpo_care.rewards import ANSWER_RE
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the byte-level alphabet back to bytes."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class TokenPieces:
+    """Per-token byte pieces of one tokenizer, so decoded text maps back to token positions."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        self.byte_level = self._check_byte_level()
+
+    def _check_byte_level(self) -> bool:
+        probe = "Hello <answer> Ä 中文 </answer>\n"
+        ids = self.tokenizer.encode(probe, add_special_tokens=False)
+        try:
+            pieces = self._byte_pieces(ids)
+        except KeyError:
+            return False
+        return b"".join(pieces).decode("utf-8", "replace") == self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def _byte_pieces(self, ids: list[int]) -> list[bytes]:
+        decoder = _byte_decoder()
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        added = getattr(self.tokenizer, "added_tokens_encoder", {})
+        out = []
+        for i, tok in zip(ids, tokens):
+            if i in self.special or tok is None:  # special, or a padded vocabulary row the tokenizer lacks
+                out.append(b"")
+            elif tok in added:
+                out.append(tok.encode("utf-8"))
+            else:
+                out.append(bytes(decoder[ch] for ch in tok))
+        return out
+
+    def char_offsets(self, ids: list[int]) -> tuple[str, list[int]]:
+        """(text, starts): text without special tokens; token j covers text[starts[j]:starts[j+1]]."""
+        if self.byte_level:
+            pieces = self._byte_pieces(ids)
+            text = b"".join(pieces).decode("utf-8", "surrogateescape")
+            byte_starts = [0]
+            for p in pieces:
+                byte_starts.append(byte_starts[-1] + len(p))
+            char_at_byte = _char_index_of_bytes(text)
+            return text, [char_at_byte[b] for b in byte_starts]
+        starts = [0]
+        for j in range(1, len(ids) + 1):
+            prefix = self.tokenizer.decode(
+                ids[:j], skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+            starts.append(len(prefix))
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text, starts
+
+
+def _char_index_of_bytes(text: str) -> list[int]:
+    """For every byte offset of text's UTF-8 (surrogateescape) encoding, the index of the char holding it."""
+    out = []
+    for ci, ch in enumerate(text):
+        out.extend([ci] * len(ch.encode("utf-8", "surrogateescape")))
+    out.append(len(text))
+    return out
+
+
+def answer_char_span(text: str) -> tuple[int, int] | None:
+    """[start, end) of the stripped content of the first `<answer>...</answer>`, None if absent or empty."""
+    match = ANSWER_RE.search(text)
+    if match is None or match.start(1) == match.end(1):
+        return None
+    return match.start(1), match.end(1)
+
+
+def span_of_tokens(starts: list[int], span: tuple[int, int] | None) -> list[int]:
+    """Token indices whose character range [starts[j], starts[j+1]) overlaps `span`."""
+    if span is None:
+        return []
+    lo, hi = span
+    return [j for j in range(len(starts) - 1) if starts[j] < hi and starts[j + 1] > lo]
+
+
+_PIECES: dict[int, TokenPieces] = {}
+
+
+def token_pieces(tokenizer) -> TokenPieces:
+    key = id(tokenizer)
+    if key not in _PIECES or _PIECES[key].tokenizer is not tokenizer:
+        _PIECES[key] = TokenPieces(tokenizer)
+    return _PIECES[key]
+
+
+def answer_token_mask(completion_ids: torch.Tensor, completion_mask: torch.Tensor, tokenizer) -> torch.Tensor:
+    """bool [B, L]: the tokens of each row's answer span; rows may be padded anywhere.
+
+    completion_ids [B, L] int, completion_mask [B, L] (nonzero = a real completion token, EOS included).
+    """
+    if completion_ids.shape != completion_mask.shape or completion_ids.dim() != 2:
+        raise ValueError(
+            f"completion_ids and completion_mask must both be [B, L], got {tuple(completion_ids.shape)} "
+            f"and {tuple(completion_mask.shape)}"
+        )
+    pieces = token_pieces(tokenizer)
+    out = torch.zeros(completion_ids.shape, dtype=torch.bool)
+    ids_cpu, mask_cpu = completion_ids.cpu(), completion_mask.cpu().bool()
+    for row in range(ids_cpu.shape[0]):
+        positions = mask_cpu[row].nonzero()[:, 0]
+        ids = ids_cpu[row, positions].tolist()
+        text, starts = pieces.char_offsets(ids)
+        picked = span_of_tokens(starts, answer_char_span(text))
+        if picked:
+            out[row, positions[picked]] = True
+    return out.to(completion_ids.device)

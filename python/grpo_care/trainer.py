@@ -1,0 +1,432 @@
+"""The GRPO / GRPO-CARE training loop, with care_kernels doing every log-prob and group computation.
+
+    summary = train(GRPOCareConfig.from_yaml("configs/seed_bench_r1_care.yaml"))
+    summary = train(config, model=tiny_model, processor=processor)      # a ready model object
+
+One micro-batch (grpo_care.md 3-6):
+  1. G completions per prompt, sampled with explicit parameters (rollout.py);
+  2. base rewards per function (rewards.py), accuracy first;
+  3. the policy backbone runs with grad on prompt + completion: hidden states [N, L, H] of the completion
+     positions; the reference backbone runs under no_grad on the same inputs;
+  4. one no_grad care_kernels pass over the vocabulary scores both heads: the reference's per-token log-probs
+     and the policy's entropy (`dual_linear_logprobs`; `linear_logprobs` when there is no reference);
+  5. CARE: answer spans (spans.py) -> `ck.answer_likelihood` -> `ck.care_bonus`; reward = sum + bonus;
+  6. `ck.group_advantages`, then `ck.FusedLinearGRPOLoss` on the policy hidden states and the LM-head
+     weight: it forms the per-token gradient during its forward (8NHV), and backward sends it through the
+     backbone. No [N, L, V] logits are ever built.
+Then, per optimizer step: gradient clipping, AdamW, the LR schedule, and every `ref_ema_update_every` steps
+the fp32 EMA update of the reference (ema.py). Plain GRPO (`use_care: false`) keeps a frozen reference when
+`beta > 0` and none otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import care_kernels as ck
+from grpo_care import checkpoint as ckpt
+from grpo_care.care import consistency_bonus, total_rewards
+from grpo_care.config import GRPOCareConfig
+from grpo_care.data import build_messages, load_samples
+from grpo_care.ema import EMAReference
+from grpo_care.logging_utils import MetricsLogger
+from grpo_care.metrics import MicroBatchResult, completion_records, k3_kl, masked_mean, step_metrics
+from grpo_care.modeling import (
+    autocast,
+    backbone_hidden,
+    is_multimodal,
+    lm_head_params,
+    load_model,
+    prepare_for_training,
+    resolve_device,
+)
+from grpo_care.prompts import PromptItem, PromptStream
+from grpo_care.rewards import resolve_reward_func, reward_name, score_completions
+from grpo_care.rollout import (
+    encode_prompts,
+    generate_rollouts,
+    sampling_config,
+    tokenizer_of,
+    unsampleable_ids,
+)
+from grpo_care.video import VisualBudget
+
+IGNORE_INDEX = -100
+
+
+def train(config: GRPOCareConfig, model=None, processor=None, tokenizer=None) -> dict:
+    """Run GRPO-CARE (or GRPO) as `config` says; returns a summary (final metrics, losses, output paths).
+
+    `model` may be a ready model object (e.g. a tiny Qwen2.5-VL built in memory) with its `processor`
+    (multimodal) and/or `tokenizer`; otherwise `config.model_name_or_path` is loaded.
+    """
+    return Trainer(config, model=model, processor=processor, tokenizer=tokenizer).train()
+
+
+class Trainer:
+    def __init__(self, config: GRPOCareConfig, model=None, processor=None, tokenizer=None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        if model is None:
+            model, processor, tokenizer = load_model(config, self.device)
+        if processor is None and tokenizer is None:
+            raise ValueError("pass a processor (multimodal models) or a tokenizer together with the model")
+        self.processor = processor if processor is not None else tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else tokenizer_of(processor)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.multimodal = is_multimodal(model)
+        if self.multimodal and not hasattr(self.processor, "image_processor"):
+            raise ValueError("a multimodal model needs its processor (with image and video processors)")
+        torch.manual_seed(config.seed)
+        self.model = prepare_for_training(model, config, self.device)
+
+        self.reward_names = [reward_name(n) for n in config.reward_funcs]
+        self.reward_funcs = [resolve_reward_func(n) for n in config.reward_funcs]
+        weights = config.reward_weights or [1.0] * len(self.reward_funcs)
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+
+        if not config.train_file:
+            raise ValueError("train_file is empty: point it at the training annotations (JSONL or JSON)")
+        samples = load_samples(
+            config.train_file,
+            config.data_root or None,
+            fmt=config.dataset_format,
+            seed=config.seed,
+            template="train",
+            limit=config.max_train_samples,
+        )
+        self.stream = PromptStream(
+            samples,
+            config.per_device_train_batch_size,
+            config.seed,
+            VisualBudget.from_config(config),
+            self.multimodal,
+        )
+        per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        self.max_steps = (
+            config.max_steps
+            if config.max_steps > 0
+            else (math.ceil(len(samples) / per_step) * config.num_train_epochs)
+        )
+
+        self.reference = None
+        if config.use_care or config.beta > 0:
+            self.reference = EMAReference(self.model, dtype=self._reference_dtype())
+        self.generation_config = sampling_config(
+            config, self.tokenizer, suppress_tokens=unsampleable_ids(self.model, self.tokenizer)
+        )
+        self.loss_fn = ck.FusedLinearGRPOLoss(
+            beta=config.beta,
+            use_ref_model=config.beta > 0,
+            epsilon_low=config.epsilon,
+            epsilon_high=config.epsilon_high if config.epsilon_high is not None else config.epsilon,
+            loss_type=config.loss_type,
+            max_completion_length=config.max_completion_length,
+            temperature=config.temperature,
+        )
+        self.optimizer = self._build_optimizer()
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=math.ceil(config.warmup_ratio * self.max_steps),
+            num_training_steps=self.max_steps,
+        )
+        self.global_step = 0
+        self.losses: list[float] = []
+        self.last_checkpoint = None
+        self.output_dir = Path(config.output_dir)
+
+    # --------------------------------------------------------------------------------------------------------
+    # setup helpers
+
+    def _reference_dtype(self) -> torch.dtype:
+        if self.device.type == "cuda" and self.config.bf16:
+            return torch.bfloat16
+        return next(self.model.parameters()).dtype
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; biases and norm weights (the 1-D parameters) get no weight decay, as HF Trainer does."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        c = self.config
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=c.learning_rate,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
+            foreach=self.device.type == "cuda",
+        )
+
+    # --------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _trainer_state(self) -> dict:
+        return {
+            "global_step": self.global_step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "data": self.stream.state_dict(),
+            "losses": list(self.losses),
+            "ema": self.reference.state_dict() if self.reference is not None else None,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self) -> Path:
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.output_dir,
+            self.global_step,
+            self.model,
+            self._trainer_state(),
+            processor=self.processor,
+            save_total_limit=self.config.save_total_limit,
+        )
+        return self.last_checkpoint
+
+    def resume(self, path: Path) -> None:
+        state = ckpt.load_trainer_state(path)
+        ckpt.load_policy_weights(self.model, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["data"])
+        if self.reference is not None:
+            if state["ema"] is None:
+                raise ValueError(
+                    f"{path} has no reference state, but this run needs one (use_care or beta > 0)"
+                )
+            self.reference.load_state_dict(state["ema"])
+        self.global_step = int(state["global_step"])
+        self.losses = list(state.get("losses", []))
+        ckpt.set_rng_state(state["rng"])
+
+    # --------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        resume_from = ckpt.resolve_resume(c.resume_from_checkpoint, self.output_dir)
+        if resume_from is not None:
+            self.resume(resume_from)
+        else:
+            torch.manual_seed(c.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        c.save_yaml(self.output_dir / "config.yaml")
+        logger = MetricsLogger(self.output_dir, c.report_to, start_step=self.global_step)
+        bar = tqdm(
+            total=self.max_steps,
+            initial=self.global_step,
+            disable=c.disable_tqdm,
+            desc="grpo-care",
+            dynamic_ncols=True,
+        )
+        metrics: dict = {}
+        try:
+            while self.global_step < self.max_steps:
+                started = time.perf_counter()
+                results = [self._micro_step() for _ in range(c.gradient_accumulation_steps)]
+                lr = self.scheduler.get_last_lr()[0]
+                grad_norm = self._optimizer_step()
+                self.global_step += 1
+                if c.use_care and self.global_step % c.ref_ema_update_every == 0:
+                    self.reference.update(self.model, c.ref_ema_decay)
+                metrics = self._step_metrics(results, grad_norm, lr, time.perf_counter() - started)
+                self.losses.append(metrics["loss"])
+                if self.global_step % c.logging_steps == 0 or self.global_step == self.max_steps:
+                    logger.log(self.global_step, metrics)
+                if c.log_completions and (
+                    self.global_step % c.log_completions_steps == 0 or self.global_step == 1
+                ):
+                    self._log_completions(logger, bar, results)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
+                if c.save_steps > 0 and self.global_step % c.save_steps == 0:
+                    self.save()
+            if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"-{self.global_step}"):
+                self.save()
+        finally:
+            bar.close()
+            logger.close()
+        return {
+            "global_step": self.global_step,
+            "metrics": metrics,
+            "losses": list(self.losses),
+            "output_dir": str(self.output_dir),
+            "metrics_file": str(logger.metrics_path),
+            "completions_file": str(logger.completions_path),
+            "checkpoint": str(self.last_checkpoint),
+            "skipped_samples": self.stream.skipped,
+        }
+
+    def _optimizer_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.config.max_grad_norm and self.config.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        else:
+            grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    # --------------------------------------------------------------------------------------------------------
+    # one micro-batch
+
+    def _micro_step(self) -> MicroBatchResult:
+        c, G = self.config, self.config.num_generations
+        items: list[PromptItem] = self.stream.next_batch()
+        samples = [it.sample for it in items]
+        prompts = encode_prompts(
+            [build_messages(s, self.multimodal) for s in samples],
+            [im for it in items for im in it.images],
+            [v for it in items for v in it.videos],
+            self.processor,
+            multimodal=self.multimodal,
+            max_prompt_length=c.max_prompt_length,
+        )
+        prompts = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in prompts.items()}
+        with autocast(self.device, c.bf16):
+            rollout = generate_rollouts(self.model, prompts, self.generation_config, G)
+        ids, mask = rollout.completion_ids, rollout.completion_mask
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        group_samples = [s for s in samples for _ in range(G)]
+        columns = {key: [s.columns()[key] for s in group_samples] for key in samples[0].columns()}
+        columns["prompts"] = [s.text for s in group_samples]
+        columns["completion_ids"] = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+        scores = score_completions(self.reward_funcs, texts, columns)
+        rewards = torch.tensor(
+            [[math.nan if v is None else v for v in row] for row in scores], dtype=torch.float32
+        ).T.contiguous()  # [N, F]
+
+        inputs = rollout.model_inputs()
+        prompt_len, length = rollout.prompt_ids.shape[1], ids.shape[1]
+        positions = slice(prompt_len - 1, prompt_len - 1 + length)  # predict completion tokens
+        with autocast(self.device, c.bf16):
+            hidden = backbone_hidden(self.model, inputs)[:, positions]
+            ref_hidden = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_hidden = backbone_hidden(self.reference.module, inputs)[:, positions]
+        weight, bias = lm_head_params(self.model)
+        hidden, weight, bias = self._head_dtype(hidden, weight, bias)
+        targets = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        logp, ref_logp, entropy = self._score(hidden, weight, bias, ref_hidden, targets)
+
+        n = ids.shape[0]
+        bonus, likelihood, span = None, torch.full((n,), math.nan), torch.zeros_like(mask, dtype=torch.bool)
+        if c.use_care:
+            care = consistency_bonus(rewards[:, 0], ref_logp, ids, mask, self.tokenizer, G, c)
+            bonus, likelihood, span = care.bonus, care.likelihood, care.answer_mask
+        total = total_rewards(rewards, self.reward_weights, bonus).to(self.device)
+        advantages = ck.group_advantages(total, G, scale=c.scale_rewards, eps=1e-4)
+
+        loss, loss_metrics = self.loss_fn(
+            hidden,
+            weight,
+            ids,
+            mask,
+            advantages,
+            bias=bias,
+            ref_per_token_logps=ref_logp if c.beta > 0 else None,
+        )
+        (loss / c.gradient_accumulation_steps).backward()
+
+        return MicroBatchResult(
+            rewards_per_func=rewards,
+            bonus=(bonus if bonus is not None else torch.zeros(n)).cpu(),
+            total=total.cpu(),
+            advantages=advantages.cpu(),
+            likelihood=likelihood.detach().float().cpu(),
+            span_found=span.any(dim=1).cpu(),
+            lengths=mask.sum(dim=1).cpu(),
+            truncated=(~rollout.finished).cpu(),
+            loss=float(loss.detach()),
+            clip_ratio=float(loss_metrics[-1]),
+            kl=k3_kl(logp, ref_logp, mask) if ref_logp is not None else math.nan,
+            entropy=masked_mean(entropy, mask),
+            texts=texts,
+            samples=group_samples,
+        )
+
+    def _head_dtype(self, hidden, weight, bias):
+        """Under bf16 autocast the head runs in bf16 (differentiable casts), else in the weight's dtype."""
+        dtype = torch.bfloat16 if (self.device.type == "cuda" and self.config.bf16) else weight.dtype
+        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+    @torch.no_grad()
+    def _score(self, hidden, weight, bias, ref_hidden, targets):
+        """(policy log-probs, reference log-probs or None, policy entropy), [N, L], one care_kernels pass.
+
+        The reference is scored at temperature 1 for CARE (the authors' likelihood uses raw logits) and at the
+        sampling temperature for the KL of plain GRPO; with equal temperatures (always, at T = 1) both heads
+        go through `dual_linear_logprobs` in one pass over the vocabulary.
+        """
+        c = self.config
+        h = hidden.detach()
+        if ref_hidden is None:
+            logp, entropy = ck.linear_logprobs(
+                h, weight.detach(), targets, bias, temperature=c.temperature, return_entropy=True
+            )
+            return logp, None, entropy
+        ref_weight, ref_bias = lm_head_params(self.reference.module)
+        ref_hidden = ref_hidden.to(ref_weight.dtype)
+        ref_temperature = 1.0 if c.use_care else c.temperature
+        if ref_temperature == c.temperature:
+            logp, ref_logp, entropy = ck.dual_linear_logprobs(
+                h,
+                weight.detach(),
+                ref_hidden,
+                ref_weight,
+                targets,
+                bias,
+                ref_bias,
+                temperature=c.temperature,
+                return_entropy=True,
+            )
+        else:
+            logp, entropy = ck.linear_logprobs(
+                h, weight.detach(), targets, bias, temperature=c.temperature, return_entropy=True
+            )
+            ref_logp = ck.linear_logprobs(
+                ref_hidden, ref_weight, targets, ref_bias, temperature=ref_temperature
+            )
+        return logp, ref_logp, entropy
+
+    # --------------------------------------------------------------------------------------------------------
+    # metrics
+
+    def _step_metrics(
+        self, results: list[MicroBatchResult], grad_norm: float, lr: float, seconds: float
+    ) -> dict:
+        metrics = step_metrics(results, self.config.num_generations, self.reward_names, self.config.use_care)
+        metrics.update(
+            {
+                "grad_norm": grad_norm,
+                "learning_rate": lr,
+                "epoch": self.stream.epoch_progress(),
+                "data/skipped_samples": self.stream.skipped,
+                "step_time": seconds,
+            }
+        )
+        return metrics
+
+    def _log_completions(self, logger: MetricsLogger, bar, results: list[MicroBatchResult]) -> None:
+        records = completion_records(results, self.reward_names, self.config.use_care)
+        logger.log_completions(self.global_step, records)
+        for record in records[: self.config.num_completions_to_print]:
+            snippet = record["completion"].replace("\n", " ")[:300]
+            line = f"[step {self.global_step}] reward={record['reward']} gold={record['solution']}: {snippet}"
+            bar.write(line, file=sys.stderr)  # stdout stays for the run's summary

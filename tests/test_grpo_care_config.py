@@ -1,0 +1,114 @@
+"""grpo_care.config: one dataclass, YAML + command-line overrides, help on every field, the paper's recipe."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from grpo_care.config import GRPOCareConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_every_field_has_help_text():
+    for f in dataclasses.fields(GRPOCareConfig):
+        assert len(f.metadata.get("help", "")) > 10, f.name
+    text = GRPOCareConfig.argument_parser().format_help()
+    assert "--ref_ema_decay" in text and "phi <- alpha*phi" in text
+
+
+def test_care_yaml_is_the_papers_run():
+    c = GRPOCareConfig.from_yaml(CONFIGS / "seed_bench_r1_care.yaml")
+    assert c.model_name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert (c.num_generations, c.per_device_train_batch_size * c.gradient_accumulation_steps) == (8, 4)
+    assert (c.learning_rate, c.lr_scheduler_type, c.warmup_ratio, c.weight_decay, c.max_grad_norm) == (
+        1e-6,
+        "cosine",
+        0.0,
+        0.01,
+        5.0,
+    )
+    assert (c.temperature, c.top_p, c.top_k, c.repetition_penalty, c.max_completion_length) == (
+        1.0,
+        0.95,
+        50,
+        1.0,
+        768,
+    )
+    assert (c.beta, c.loss_type, c.use_care, c.ref_ema_decay, c.ref_ema_update_every) == (
+        0.0,
+        "grpo",
+        True,
+        0.995,
+        10,
+    )
+    assert (c.bonus_coefficient, c.confidence_upper_bound, c.consistency_margin, c.accuracy_floor) == (
+        0.5,
+        0.95,
+        0.0,
+        0.1,
+    )
+    assert (c.video_fps, c.video_max_frames, c.video_max_pixels, c.image_max_pixels) == (
+        2.0,
+        16,
+        128 * 28 * 28,
+        256 * 28 * 28,
+    )
+    assert c.reward_funcs == ["accuracy", "format"] and c.max_steps == 1500
+
+
+def test_grpo_yaml_is_the_baseline():
+    care = GRPOCareConfig.from_yaml(CONFIGS / "seed_bench_r1_care.yaml").to_dict()
+    grpo = GRPOCareConfig.from_yaml(CONFIGS / "seed_bench_r1_grpo.yaml").to_dict()
+    differing = {k for k in care if care[k] != grpo[k]}
+    assert differing == {"use_care", "beta", "output_dir"}
+    assert grpo["use_care"] is False and grpo["beta"] > 0
+
+
+def test_tiny_cpu_yaml_loads():
+    c = GRPOCareConfig.from_yaml(CONFIGS / "tiny_cpu.yaml")
+    assert c.device == "cpu" and c.max_steps > 0
+
+
+def test_overrides_in_both_spellings_and_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 2.0e-6\nuse_care: true\n")
+    c = GRPOCareConfig.from_yaml(
+        path,
+        [
+            "use_care=false",
+            "--max_steps",
+            "7",
+            "--reward_funcs=accuracy,my.mod.f",
+            "epsilon_high=null",
+            "reward_weights=[1, 0.5]",
+        ],
+    )
+    assert (c.learning_rate, c.use_care, c.max_steps) == (2e-6, False, 7)
+    assert (
+        c.reward_funcs == ["accuracy", "my.mod.f"] and c.epsilon_high is None and c.reward_weights == [1, 0.5]
+    )
+    cli = GRPOCareConfig.from_cli(["--config", str(path), "--top_k", "0", "--bonus_coefficient=0.25"])
+    assert (cli.top_k, cli.bonus_coefficient, cli.learning_rate) == (0, 0.25, 2e-6)
+
+
+def test_bad_values_are_errors_that_name_the_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rat: 1.0\n")
+    with pytest.raises(ValueError, match="unknown config key 'learning_rat'.*did you mean 'learning_rate'"):
+        GRPOCareConfig.from_yaml(path)
+    with pytest.raises(ValueError, match="max_steps must be int"):
+        GRPOCareConfig.from_yaml(None, ["max_steps=1.5"])
+    with pytest.raises(ValueError, match="use_care must be bool"):
+        GRPOCareConfig.from_yaml(None, ["use_care=maybe"])
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        GRPOCareConfig(num_generations=1)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        GRPOCareConfig(loss_type="ppo")
+    with pytest.raises(SystemExit):
+        GRPOCareConfig.from_cli(["--not_a_field", "1"])
+
+
+def test_yaml_round_trip(tmp_path):
+    c = GRPOCareConfig(max_steps=3, reward_funcs=["format"], epsilon_high=0.28)
+    c.save_yaml(tmp_path / "c.yaml")
+    assert GRPOCareConfig.from_yaml(tmp_path / "c.yaml") == c
