@@ -43,9 +43,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    output_dir: str | Path, step: int, model, trainer_state: dict, processor=None, save_total_limit: int = 0
+    output_dir: str | Path,
+    step: int,
+    model,
+    trainer_state: dict,
+    processor=None,
+    save_total_limit: int = 0,
+    state_dict: dict | None = None,
 ) -> Path:
-    """Write checkpoint-<step> atomically, return its path; drop the oldest beyond save_total_limit."""
+    """Write checkpoint-<step> atomically, return its path; drop the oldest beyond save_total_limit.
+
+    `state_dict`: the weights to write instead of the model's own (FSDP: the full state dict gathered on
+    rank 0, see distributed.full_model_state)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
@@ -53,7 +62,10 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
+    if state_dict is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if processor is not None:
         try:
             processor.save_pretrained(tmp)

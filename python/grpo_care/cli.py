@@ -2,7 +2,9 @@
 
 grpo-care train --config configs/seed_bench_r1_care.yaml [--field value ...]
 grpo-care train --config configs/seed_bench_r1_care.yaml --resume_from_checkpoint latest
-grpo-care eval  --model outputs/care/checkpoint-1500 --data validation_L1.jsonl validation_L2.jsonl [...]
+grpo-care eval  --model outputs/care/checkpoint-1500 --data validation_L1.jsonl validation_L2.jsonl [...] \
+                --output_dir eval/ --judge offline          # report.json + samples.jsonl; rerun to resume
+torchrun --nproc_per_node 8 -m grpo_care.cli train --config ... --distributed fsdp   # or ddp
 grpo-care demo  [...]                      # the embedded CPU demo (grpo_care.demo)
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,20 +41,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(argv: list[str]) -> int:
+    from grpo_care import distributed
     from grpo_care.trainer import train
 
     config = GRPOCareConfig.from_cli(argv, prog="grpo-care train")
-    summary = train(config)
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2, default=str))
+    try:
+        summary = train(config)
+    finally:
+        distributed.cleanup()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2, default=str))
     return 0
 
 
 def _eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="grpo-care eval",
-        description="SEED-Bench-R1 accuracy (per level and "
-        "domain) of a model directory; other config fields (eval_*, video_*) may "
-        "follow as --field value.",
+        description="SEED-Bench-R1 accuracy (per level and domain) and consistency rate of a model "
+        "directory; other config fields (eval_*, video_*, e.g. --eval_video_max_frames 32) may follow as "
+        "--field value.",
     )
     parser.add_argument("--model", required=True, help="model directory or hub id (a checkpoint-N works)")
     parser.add_argument(
@@ -70,30 +78,54 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument(
         "--output", default="", help="write the full result (with per-sample records) as JSON"
     )
+    parser.add_argument(
+        "--output_dir",
+        default="",
+        help="write report.json (per level / domain, consistency) and samples.jsonl (one line per sample); "
+        "a rerun into the same directory resumes: finished samples are not generated again",
+    )
+    parser.add_argument(
+        "--judge",
+        default=None,
+        help="consistency judge: none, offline, http or pkg.module:factory (default: config's eval_judge)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over instead of resuming from output_dir/samples.jsonl",
+    )
     args, rest = parser.parse_known_args(argv)
-    from grpo_care.evaluate import evaluate
+    from grpo_care.evaluate import evaluate_files
+    from grpo_care.judge import make_judge
     from grpo_care.modeling import load_model, resolve_device
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("grpo-care eval runs in one process; launch it without torchrun")
     config = GRPOCareConfig.from_yaml(args.config, rest + [f"model_name_or_path={args.model}"])
     files = args.data or config.eval_files
     if not files:
         parser.error("pass --data FILE [FILE ...] or a --config with eval_files")
+    judge = make_judge(
+        args.judge if args.judge is not None else config.eval_judge,
+        timeout=config.eval_judge_timeout,
+        max_retries=config.eval_judge_max_retries,
+    )
     device = resolve_device(config.device)
     model, processor, tokenizer = load_model(config, device)
     model.to(device).eval()
-    results = {}
-    for path in files:
-        results[path] = evaluate(
-            model,
-            processor or tokenizer,
-            path,
-            config,
-            data_root=args.data_root or None,
-            max_samples=args.max_samples,
-        )
-    print(
-        json.dumps({p: {k: v for k, v in r.items() if k != "records"} for p, r in results.items()}, indent=2)
+    report = evaluate_files(
+        model,
+        processor or tokenizer,
+        files,
+        config,
+        output_dir=args.output_dir or None,
+        judge=judge,
+        data_root=args.data_root or None,
+        max_samples=args.max_samples,
+        resume=not args.overwrite,
     )
+    results = report.pop("results")
+    print(json.dumps(report, indent=2))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2))

@@ -162,6 +162,32 @@ class GRPOCareConfig:
     eval_max_new_tokens: int = _f(1024, "evaluation max new tokens.")
     eval_batch_size: int = _f(4, "prompts per evaluation batch.")
     eval_video_max_frames: int = _f(16, "max frames at evaluation (16 SEED-Bench-R1, 32 general benchmarks).")
+    eval_judge: str = _f(
+        "none",
+        "consistency judge of `grpo-care eval` (grpo_care.md 9.4): none, offline (no network: does the "
+        "reasoning settle on the answered option), http (OpenAI-compatible; GRPO_CARE_JUDGE_URL, "
+        "GRPO_CARE_JUDGE_MODEL, GRPO_CARE_JUDGE_API_KEY) or a dotted path pkg.module:factory.",
+    )
+    eval_judge_timeout: float = _f(30.0, "seconds per HTTP judge request before it is retried.")
+    eval_judge_max_retries: int = _f(
+        2, "retries of a failed HTTP judge request before the sample is unjudged."
+    )
+    eval_judge_workers: int = _f(4, "judge requests in flight at once.")
+
+    # --- distributed (torchrun) -----------------------------------------------------------------------------
+    distributed: str = _f(
+        "auto",
+        "data parallelism under torchrun: auto (ddp when WORLD_SIZE > 1, else one process), none, ddp, "
+        "or fsdp (FSDP2 fully_shard per decoder / vision block, then the root).",
+    )
+    dist_backend: str = _f("", "torch.distributed backend ('' : nccl on CUDA, gloo on CPU).")
+    fsdp_reshard_after_forward: bool = _f(
+        True,
+        "FSDP2: free each block's gathered parameters after its forward (ZeRO-3 like); False: ZeRO-2 like.",
+    )
+    ddp_find_unused_parameters: bool = _f(
+        False, "DDP: allow parameters without a gradient in a step (slower; needed if some modules can idle)."
+    )
 
     # --- output, logging, checkpoints -----------------------------------------------------------------------
     output_dir: str = _f("outputs/grpo_care", "where metrics, completions and checkpoints go.")
@@ -198,6 +224,7 @@ class GRPOCareConfig:
             "video_min_frames",
             "video_max_frames",
             "eval_batch_size",
+            "eval_judge_workers",
         ):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.loss_type in _LOSS_TYPES, f"loss_type must be one of {_LOSS_TYPES}, got {self.loss_type!r}")
@@ -218,6 +245,15 @@ class GRPOCareConfig:
         need(
             self.dataset_format in ("auto", "seed_bench_r1", "video_r1"),
             f"dataset_format must be auto, seed_bench_r1 or video_r1, got {self.dataset_format!r}",
+        )
+        need(
+            self.distributed in ("auto", "none", "ddp", "fsdp"),
+            f"distributed must be auto, none, ddp or fsdp, got {self.distributed!r}",
+        )
+        need(self.eval_judge_timeout > 0, f"eval_judge_timeout must be > 0, got {self.eval_judge_timeout}")
+        need(
+            self.eval_judge_max_retries >= 0,
+            f"eval_judge_max_retries must be >= 0, got {self.eval_judge_max_retries}",
         )
         need(
             self.model_dtype in ("float32", "bfloat16", "float16"),

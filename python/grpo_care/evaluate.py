@@ -1,27 +1,36 @@
-"""SEED-Bench-R1 accuracy (grpo_care.md 9.3): near-greedy decoding, exact letter match, per level/domain.
+"""SEED-Bench-R1 accuracy (grpo_care.md 9.3) and consistency rate (9.4), per level and domain, resumable.
 
     result = evaluate(model, processor, "annotations/validation_L1.jsonl", config)
     result["accuracy"], result["per_level"], result["per_domain"], result["records"][0]
 
+    report = evaluate_files(model, processor, files, config, output_dir="eval/", judge=make_judge("offline"))
+    # eval/report.json: accuracy per level (L1, L2, L3) and per domain of each level, consistency rates
+    # eval/samples.jsonl: one line per sample; a rerun skips the samples already in it (resume)
+
 Protocol: the eval question template (the authors' eval_bench.py wording), validation options in their A-D
 order, temperature `eval_temperature` (0.1) and top_p `eval_top_p` (0.001), at most `eval_max_new_tokens`
-(1024) new tokens and `eval_video_max_frames` (16) frames. The prediction is the stripped content of the first
-`<answer>...</answer>`, or the whole output when there is none; a sample scores 1 iff prediction == gold.
-The authors ran vLLM; this runs HF `generate` on batches of `eval_batch_size` prompts.
+(1024) new tokens and `eval_video_max_frames` frames (16 for SEED-Bench-R1; 32 for the general benchmarks).
+Frames come through the training data path: decord (PyAV fallback), the same pixel budgets and processor.
+The prediction is the stripped content of the first `<answer>...</answer>`, or the whole output when there is
+none; a sample scores 1 iff prediction == gold. The authors ran vLLM; this runs HF `generate` on batches of
+`eval_batch_size` prompts. Samples whose media cannot be read are skipped, counted, and retried on a rerun.
 
-Each record keeps the completion, its reasoning (`think`), the parsed answer, the gold letter, correctness and
-whether the format reward would be 1, so consistency between reasoning and answer can be judged afterwards.
+Each record keeps the completion, its reasoning (`think`), the parsed answer, the gold letter, correctness,
+whether the format reward would be 1 and, with a judge, its consistency verdict (judge.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from grpo_care.data import build_messages, load_samples
+from grpo_care.data import Sample, build_messages, load_samples
+from grpo_care.judge import JudgeRequest, consistency_summary, describe, judge_all
 from grpo_care.modeling import autocast, is_multimodal
 from grpo_care.prompts import load_visuals
 from grpo_care.rewards import ANSWER_RE, FORMAT_RE, extract_answer
@@ -35,6 +44,8 @@ from grpo_care.rollout import (
 from grpo_care.video import VideoReadError, VisualBudget
 
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_LEVEL_RE = re.compile(r"(?:^|[_\-\s])(L\d+)$", re.IGNORECASE)
+REPORT_NAME, SAMPLES_NAME = "report.json", "samples.jsonl"
 
 
 def prediction(text: str) -> str:
@@ -43,12 +54,109 @@ def prediction(text: str) -> str:
     return match.group(1).strip() if match else text.strip()
 
 
+def level_label(level: str) -> str:
+    """ "validation_L3" -> "L3" (the paper's column names); other level names unchanged."""
+    match = _LEVEL_RE.search(level or "")
+    return match.group(1).upper() if match else level
+
+
+def record_key(sample: Sample) -> str:
+    """Identity of a sample in samples.jsonl: annotation file name and line (`validation_L1.jsonl:12`)."""
+    return Path(sample.where).name
+
+
+def _question(sample: Sample) -> str:
+    """The question with its listed options, without the reasoning-format instructions of the template."""
+    cut = sample.text.find("\nPlease think about this question")
+    return sample.text[:cut] if cut >= 0 else sample.text
+
+
 def _accuracy_table(records: list[dict], key: str) -> dict:
     groups: dict[str, list[bool]] = defaultdict(list)
     for r in records:
         if r.get(key):
             groups[r[key]].append(r["correct"])
     return {name: {"accuracy": sum(v) / len(v), "num_samples": len(v)} for name, v in sorted(groups.items())}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# per-sample JSONL
+
+
+def read_sample_records(path: str | Path) -> dict[str, dict]:
+    """{key: record} from a samples.jsonl; a later line for a key wins; a torn last line is ignored."""
+    path = Path(path)
+    out: dict[str, dict] = {}
+    if not path.is_file():
+        return out
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno == len(lines):  # an interrupted write: that sample is simply run again
+                warnings.warn(f"{path}:{lineno}: ignoring a truncated last line", stacklevel=2)
+                continue
+            raise ValueError(f"{path}:{lineno}: malformed line in the per-sample file") from None
+        if isinstance(record, dict) and "key" in record:
+            out[record["key"]] = record
+    return out
+
+
+def protocol(config) -> dict:
+    """The settings a per-sample file was produced with; resuming under different ones is refused."""
+    return {
+        "model": config.model_name_or_path,
+        "temperature": config.eval_temperature,
+        "top_p": config.eval_top_p,
+        "max_new_tokens": config.eval_max_new_tokens,
+        "video_max_frames": config.eval_video_max_frames,
+        "seed": config.seed,
+    }
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an interrupted last write (no final newline), so that appended records start on their own line."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        warnings.warn(f"{path}: dropping a truncated last line (that sample runs again)", stacklevel=3)
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _check_or_write_meta(path: Path, meta: dict) -> None:
+    """samples.jsonl starts with {"meta": protocol}; resuming a file written under another protocol fails."""
+    if path.is_file():
+        _drop_torn_tail(path)
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open(encoding="utf-8") as f:
+            first = f.readline()
+        try:
+            found = json.loads(first).get("meta")
+        except (json.JSONDecodeError, AttributeError):
+            found = None
+        if found is not None and found != meta:
+            diff = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
+            raise ValueError(
+                f"{path} was written under other evaluation settings {diff} (file, now): pass --overwrite "
+                "(resume=False) or another --output_dir"
+            )
+        return
+    path.write_text(json.dumps({"meta": meta}) + "\n", encoding="utf-8")
+
+
+def _append_records(path: Path | None, records: list[dict]) -> None:
+    if path is None or not records:
+        return
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one annotation file
 
 
 @torch.no_grad()
@@ -60,11 +168,17 @@ def evaluate(
     *,
     data_root: str | None = None,
     max_samples: int = 0,
+    judge=None,
+    samples_file: str | Path | None = None,
+    resume: bool = True,
 ) -> dict:
-    """Accuracy of `model` on one annotation file; see the module docstring for the protocol.
+    """Accuracy (with a `judge`, also consistency) of `model` on one annotation file; see the module doc.
 
-    Returns {"accuracy", "num_samples", "num_skipped", "per_level", "per_domain", "records"}; each record has
-    sample_id, level, domain, completion, think, answer, gold, correct, format_ok.
+    Returns {"accuracy", "num_samples", "num_skipped", "per_level", "per_domain", "records", "consistency",
+    "num_resumed"}; each record has key, data_file, sample_id, level, domain, completion, think, answer,
+    gold, correct, format_ok and consistency (a verdict dict, or None without a judge).
+    `samples_file`: every finished sample is appended there as it completes; with `resume`, samples already in
+    it are not generated again (and, when a judge is given, only their missing verdicts are computed).
     """
     tokenizer = tokenizer_of(processor_or_tokenizer)
     multimodal = is_multimodal(model)
@@ -77,52 +191,70 @@ def evaluate(
         template="eval",
         limit=max_samples,
     )
+    path = Path(samples_file) if samples_file else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is not None and not resume and path.exists():
+        path.unlink()
+    if path is not None:
+        _check_or_write_meta(path, protocol(config))
+    done = read_sample_records(path) if path is not None else {}
+    by_key = {record_key(s): s for s in samples}
+    finished = {k: r for k, r in done.items() if k in by_key}
+    workers = getattr(config, "eval_judge_workers", 1)
+
+    if judge is not None:  # resumed samples judged by no judge yet (or unjudged before) get a verdict now
+        stale = [k for k, r in finished.items() if not (r.get("consistency") or {}).get("status") == "judged"]
+        verdicts = judge_all(judge, [_request(by_key[k], finished[k]["completion"]) for k in stale], workers)
+        for k, verdict in zip(stale, verdicts):
+            finished[k] = {**finished[k], "consistency": verdict.to_dict()}
+        _append_records(path, [finished[k] for k in stale])
+
     budget = VisualBudget.from_config(config, max_frames=config.eval_video_max_frames)
     generation_config = sampling_config(
         config, tokenizer, eval_mode=True, suppress_tokens=unsampleable_ids(model, tokenizer)
     )
-    records, skipped = [], 0
-    for start in range(0, len(samples), config.eval_batch_size):
-        items = []
-        for sample in samples[start : start + config.eval_batch_size]:
-            try:
-                items.append(load_visuals(sample, budget, multimodal))
-            except VideoReadError as e:
-                skipped += 1
-                warnings.warn(
-                    f"evaluation skips sample {sample.sample_id!r} ({sample.where}): {e}", stacklevel=2
-                )
-        if not items:
-            continue
-        prompts = encode_prompts(
-            [build_messages(it.sample, multimodal) for it in items],
-            [im for it in items for im in it.images],
-            [v for it in items for v in it.videos],
-            processor_or_tokenizer,
-            multimodal=multimodal,
-        )
-        prompts = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
-        with autocast(device, config.bf16):
-            rollout = generate_rollouts(model, prompts, generation_config, 1)
-        texts = tokenizer.batch_decode(
-            rollout.completion_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        for item, text in zip(items, texts):
-            gold, answer = extract_answer(item.sample.solution), prediction(text)
-            think = THINK_RE.search(text)
-            records.append(
-                {
-                    "sample_id": item.sample.sample_id,
-                    "level": item.sample.level,
-                    "domain": item.sample.domain,
-                    "completion": text,
-                    "think": think.group(1).strip() if think else "",
-                    "answer": answer,
-                    "gold": gold,
-                    "correct": answer.strip() == gold.strip(),
-                    "format_ok": bool(FORMAT_RE.fullmatch(text)),
-                }
+    pending = [s for s in samples if record_key(s) not in finished]
+    skipped = 0
+    # seeded here, without disturbing the caller's RNG (a demo may evaluate between training steps)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        for start in range(0, len(pending), config.eval_batch_size):
+            items = []
+            for sample in pending[start : start + config.eval_batch_size]:
+                try:
+                    items.append(load_visuals(sample, budget, multimodal))
+                except VideoReadError as e:
+                    skipped += 1
+                    warnings.warn(
+                        f"evaluation skips sample {sample.sample_id!r} ({sample.where}): {e}", stacklevel=2
+                    )
+            if not items:
+                continue
+            prompts = encode_prompts(
+                [build_messages(it.sample, multimodal) for it in items],
+                [im for it in items for im in it.images],
+                [v for it in items for v in it.videos],
+                processor_or_tokenizer,
+                multimodal=multimodal,
             )
+            prompts = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
+            with autocast(device, config.bf16):
+                rollout = generate_rollouts(model, prompts, generation_config, 1)
+            texts = tokenizer.batch_decode(
+                rollout.completion_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+            batch = [_record(item.sample, text, data_file) for item, text in zip(items, texts)]
+            if judge is not None:
+                verdicts = judge_all(
+                    judge, [_request(it.sample, text) for it, text in zip(items, texts)], workers
+                )
+                for record, verdict in zip(batch, verdicts):
+                    record["consistency"] = verdict.to_dict()
+            _append_records(path, batch)
+            finished.update((r["key"], r) for r in batch)
+
+    records = [finished[record_key(s)] for s in samples if record_key(s) in finished]
     n = len(records)
     return {
         "accuracy": sum(r["correct"] for r in records) / n if n else float("nan"),
@@ -130,5 +262,122 @@ def evaluate(
         "num_skipped": skipped,
         "per_level": _accuracy_table(records, "level"),
         "per_domain": _accuracy_table(records, "domain"),
+        "consistency": consistency_summary([r.get("consistency") for r in records]) if judge else None,
+        "num_resumed": n - sum(1 for s in pending if record_key(s) in finished),
         "records": records,
+    }
+
+
+def _record(sample: Sample, text: str, data_file: str) -> dict:
+    gold, answer = extract_answer(sample.solution), prediction(text)
+    think = THINK_RE.search(text)
+    return {
+        "key": record_key(sample),
+        "data_file": str(data_file),
+        "sample_id": sample.sample_id,
+        "level": sample.level,
+        "domain": sample.domain,
+        "completion": text,
+        "think": think.group(1).strip() if think else "",
+        "answer": answer,
+        "gold": gold,
+        "correct": answer.strip() == gold.strip(),
+        "format_ok": bool(FORMAT_RE.fullmatch(text)),
+        "consistency": None,
+    }
+
+
+def _request(sample: Sample, completion: str) -> JudgeRequest:
+    return JudgeRequest(question=_question(sample), options=list(sample.options), completion=completion)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# several files: the report
+
+
+def evaluate_files(
+    model,
+    processor_or_tokenizer,
+    data_files: list[str],
+    config,
+    *,
+    output_dir: str | Path | None = None,
+    judge=None,
+    data_root: str | None = None,
+    max_samples: int = 0,
+    resume: bool = True,
+) -> dict:
+    """`evaluate` on each file, then the report; with `output_dir`, writes report.json and samples.jsonl.
+
+    The report has, per level (L1, L2, L3, named from the record's `task_level`/`level` or the file name),
+    accuracy and sample counts, the same per domain within the level (`domain`/`scenario`: the L3 rows of
+    Table 2), and the consistency rate when a judge is given; plus `files` (each file's numbers).
+    """
+    out = Path(output_dir) if output_dir else None
+    samples_file = out / SAMPLES_NAME if out else None
+    results = {}
+    for path in data_files:
+        results[str(path)] = evaluate(
+            model,
+            processor_or_tokenizer,
+            path,
+            config,
+            data_root=data_root,
+            max_samples=max_samples,
+            judge=judge,
+            samples_file=samples_file,
+            resume=resume,
+        )
+        resume = True  # later files append to the file this run started
+    report = build_report(results, config, judge)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (REPORT_NAME + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out / REPORT_NAME)
+        report["report_file"], report["samples_file"] = str(out / REPORT_NAME), str(samples_file)
+    report["results"] = results
+    return report
+
+
+def _group_summary(records: list[dict], judged: bool) -> dict:
+    n = len(records)
+    summary = {
+        "accuracy": sum(r["correct"] for r in records) / n if n else None,
+        "num_samples": n,
+        "num_correct": sum(1 for r in records if r["correct"]),
+        "format_rate": sum(1 for r in records if r["format_ok"]) / n if n else None,
+    }
+    if judged:
+        summary["consistency"] = consistency_summary([r.get("consistency") for r in records])
+    return summary
+
+
+def build_report(results: dict, config, judge=None) -> dict:
+    """The JSON report (no per-sample records) from `evaluate` results keyed by file."""
+    records = [r for result in results.values() for r in result["records"]]
+    judged = judge is not None
+    levels: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        levels[level_label(r["level"])].append(r)
+    per_level = {}
+    for level, rows in sorted(levels.items()):
+        domains: dict[str, list[dict]] = defaultdict(list)
+        for r in rows:
+            if r.get("domain"):
+                domains[r["domain"]].append(r)
+        per_level[level] = {
+            **_group_summary(rows, judged),
+            "per_domain": {d: _group_summary(v, judged) for d, v in sorted(domains.items())},
+        }
+    return {
+        "protocol": {**protocol(config), "batch_size": config.eval_batch_size},
+        "judge": describe(judge),
+        "num_samples": len(records),
+        "num_skipped": sum(r["num_skipped"] for r in results.values()),
+        "per_level": per_level,
+        "consistency": consistency_summary([r.get("consistency") for r in records]) if judged else None,
+        "files": {
+            path: {k: v for k, v in result.items() if k != "records"} for path, result in results.items()
+        },
     }

@@ -30,6 +30,7 @@ import torch
 
 import care_kernels as ck
 from grpo_care import checkpoint as ckpt
+from grpo_care import distributed
 from grpo_care.care import consistency_bonus, total_rewards
 from grpo_care.config import GRPOCareConfig
 from grpo_care.data import build_messages, load_samples
@@ -43,7 +44,6 @@ from grpo_care.modeling import (
     lm_head_params,
     load_model,
     prepare_for_training,
-    resolve_device,
 )
 from grpo_care.prompts import PromptItem, PromptStream
 from grpo_care.rewards import resolve_reward_func, reward_name, score_completions
@@ -71,7 +71,8 @@ def train(config: GRPOCareConfig, model=None, processor=None, tokenizer=None) ->
 class Trainer:
     def __init__(self, config: GRPOCareConfig, model=None, processor=None, tokenizer=None):
         self.config = config
-        self.device = resolve_device(config.device)
+        self.dist = distributed.setup(config)  # one process: a no-op env, device from config.device
+        self.device = self.dist.device
         if model is None:
             model, processor, tokenizer = load_model(config, self.device)
         if processor is None and tokenizer is None:
@@ -94,7 +95,7 @@ class Trainer:
 
         if not config.train_file:
             raise ValueError("train_file is empty: point it at the training annotations (JSONL or JSON)")
-        samples = load_samples(
+        all_samples = load_samples(
             config.train_file,
             config.data_root or None,
             fmt=config.dataset_format,
@@ -102,6 +103,7 @@ class Trainer:
             template="train",
             limit=config.max_train_samples,
         )
+        samples = distributed.shard_samples(all_samples, self.dist)
         self.stream = PromptStream(
             samples,
             config.per_device_train_batch_size,
@@ -109,16 +111,22 @@ class Trainer:
             VisualBudget.from_config(config),
             self.multimodal,
         )
-        per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        per_step = (
+            config.per_device_train_batch_size * config.gradient_accumulation_steps * self.dist.world_size
+        )
         self.max_steps = (
             config.max_steps
             if config.max_steps > 0
-            else (math.ceil(len(samples) / per_step) * config.num_train_epochs)
+            else (math.ceil(len(all_samples) / per_step) * config.num_train_epochs)
         )
 
+        distributed.broadcast_module(self.model, self.dist)  # identical start on every rank
         self.reference = None
         if config.use_care or config.beta > 0:
             self.reference = EMAReference(self.model, dtype=self._reference_dtype())
+        self.engine = distributed.wrap(self.model, config, self.dist)  # what the step's forward runs through
+        if self.reference is not None and self.dist.mode == "fsdp":
+            distributed.shard_reference(self.reference, self.model, config, self.dist)
         self.generation_config = sampling_config(
             config, self.tokenizer, suppress_tokens=unsampleable_ids(self.model, self.tokenizer)
         )
@@ -171,43 +179,53 @@ class Trainer:
     # checkpoints
 
     def _trainer_state(self) -> dict:
-        return {
+        """Collective under torchrun (every rank calls it); rank 0's copy is the one written."""
+        state = {
             "global_step": self.global_step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": distributed.optimizer_state(self.model, self.optimizer, self.dist),
             "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "data": self.stream.state_dict(),
             "losses": list(self.losses),
-            "ema": self.reference.state_dict() if self.reference is not None else None,
+            "ema": distributed.ema_state(self.reference, self.dist) if self.reference is not None else None,
             "config": self.config.to_dict(),
         }
+        state.update(distributed.rank_states({"rng": state["rng"], "data": state["data"]}, self.dist))
+        return state
 
     def save(self) -> Path:
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.output_dir,
-            self.global_step,
-            self.model,
-            self._trainer_state(),
-            processor=self.processor,
-            save_total_limit=self.config.save_total_limit,
-        )
+        state = self._trainer_state()
+        weights = distributed.full_model_state(self.model, self.dist)
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(
+                self.output_dir,
+                self.global_step,
+                self.model,
+                state,
+                processor=self.processor,
+                save_total_limit=self.config.save_total_limit,
+                state_dict=weights,
+            )
+        self.last_checkpoint = distributed.broadcast_object(path, self.dist)
         return self.last_checkpoint
 
     def resume(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
-        ckpt.load_policy_weights(self.model, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        own = distributed.own_rank_state(state, self.dist, path)
+        distributed.load_policy_weights(self.model, path, self.dist)
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["data"])
+        self.stream.load_state_dict(own["data"])
         if self.reference is not None:
             if state["ema"] is None:
                 raise ValueError(
                     f"{path} has no reference state, but this run needs one (use_care or beta > 0)"
                 )
-            self.reference.load_state_dict(state["ema"])
+            distributed.load_ema_state(self.reference, state["ema"], self.dist)
         self.global_step = int(state["global_step"])
         self.losses = list(state.get("losses", []))
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(own["rng"])
 
     # --------------------------------------------------------------------------------------------------------
     # the loop
@@ -220,14 +238,20 @@ class Trainer:
         if resume_from is not None:
             self.resume(resume_from)
         else:
-            torch.manual_seed(c.seed)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        c.save_yaml(self.output_dir / "config.yaml")
-        logger = MetricsLogger(self.output_dir, c.report_to, start_step=self.global_step)
+            torch.manual_seed(c.seed + self.dist.rank)  # ranks sample their rollouts independently
+        main = self.dist.is_main
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            c.save_yaml(self.output_dir / "config.yaml")
+        logger = (
+            MetricsLogger(self.output_dir, c.report_to, start_step=self.global_step)
+            if main
+            else distributed.NullLogger(self.output_dir)
+        )
         bar = tqdm(
             total=self.max_steps,
             initial=self.global_step,
-            disable=c.disable_tqdm,
+            disable=c.disable_tqdm or not main,
             desc="grpo-care",
             dynamic_ncols=True,
         )
@@ -235,18 +259,24 @@ class Trainer:
         try:
             while self.global_step < self.max_steps:
                 started = time.perf_counter()
-                results = [self._micro_step() for _ in range(c.gradient_accumulation_steps)]
+                results = []
+                for i in range(c.gradient_accumulation_steps):
+                    with distributed.gradient_sync(self.engine, i == c.gradient_accumulation_steps - 1):
+                        results.append(self._micro_step())
                 lr = self.scheduler.get_last_lr()[0]
                 grad_norm = self._optimizer_step()
                 self.global_step += 1
                 if c.use_care and self.global_step % c.ref_ema_update_every == 0:
                     self.reference.update(self.model, c.ref_ema_decay)
                 metrics = self._step_metrics(results, grad_norm, lr, time.perf_counter() - started)
+                metrics = distributed.reduce_metrics(metrics, self.dist)
                 self.losses.append(metrics["loss"])
                 if self.global_step % c.logging_steps == 0 or self.global_step == self.max_steps:
                     logger.log(self.global_step, metrics)
-                if c.log_completions and (
-                    self.global_step % c.log_completions_steps == 0 or self.global_step == 1
+                if (
+                    main
+                    and c.log_completions
+                    and (self.global_step % c.log_completions_steps == 0 or self.global_step == 1)
                 ):
                     self._log_completions(logger, bar, results)
                 bar.update(1)
@@ -274,12 +304,12 @@ class Trainer:
         if self.config.max_grad_norm and self.config.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         else:
-            grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+            grads = [p.grad.detach() for p in params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return float(distributed.full_tensor(grad_norm))
 
     # --------------------------------------------------------------------------------------------------------
     # one micro-batch
@@ -297,6 +327,7 @@ class Trainer:
             max_prompt_length=c.max_prompt_length,
         )
         prompts = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in prompts.items()}
+        distributed.gather_root(self.model)
         with autocast(self.device, c.bf16):
             rollout = generate_rollouts(self.model, prompts, self.generation_config, G)
         ids, mask = rollout.completion_ids, rollout.completion_mask
@@ -314,35 +345,46 @@ class Trainer:
         inputs = rollout.model_inputs()
         prompt_len, length = rollout.prompt_ids.shape[1], ids.shape[1]
         positions = slice(prompt_len - 1, prompt_len - 1 + length)  # predict completion tokens
-        with autocast(self.device, c.bf16):
-            hidden = backbone_hidden(self.model, inputs)[:, positions]
-            ref_hidden = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_hidden = backbone_hidden(self.reference.module, inputs)[:, positions]
-        weight, bias = lm_head_params(self.model)
-        hidden, weight, bias = self._head_dtype(hidden, weight, bias)
-        targets = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        logp, ref_logp, entropy = self._score(hidden, weight, bias, ref_hidden, targets)
+        ref_hidden = None
+        if self.reference is not None:
+            ref = self.reference.module
+            with torch.no_grad(), autocast(self.device, c.bf16):
+                ref_hidden = distributed.forward(ref, lambda: backbone_hidden(ref, inputs)[:, positions])
 
-        n = ids.shape[0]
-        bonus, likelihood, span = None, torch.full((n,), math.nan), torch.zeros_like(mask, dtype=torch.bool)
-        if c.use_care:
-            care = consistency_bonus(rewards[:, 0], ref_logp, ids, mask, self.tokenizer, G, c)
-            bonus, likelihood, span = care.bonus, care.likelihood, care.answer_mask
-        total = total_rewards(rewards, self.reward_weights, bonus).to(self.device)
-        advantages = ck.group_advantages(total, G, scale=c.scale_rewards, eps=1e-4)
+        def policy_pass():  # run as the engine's forward: under FSDP the LM head weight is gathered here
+            with autocast(self.device, c.bf16):
+                hidden = backbone_hidden(self.model, inputs)[:, positions]
+            weight, bias = lm_head_params(self.model)
+            hidden, weight, bias = self._head_dtype(hidden, weight, bias)
+            targets = ids.masked_fill(mask == 0, IGNORE_INDEX)
+            logp, ref_logp, entropy = self._score(hidden, weight, bias, ref_hidden, targets)
 
-        loss, loss_metrics = self.loss_fn(
-            hidden,
-            weight,
-            ids,
-            mask,
-            advantages,
-            bias=bias,
-            ref_per_token_logps=ref_logp if c.beta > 0 else None,
-        )
+            n = ids.shape[0]
+            bonus, likelihood = None, torch.full((n,), math.nan)
+            span = torch.zeros_like(mask, dtype=torch.bool)
+            if c.use_care:
+                care = consistency_bonus(rewards[:, 0], ref_logp, ids, mask, self.tokenizer, G, c)
+                bonus, likelihood, span = care.bonus, care.likelihood, care.answer_mask
+            total = total_rewards(rewards, self.reward_weights, bonus).to(self.device)
+            advantages = ck.group_advantages(total, G, scale=c.scale_rewards, eps=1e-4)
+
+            loss, loss_metrics = self.loss_fn(
+                hidden,
+                weight,
+                ids,
+                mask,
+                advantages,
+                bias=bias,
+                ref_per_token_logps=ref_logp if c.beta > 0 else None,
+            )
+            return loss, (logp, ref_logp, entropy, bonus, likelihood, span, total, advantages, loss_metrics)
+
+        loss, extras = distributed.forward(self.engine, policy_pass)
+        logp, ref_logp, entropy, bonus, likelihood, span, total, advantages, loss_metrics = extras
         (loss / c.gradient_accumulation_steps).backward()
+        if self.reference is not None:
+            distributed.reshard(self.reference.module)
+        n = ids.shape[0]
 
         return MicroBatchResult(
             rewards_per_func=rewards,
@@ -381,7 +423,7 @@ class Trainer:
                 h, weight.detach(), targets, bias, temperature=c.temperature, return_entropy=True
             )
             return logp, None, entropy
-        ref_weight, ref_bias = lm_head_params(self.reference.module)
+        ref_weight, ref_bias = map(distributed.full_tensor, lm_head_params(self.reference.module))
         ref_hidden = ref_hidden.to(ref_weight.dtype)
         ref_temperature = 1.0 if c.use_care else c.temperature
         if ref_temperature == c.temperature:
