@@ -49,10 +49,11 @@ def _fwd_op(
     if n == 0:
         e = hidden.new_zeros(0, dtype=_out_dtype(hidden))
         return e, e.clone(), e.clone(), e.clone() if ref_weight is not None else _empty(hidden)
-    logprobs, entropy, lse, ref_logprobs = backends.module(impl).forward(
-        hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
-        with_entropy=with_entropy, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-    )
+    with torch.no_grad():  # the backends compute; autograd is this op's registered backward
+        logprobs, entropy, lse, ref_logprobs = backends.module(impl).forward(
+            hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
+            with_entropy=with_entropy, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+        )
     ref_logprobs = _empty(hidden) if ref_logprobs is None else ref_logprobs
     return logprobs, entropy, lse, ref_logprobs
 
@@ -84,10 +85,11 @@ def _bwd_op(
     if hidden.shape[0] == 0:
         gb = torch.zeros_like(bias) if bias is not None else _empty(hidden)
         return torch.zeros_like(hidden), torch.zeros_like(weight), gb
-    gh, gw, gb = backends.module(impl).backward(
-        grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-        hidden, weight, bias, targets, lse, entropy, temperature=temperature, ignore_index=ignore_index,
-    )
+    with torch.no_grad():
+        gh, gw, gb = backends.module(impl).backward(
+            grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+            hidden, weight, bias, targets, lse, entropy, temperature=temperature, ignore_index=ignore_index,
+        )
     return gh, gw, _empty(hidden) if gb is None else gb
 
 

@@ -118,12 +118,14 @@ class _FusedGRPOHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        # The gradients were formed in forward; scale them in place (no second weight-sized buffer).
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("FusedLinearGRPOLoss supports one backward per forward (no retain_graph reuse)")
+        ctx.consumed = True
         gh, gw, gb = ctx.saved_tensors
-        scale = grad_loss.to(torch.float32)
-        out_h = (gh.float() * scale).to(gh.dtype) if ctx.needs_input_grad[0] else None
-        out_w = (gw.float() * scale).to(gw.dtype) if ctx.needs_input_grad[1] else None
-        out_b = (gb.float() * scale).to(gb.dtype) if gb is not None and ctx.needs_input_grad[2] else None
-        return out_h, out_w, out_b, *([None] * 11)
+        grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None and need else None
+                 for g, need in zip((gh, gw, gb), ctx.needs_input_grad[:3])]
+        return *grads, *([None] * 11)
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
