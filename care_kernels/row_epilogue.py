@@ -16,12 +16,23 @@ def _use_cpp(logits: torch.Tensor) -> bool:
     return logits.device.type == "cpu" and logits.dtype == torch.float32 and backends.cpp_status()[0]
 
 
+def _triton_rows():
+    """The Triton row epilogues for CUDA buffers (None elsewhere, or without Triton)."""
+    if not backends.triton_status()[0]:
+        return None
+    from care_kernels.triton import row_epilogue
+
+    return row_epilogue
+
+
 def row_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int):
-    """logits [n, V] float32 (raw, bias added), targets [n] -> (logprobs [n], lse [n]) of logits / T.
+    """logits [n, V] (raw, bias added; float32, or bf16/fp16 on CUDA), targets [n] -> (logprobs, lse) [n] of logits / T.
 
     Equivalent to `log_softmax(logits / T).gather(-1, targets[:, None])[:, 0]` and `logsumexp(logits / T)`,
     0 log-prob at ignored targets.
     """
+    if logits.is_cuda and (rows := _triton_rows()) is not None:
+        return rows.row_stats(logits, targets, temperature, ignore_index)
     if _use_cpp(logits):
         logprobs, _, lse = torch.ops.care_kernels.logits_stats_cpu(logits, targets, temperature, ignore_index, False)
         return logprobs, lse
@@ -39,6 +50,8 @@ def row_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, gr
 
     Rows with an ignored target (or g = 0) become 0. Returns the same buffer.
     """
+    if logits.is_cuda and (rows := _triton_rows()) is not None:
+        return rows.row_grad_(logits, targets, lse, grad_logprobs, temperature, ignore_index)
     valid = targets != ignore_index
     g = torch.where(valid, grad_logprobs.to(logits.dtype), torch.zeros_like(lse))
     if _use_cpp(logits):

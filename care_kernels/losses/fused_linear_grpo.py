@@ -35,18 +35,33 @@ def _default_buffer_bytes(device: torch.device) -> int:
     return (1 << 30) if device.type == "cuda" else (96 << 20)
 
 
+def _buffer_dtype(weight: Tensor) -> torch.dtype:
+    """16-bit logits stay 16-bit on GPU (Triton epilogues read them in fp32 math); float32 elsewhere."""
+    return weight.dtype if weight.is_cuda else torch.float32
+
+
 def _logits_chunk(out: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """out[:n] = (h @ weight.T + bias) in float32, the matmul in the weight's dtype."""
-    n = h.shape[0]
-    if weight.dtype == torch.float32:
-        buf = out[:n]
+    """out[:n] = h @ weight.T + bias, the matmul in the weight's dtype, stored in the buffer's dtype."""
+    buf = out[: h.shape[0]]
+    if weight.dtype == buf.dtype:
         torch.mm(h, weight.T, out=buf)
     else:
-        buf = out[:n]
         buf.copy_(h @ weight.T)
     if bias is not None:
-        buf += bias.float()
+        buf += bias.to(buf.dtype)
     return buf
+
+
+def _accumulate_grad_weight(grad_weight: Tensor, dlogits: Tensor, h: Tensor) -> None:
+    """grad_weight (fp32) += dlogits.T @ h, with fp32 accumulation."""
+    if dlogits.dtype == torch.float32:
+        grad_weight.addmm_(dlogits.T, h.float() if h.dtype != torch.float32 else h)
+    elif dlogits.is_cuda:
+        from care_kernels.triton.linear_logprobs import addmm_fp32_
+
+        addmm_fp32_(grad_weight, dlogits.T, h, accumulate=True)
+    else:
+        grad_weight += (dlogits.T @ h).float()
 
 
 class _FusedGRPOHead(torch.autograd.Function):
@@ -60,8 +75,9 @@ class _FusedGRPOHead(torch.autograd.Function):
         h_act = flat_h.index_select(0, active).contiguous()
         y_act = targets.reshape(-1).index_select(0, active)
         n = active.numel()
-        rows = max(1, min(n, buffer_bytes // (4 * v)))
-        buf = torch.empty(rows, v, dtype=torch.float32, device=hidden.device)
+        buf_dtype = _buffer_dtype(weight)
+        rows = max(1, min(n, buffer_bytes // (torch.finfo(buf_dtype).bits // 8 * v)))
+        buf = torch.empty(rows, v, dtype=buf_dtype, device=hidden.device)
 
         logp_flat = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
         ref_flat = None
@@ -93,15 +109,12 @@ class _FusedGRPOHead(torch.autograd.Function):
             logp_flat[idx] = logp
             g = chunk_grad(logp_flat, ref_flat).index_select(0, idx)
             dlogits = row_grad_(z, y_act[sel], lse, g, temperature, _IGNORE)
-            if weight.dtype == torch.float32:
-                torch.mm(dlogits, weight, out=grad_hidden_act[sel])
-                grad_weight.addmm_(dlogits.T, h_act[sel])
-            else:
-                d_lo = dlogits.to(weight.dtype)
-                grad_hidden_act[sel] = d_lo @ weight
-                grad_weight += (d_lo.T @ h_act[sel]).float()
             if grad_bias is not None:
-                grad_bias += dlogits.sum(dim=0)
+                grad_bias += dlogits.sum(dim=0, dtype=torch.float32)
+            if dlogits.dtype != weight.dtype:  # float32 buffer of a 16-bit CPU head: GEMMs in the head's dtype
+                dlogits = dlogits.to(weight.dtype)
+            torch.mm(dlogits, weight, out=grad_hidden_act[sel])
+            _accumulate_grad_weight(grad_weight, dlogits, h_act[sel])
 
         with torch.no_grad():
             loss, metrics = policy_loss(logp_flat.view(b, t), advantages, mask, old_logprobs=old_logps,

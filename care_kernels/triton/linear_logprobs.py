@@ -293,6 +293,9 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumul
     )  # fmt: skip
 
 
+addmm_fp32_ = _addmm_fp32_  # shared with the fused GRPO head
+
+
 def backward(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor | None,
