@@ -6,10 +6,10 @@
     adv = ck.group_advantages(rewards, group_size=8)
 """
 
-from care_kernels.version import __version__
-from care_kernels.logprobs import dual_linear_logprobs, linear_logprobs
 from care_kernels.group import answer_likelihood, care_bonus, group_advantages
+from care_kernels.logprobs import dual_linear_logprobs, linear_logprobs
 from care_kernels.losses import FusedLinearGRPOLoss, policy_loss, register_loss_type
+from care_kernels.version import __version__
 
 __all__ = [
     "__version__",

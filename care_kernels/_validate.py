@@ -61,7 +61,9 @@ def check_head(hidden, weight, bias, hidden_name: str, weight_name: str, bias_na
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{bias_name} must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
-            raise ValueError(f"{bias_name} must have {weight_name}'s dtype and device ({weight.dtype}, {weight.device})")
+            raise ValueError(
+                f"{bias_name} must have {weight_name}'s dtype and device ({weight.dtype}, {weight.device})"
+            )
 
 
 def check_targets(targets, hidden: torch.Tensor, name: str = "targets") -> None:

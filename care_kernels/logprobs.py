@@ -133,7 +133,9 @@ def _run(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temper
                 f"{tuple(ref_hidden.shape)} on {ref_hidden.device}"
             )
         if ref_weight.shape[0] != weight.shape[0]:
-            raise ValueError(f"ref_weight must have weight's vocabulary size {weight.shape[0]}, got {ref_weight.shape[0]}")
+            raise ValueError(
+                f"ref_weight must have weight's vocabulary size {weight.shape[0]}, got {ref_weight.shape[0]}"
+            )
     if not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     temperature = _validate.check_temperature(temperature)
@@ -148,7 +150,8 @@ def _run(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temper
         None if ref_bias is None else contig(ref_bias).detach(),
         temperature, ignore_index, bool(return_entropy), bool(check_finite), impl,
     )
-    return logprobs.view(lead_shape), entropy.view(lead_shape), ref_logprobs.detach().view(lead_shape) if ref_weight is not None else None
+    ref_logprobs = ref_logprobs.detach().view(lead_shape) if ref_weight is not None else None
+    return logprobs.view(lead_shape), entropy.view(lead_shape), ref_logprobs
 
 
 def linear_logprobs(
@@ -179,7 +182,7 @@ def linear_logprobs(
     Returns:
         logprobs float32 [...] (0.0 at ignored targets), and entropy float32 [...] when return_entropy.
         Equivalent to
-        `torch.log_softmax(((hidden @ weight.T + bias).float() / temperature), -1).gather(-1, targets[..., None])[..., 0]`
+        `log_softmax((hidden @ weight.T + bias).float() / temperature, -1).gather(-1, targets[..., None])[..., 0]`
         without ever building the [N, V] logits: workspace is O(N) plus a bounded tile buffer.
         Gradients w.r.t. hidden, weight and bias flow through both outputs and come back in their dtypes.
     """
@@ -209,7 +212,8 @@ def dual_linear_logprobs(
     fp32 EMA head beside a bf16 policy), targets [...]. Returns `(logprobs, ref_logprobs)` or
     `(logprobs, ref_logprobs, entropy)`, float32 [...]. `logprobs` (and entropy) are differentiable as in
     `linear_logprobs`; `ref_logprobs` never carries gradient. Equivalent to
-    `(linear_logprobs(hidden, weight, targets, bias), linear_logprobs(ref_hidden, ref_weight, targets, ref_bias).detach())`.
+    `(linear_logprobs(hidden, weight, targets, bias),
+      linear_logprobs(ref_hidden, ref_weight, targets, ref_bias).detach())`.
     """
     if ref_weight is None or ref_hidden is None:
         raise ValueError("dual_linear_logprobs needs ref_hidden and ref_weight; use linear_logprobs for one model")

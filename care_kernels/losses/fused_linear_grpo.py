@@ -191,7 +191,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         if self.beta != 0 and self.use_ref_model:
             if ref_per_token_logps is None:
                 if ref_input is None or ref_weight is None:
-                    raise ValueError("beta != 0 with use_ref_model: pass ref_per_token_logps, or ref_input and ref_weight")
+                    raise ValueError(
+                        "beta != 0 with use_ref_model: pass ref_per_token_logps, or ref_input and ref_weight"
+                    )
                 _validate.check_head(ref_input, ref_weight, ref_bias, "ref_input", "ref_weight", "ref_bias")
                 if ref_input.shape != _input.shape or ref_weight.shape[0] != lin_weight.shape[0]:
                     raise ValueError("ref_input/ref_weight must match _input's shape and lin_weight's vocabulary")
