@@ -6,6 +6,7 @@
     adv = ck.group_advantages(rewards, group_size=8)
 """
 
+from care_kernels import cpu_backend as _cpu_backend  # noqa: F401 - fake impls of the native CPU ops
 from care_kernels.group import answer_likelihood, care_bonus, group_advantages
 from care_kernels.logprobs import dual_linear_logprobs, linear_logprobs
 from care_kernels.losses import FusedLinearGRPOLoss, policy_loss, register_loss_type
