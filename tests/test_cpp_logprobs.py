@@ -517,9 +517,11 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_peak_memory_far_below_logits():
+def test_peak_memory_far_below_logits(tmp_path):
     """fwd+bwd at N=4096, H=256, V=151936 fp32: workspace < 10% of the [N, V] fp32 logits (249 MB)."""
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=300)
+    # cwd outside the checkout: `python -c` must import the installed package (with its built extension).
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["finite"]
