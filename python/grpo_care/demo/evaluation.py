@@ -1,0 +1,62 @@
+"""Scores of one model on the three levels: the trainer's evaluation for accuracy, the code judge for consistency.
+
+    scores = score_model(model, processor, files, config)
+    scores["accuracy"]["L2"], scores["consistency"], scores["records"][0]["verdict"]
+
+Accuracy comes from `grpo_care.evaluate.evaluate` (SEED-Bench-R1's protocol: near-greedy decoding, exact
+letter match). Every completion it returns is then judged by `consistency.judge` against the options and the
+ground truth stored in the demo's annotation records.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from grpo_care.demo.consistency import judge
+
+LEVELS = ("L1", "L2", "L3")
+
+
+def read_records(path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return {str(r["sample_id"]): r for r in (json.loads(line) for line in f if line.strip())}
+
+
+def options_of(record: dict) -> list[str]:
+    return [record[f"choice_{c}"] for c in "abcd"]
+
+
+def _rate(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def score_model(model, processor, files, config) -> dict:
+    """Accuracy per level and overall, consistency (overall, per level, among correct answers), premises."""
+    from grpo_care.evaluate import evaluate
+
+    accuracy, consistency, records = {}, {}, []
+    for level in LEVELS:
+        annotations = read_records(files.levels[level])
+        result = evaluate(model, processor, str(files.levels[level]), config)
+        accuracy[level] = result["accuracy"]
+        verdicts = []
+        for r in result["records"]:
+            record = annotations[str(r["sample_id"])]
+            verdict = judge(r["completion"], options_of(record), record["ground_truth"])
+            verdicts.append(verdict.consistent)
+            records.append({"level": level, "sample_id": r["sample_id"], "completion": r["completion"],
+                            "answer": r["answer"], "gold": r["gold"], "correct": bool(r["correct"]),
+                            "format_ok": bool(r["format_ok"]), "verdict": asdict(verdict)})
+        consistency[level] = _rate(verdicts)
+    return {
+        "accuracy": accuracy,
+        "accuracy_overall": _rate([r["correct"] for r in records]),
+        "consistency": _rate([r["verdict"]["consistent"] for r in records]),
+        "consistency_per_level": consistency,
+        "consistency_when_correct": _rate([r["verdict"]["consistent"] for r in records if r["correct"]]),
+        "premises_correct": _rate([bool(r["verdict"]["premises_correct"]) for r in records]),
+        "format": _rate([r["format_ok"] for r in records]),
+        "n": len(records),
+        "records": records,
+    }

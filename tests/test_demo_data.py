@@ -1,0 +1,155 @@
+"""The demo's synthetic data: the world's rule, the programmatic ground truth, and the files in SEED-Bench-R1's layout
+read back through the trainer's own readers (grpo_care.data, grpo_care.video: decord)."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from grpo_care.demo.consistency import judge
+from grpo_care.demo.render import CELL_PX, PATCH_PX
+from grpo_care.demo.synthetic_data import CotFlaws, DatasetSizes, flawed_premise, sample_motion, write_dataset
+from grpo_care.demo.tasks import TASK_KINDS, option_direction, rationale
+from grpo_care.demo.world import COLORS, DIRECTIONS, GRID, Motion, inside, next_move, step
+
+
+@pytest.mark.parametrize("direction, current, expected", [
+    ("right", (2, 3), ("right", False)),
+    ("right", (2, 4), ("left", True)),
+    ("left", (3, 1), ("right", True)),
+    ("up", (1, 4), ("down", True)),
+    ("down", (3, 1), ("down", False)),
+    ("down", (4, 4), ("up", True)),
+])
+def test_next_move_goes_on_or_turns_back_at_the_wall(direction, current, expected):
+    assert next_move(direction, current) == expected
+
+
+def test_next_move_rejects_bad_input():
+    with pytest.raises(ValueError, match="direction"):
+        next_move("north", (1, 1))
+    with pytest.raises(ValueError, match="current"):
+        next_move("up", (0, 1))
+
+
+def test_sampled_motions_are_visible_and_balanced():
+    rng = random.Random(0)
+    at_wall = 0
+    for _ in range(400):
+        m = sample_motion(rng)
+        assert inside(m.previous) and inside(m.current) and step(m.previous, m.direction) == m.current
+        at_wall += m.at_wall
+        wrong = flawed_premise(m, rng)
+        assert wrong.next_direction != m.next_direction
+    assert 150 < at_wall < 250
+
+
+def test_reference_rationale_is_judged_consistent():
+    m = Motion("blue", "car", "left", (3, 2), (3, 1))  # at the left wall: turns back right
+    kind = TASK_KINDS["predict"]
+    options = [kind.option(m, d) for d in ("up", "right", "down", "left")]
+    assert [option_direction(o) for o in options] == ["up", "right", "down", "left"]
+    v = judge(f"<think>{rationale(m)}</think><answer>B</answer>", options,
+              {"direction": "left", "current": [3, 1]})
+    assert v.consistent and v.premises_correct and v.implied == "right"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_data")
+    return write_dataset(root, DatasetSizes(train=6, sft=40, eval_per_level=6), seed=3,
+                         flaws=CotFlaws(reasoning_flaw_rate=0.3, answer_flaw_rate=0.2))
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_files_follow_seed_bench_r1_layout(dataset):
+    for record in _records(dataset.train):
+        assert {"question", "answer", "negative_answers", "video_source", "video_basename",
+                "current_observation_basename", "task_progress_metadata", "sample_id"} <= set(record)
+        assert len(record["negative_answers"]) >= 3 and record["answer"] not in record["negative_answers"]
+        assert "golden_choice_idx" not in record
+        assert (dataset.root / "videos" / record["video_source"] / record["video_basename"]).is_file()
+        assert (dataset.root / "images" / record["video_source"] / record["current_observation_basename"]).is_file()
+    for level, path in dataset.levels.items():
+        for record in _records(path):
+            gold = record["golden_choice_idx"]
+            assert record[f"choice_{gold.lower()}"] == record["answer"]
+            assert record["task_level"] == level
+            truth = record["ground_truth"]
+            assert next_move(truth["direction"], tuple(truth["current"])) == (truth["next_direction"],
+                                                                              truth["at_wall"])
+            assert sorted(truth["option_directions"]) == sorted(DIRECTIONS)
+            assert truth["option_directions"]["ABCD".index(gold)] == truth["next_direction"]
+            assert option_direction(record["answer"]) == truth["next_direction"]
+    assert {r["ground_truth"]["task_kind"] for r in _records(dataset.levels["L3"])} <= {"catch", "block"}
+    seen = {r["ground_truth"]["scene"] for r in _records(dataset.levels["L1"])}
+    new = {r["ground_truth"]["scene"] for r in _records(dataset.levels["L2"]) + _records(dataset.levels["L3"])}
+    assert not seen & new
+
+
+def test_trainer_reads_the_files_with_the_right_gold_letter(dataset):
+    from grpo_care.data import load_samples
+
+    for path in (dataset.train, dataset.levels["L3"]):
+        records = {str(r["sample_id"]): r for r in _records(path)}
+        for sample in load_samples(path, seed=0):
+            record = records[sample.sample_id]
+            gold = sample.solution[len("<answer>"):-len("</answer>")]
+            assert sample.options["ABCD".index(gold)] == record["answer"]
+            assert sample.video and sample.image
+
+
+def test_clips_decode_through_the_trainers_decord_path(dataset):
+    from grpo_care.video import VisualBudget, read_image, read_video
+
+    side = GRID * CELL_PX
+    budget = VisualBudget(min_frames=4, max_frames=4, video_min_pixels=side * side, video_max_pixels=side * side,
+                          image_min_pixels=side * side, image_max_pixels=side * side)
+    record = _records(dataset.levels["L1"])[0]
+    frames = read_video(str(dataset.root / "videos" / record["video_source"] / record["video_basename"]), budget)
+    image = read_image(str(dataset.root / "images" / record["video_source"] / record["current_observation_basename"]),
+                       budget)
+    assert frames.shape == (4, side, side, 3) and image.shape == (side, side, 3)
+    assert np.abs(frames[-1].astype(int) - image.astype(int)).mean() < 12  # H.264 4:2:0 vs lossless PNG
+
+    truth = record["ground_truth"]
+    color = np.array(COLORS[truth["color"]])
+
+    def car_cell(frame):
+        hits = []
+        for r in range(1, GRID + 1):
+            for c in range(1, GRID + 1):
+                y, x = (r - 1) * CELL_PX + PATCH_PX, (c - 1) * CELL_PX
+                bottom = frame[y:y + PATCH_PX, x:x + CELL_PX].astype(int)
+                hits.append(((np.abs(bottom - color).sum(-1) < 60).sum(), (r, c)))
+        return max(hits)[1]
+
+    assert car_cell(frames[0]) == tuple(truth["previous"])
+    assert car_cell(frames[-1]) == tuple(truth["current"]) == car_cell(image)
+
+
+def test_warm_start_rationales_are_imperfect_on_purpose(dataset):
+    counts = {"none": 0, "reasoning": 0, "answer": 0}
+    for record in _records(dataset.sft):
+        options = [record[f"choice_{c}"] for c in "abcd"]
+        verdict = judge(record["cot"], options, record["ground_truth"])
+        counts[record["cot_flaw"]] += 1
+        correct = f"<answer>{record['golden_choice_idx']}</answer>" in record["cot"]
+        if record["cot_flaw"] == "none":
+            assert verdict.consistent and verdict.premises_correct and correct
+        elif record["cot_flaw"] == "reasoning":
+            assert not verdict.consistent and not verdict.premises_correct and correct
+        else:
+            assert not verdict.consistent and verdict.premises_correct and not correct
+    assert all(counts.values())
+
+
+def test_generation_is_deterministic(tmp_path):
+    a = write_dataset(tmp_path / "a", DatasetSizes(train=2, sft=2, eval_per_level=2), seed=5)
+    b = write_dataset(tmp_path / "b", DatasetSizes(train=2, sft=2, eval_per_level=2), seed=5)
+    assert a.sft.read_text() == b.sft.read_text()
+    png = "images/gridworld_L2/L2_00001.png"
+    assert (a.root / png).read_bytes() == (b.root / png).read_bytes()
