@@ -266,7 +266,8 @@ def _load_note(m: dict) -> str:
     if m.get("device") != "cpu" or not loads:
         return ""
     note = f"; load average {' → '.join(f'{x:.1f}' for x in loads)} on {m.get('cpu_count')} CPUs"
-    if max(loads) > 0.75 * (m.get("cpu_count") or 1):
+    # The run's own threads keep up to cpu_count cores busy; a load well above that means other work ran too.
+    if max(loads) > 1.25 * (m.get("cpu_count") or 1):
         note += " (**other processes were running: CPU timings are disturbed, compare within this run only**)"
     return note
 
@@ -333,12 +334,12 @@ def index(root: Path) -> str:
         records = with_ratios(data["records"])
         if not records:
             continue
-        m = records[0].get("machine", {})
+        group = _headline_group(records)
+        first = next(iter(group.values())) if group else records[0]
+        m = first.get("machine", {})  # the run the headline table below comes from
         rel = rec_file.parent.name
         lines += [f"### [{m.get('device_name', rel)}]({rel}/README.md)", "", *_machine_lines(m), ""]
-        group = _headline_group(records)
         if group:
-            first = next(iter(group.values()))
             lines += [
                 f"GRPO loss head step, {first.get('model')} head, N={first['N']}, {first['dtype']} "
                 f"(10NHV counted):",

@@ -41,4 +41,20 @@ def test_quick_demo_writes_its_outputs(tmp_path, capsys):
     assert "care/bonus_rate" in json.loads((out / "grpo_care" / "metrics.jsonl").read_text().splitlines()[0])
     records = [json.loads(line) for line in (out / "eval" / "grpo_care.jsonl").read_text().splitlines()]
     assert len(records) == 3 * QUICK.data.eval_per_level and "verdict" in records[0]
+    assert main(["--summarize", str(out), str(out)]) == 0
+    assert "| GRPO-CARE |" in capsys.readouterr().out
+    assert main(["--summarize", str(tmp_path / "missing")]) == 2
     assert seconds < 120 * 3, f"--quick took {seconds:.0f}s (budget: 2 minutes on an idle 2-core machine)"
+
+
+def test_across_seeds_reports_each_seed_and_the_spread():
+    from grpo_care.demo.report import across_seeds
+
+    def result(seed, acc, cons):
+        rows = [{"model": "GRPO", "overall": acc, "consistency": cons}]
+        return {"table": {"rows": rows}, "meta": {"seed": seed}}
+
+    text = across_seeds([result(0, 80.0, 40.0), result(1, 90.0, 50.0)])
+    header, _, grpo = text.splitlines()
+    assert "seed 0" in header and "seed 1" in header
+    assert grpo == "| GRPO | 80.0 / 40.0 | 90.0 / 50.0 | 85.0 ± 7.1 | 45.0 ± 7.1 |"

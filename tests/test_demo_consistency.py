@@ -3,8 +3,7 @@
 import pytest
 from grpo_care.demo.consistency import answer_letter, consistency_reward, judge
 
-OPTIONS = ["The red car drives up.", "The red car drives right.", "The red car drives left.",
-           "The red car drives down."]
+OPTIONS = ["drive up", "drive right", "drive left", "drive down"]
 TRUTH = {"direction": "right", "current": [2, 3]}
 
 
@@ -57,8 +56,8 @@ def test_premises_without_a_stated_conclusion_still_decide():
 
 
 def test_new_task_kinds_wording_maps_to_directions():
-    options = ["Hold the net above it.", "Hold the net to its right.", "Hold the net below it.",
-               "Hold the net to its left."]
+    options = ["hold the net above it", "hold the net to its right", "hold the net below it",
+               "hold the net to its left"]
     v = judge(completion("The red car drove up and is now at row 1, column 2, at the wall, so next it drives down.",
                          "C"), options)
     assert v.consistent and v.answered == "down"

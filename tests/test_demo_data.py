@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from grpo_care.demo.consistency import judge
 from grpo_care.demo.render import CELL_PX, PATCH_PX
-from grpo_care.demo.synthetic_data import CotFlaws, DatasetSizes, flawed_premise, sample_motion, write_dataset
+from grpo_care.demo.synthetic_data import (
+    OPTION_ORDER,
+    CotFlaws,
+    DatasetSizes,
+    flawed_premise,
+    sample_motion,
+    write_dataset,
+)
 from grpo_care.demo.tasks import TASK_KINDS, option_direction, rationale
 from grpo_care.demo.world import COLORS, DIRECTIONS, GRID, Motion, inside, next_move, step
 
@@ -54,11 +61,11 @@ def test_reference_rationale_is_judged_consistent():
     assert v.consistent and v.premises_correct and v.implied == "right"
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["fixed_options", "shuffled_options"])
+def dataset(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_data")
     return write_dataset(root, DatasetSizes(train=6, sft=40, eval_per_level=6), seed=3,
-                         flaws=CotFlaws(reasoning_flaw_rate=0.3, answer_flaw_rate=0.2))
+                         flaws=CotFlaws(reasoning_flaw_rate=0.3, answer_flaw_rate=0.2), shuffle_options=request.param)
 
 
 def _records(path):
@@ -66,11 +73,15 @@ def _records(path):
 
 
 def test_files_follow_seed_bench_r1_layout(dataset):
+    shuffled = json.loads((dataset.root / "dataset_info.json").read_text())["shuffle_options"]
     for record in _records(dataset.train):
-        assert {"question", "answer", "negative_answers", "video_source", "video_basename",
-                "current_observation_basename", "task_progress_metadata", "sample_id"} <= set(record)
-        assert len(record["negative_answers"]) >= 3 and record["answer"] not in record["negative_answers"]
-        assert "golden_choice_idx" not in record
+        assert {"question", "answer", "video_source", "video_basename", "current_observation_basename",
+                "task_progress_metadata", "sample_id"} <= set(record)
+        if shuffled:  # SEED-Bench-R1's training layout: the trainer samples and shuffles the options
+            assert len(record["negative_answers"]) >= 3 and record["answer"] not in record["negative_answers"]
+            assert "golden_choice_idx" not in record
+        else:
+            assert [option_direction(record[f"choice_{c}"]) for c in "abcd"] == list(OPTION_ORDER)
         assert (dataset.root / "videos" / record["video_source"] / record["video_basename"]).is_file()
         assert (dataset.root / "images" / record["video_source"] / record["current_observation_basename"]).is_file()
     for level, path in dataset.levels.items():
@@ -103,13 +114,17 @@ def test_trainer_reads_the_files_with_the_right_gold_letter(dataset):
 
 
 def test_clips_decode_through_the_trainers_decord_path(dataset):
+    decord = pytest.importorskip("decord", reason="the trainer reads videos with decord (pip install decord)")
     from grpo_care.video import VisualBudget, read_image, read_video
 
     side = GRID * CELL_PX
     budget = VisualBudget(min_frames=4, max_frames=4, video_min_pixels=side * side, video_max_pixels=side * side,
                           image_min_pixels=side * side, image_max_pixels=side * side)
     record = _records(dataset.levels["L1"])[0]
-    frames = read_video(str(dataset.root / "videos" / record["video_source"] / record["video_basename"]), budget)
+    path = str(dataset.root / "videos" / record["video_source"] / record["video_basename"])
+    reader = decord.VideoReader(path)
+    assert (len(reader), reader.get_avg_fps()) == (4, 2.0)  # 2 s at 2 fps: the trainer samples all 4 frames
+    frames = read_video(path, budget)
     image = read_image(str(dataset.root / "images" / record["video_source"] / record["current_observation_basename"]),
                        budget)
     assert frames.shape == (4, side, side, 3) and image.shape == (side, side, 3)

@@ -138,3 +138,22 @@ def test_bad_input_errors():
         ck.FusedLinearGRPOLoss(beta=0.0, loss_type="ppo")(x, w, ids, mask, adv)
     with pytest.raises(ValueError, match=r"_input must be \[B, T, H\]"):
         ck.FusedLinearGRPOLoss(beta=0.0)(x[0], w, ids[0], mask[0], adv)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 4, 5, 13])
+def test_chunking_does_not_change_the_result(rows_per_chunk):
+    """16 active tokens in chunks of at most 1, 4, 5 (balanced to 4 x 4) or 13 (2 x 8) rows: the same loss,
+    metrics and gradients as one chunk holding every row."""
+    x, w, b, ids, mask, adv, old, _ = _inputs(bias=True)
+    ref_x, ref_w = x + 0.05 * torch.randn_like(x), w * 0.95
+    kw = dict(beta=0.04, loss_type="dapo", use_ref_model=True, temperature=1.3)
+    call = dict(old_per_token_logps=old, ref_input=ref_x, ref_weight=ref_w, ref_bias=b)
+    whole = _run(ck.FusedLinearGRPOLoss(**kw, max_buffer_bytes=B * T * V * 4), x, w, b, ids, mask, adv, **call)
+    split = _run(ck.FusedLinearGRPOLoss(**kw, max_buffer_bytes=rows_per_chunk * V * 4), x, w, b, ids, mask, adv,
+                 **call)
+    for what, a, c in zip(("loss", "metrics", "d_input", "d_weight", "d_bias"), whole, split):
+        if isinstance(a, list):
+            for u, v in zip(a, c):
+                _close(u, v, what)
+        else:
+            _close(a, c, what)

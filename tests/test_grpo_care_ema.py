@@ -1,5 +1,7 @@
 """grpo_care.ema: the EMA reference keeps an fp32 shadow, so small policy updates are not rounded away."""
 
+import os
+
 import pytest
 import torch
 from grpo_care.ema import EMAReference
@@ -64,3 +66,61 @@ def test_state_dict_round_trip():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="EMA state has"):
         other.load_state_dict({"shadow": other.shadow[:1]})
+
+
+def test_deferred_shadow_must_be_built_before_an_update():
+    policy = _policy(1.0)
+    ref = EMAReference(policy, dtype=torch.bfloat16, build_shadow=False)
+    assert ref.shadow == [] and not ref.aliased
+    with pytest.raises(RuntimeError, match="shard_reference"):
+        ref.update(policy, decay=0.9)
+
+
+_FSDP_BF16_REFERENCE = r"""
+import os, types, warnings, torch, torch.distributed as dist
+from grpo_care import distributed
+from grpo_care.ema import EMAReference
+dist.init_process_group("gloo", rank=0, world_size=1)
+torch.manual_seed(0)
+policy = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4))
+with torch.no_grad():
+    for p in policy.parameters():
+        p.fill_(1.0)
+ref = EMAReference(policy, dtype=torch.bfloat16, build_shadow=False)
+config = types.SimpleNamespace(bf16=False, fsdp_reshard_after_forward=True)
+env = distributed.DistEnv(0, 1, 0, "fsdp", torch.device("cpu"))
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # a Sequential names no _no_split_modules
+    distributed.fully_shard_model(policy, config, env)
+    distributed.shard_reference(ref, policy, config, env)
+with torch.no_grad():
+    for p in policy.parameters():
+        p.add_(0.01)
+for _ in range(150):
+    ref.update(policy, decay=0.995)
+expected = 1.01 - 0.01 * 0.995 ** 150
+for shadow in ref.shadow:
+    local = shadow.to_local()
+    assert local.dtype == torch.float32
+    torch.testing.assert_close(local, torch.full_like(local, expected), rtol=0, atol=1e-6)
+for p in ref.module.parameters():
+    assert p.dtype == torch.bfloat16 and type(p.data).__name__ == "DTensor"
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_fsdp_reference_builds_its_fp32_shadow_from_the_shards(tmp_path):
+    """The FSDP path with a bf16 reference (as on GPU): no full fp32 shadow before sharding; after it, the
+    shadow is sharded like the policy and follows the policy's drift in fp32."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    done = subprocess.run([sys.executable, "-c", _FSDP_BF16_REFERENCE], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

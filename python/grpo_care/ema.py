@@ -24,7 +24,9 @@ from grpo_care.modeling import set_checkpointing
 class EMAReference:
     """A frozen copy of the policy whose weights follow an fp32 exponential moving average of the policy's."""
 
-    def __init__(self, policy: torch.nn.Module, dtype: torch.dtype = torch.float32):
+    def __init__(self, policy: torch.nn.Module, dtype: torch.dtype = torch.float32, build_shadow: bool = True):
+        """build_shadow=False leaves a non-aliased shadow to be built later from sharded parameters
+        (distributed.shard_reference), so an FSDP rank never holds a full fp32 copy of the model."""
         self.module = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
         if getattr(self.module, "supports_gradient_checkpointing", False):
             set_checkpointing(self.module, False)  # the reference never runs backward
@@ -33,13 +35,16 @@ class EMAReference:
         if self.aliased:
             self.shadow = [p.data for p in self._params]
         else:
-            self.shadow = [p.detach().float().clone() for _, p in policy.named_parameters()]
+            self.shadow = [p.detach().float().clone() for _, p in policy.named_parameters()] if build_shadow else []
         self.num_updates = 0
 
     @torch.no_grad()
     def update(self, policy: torch.nn.Module, decay: float) -> None:
         """shadow <- decay * shadow + (1 - decay) * policy (fp32), then refresh the module's weights."""
         theta = [p.detach() for _, p in policy.named_parameters()]
+        if theta and not self.shadow:
+            raise RuntimeError("the EMA shadow was never built (build_shadow=False): call "
+                               "grpo_care.distributed.shard_reference(reference, policy, config, env) first")
         if len(theta) != len(self.shadow):
             raise ValueError("the policy's parameters no longer match the EMA reference's")
         theta = [t if t.dtype == torch.float32 else t.float() for t in theta]

@@ -123,7 +123,9 @@ class Trainer:
         distributed.broadcast_module(self.model, self.dist)  # identical start on every rank
         self.reference = None
         if config.use_care or config.beta > 0:
-            self.reference = EMAReference(self.model, dtype=self._reference_dtype())
+            # Under FSDP the fp32 shadow is built from the policy's local shards (shard_reference), never whole.
+            self.reference = EMAReference(self.model, dtype=self._reference_dtype(),
+                                          build_shadow=self.dist.mode != "fsdp")
         self.engine = distributed.wrap(self.model, config, self.dist)  # what the step's forward runs through
         if self.reference is not None and self.dist.mode == "fsdp":
             distributed.shard_reference(self.reference, self.model, config, self.dist)

@@ -2,6 +2,7 @@
 
     grpo-care demo                          # the full demo into outputs/demo (about 10 minutes on 2 cores)
     grpo-care demo --quick --output_dir D   # the CI smoke run: the same pipeline at toy sizes (< 2 minutes)
+    grpo-care demo --summarize D0 D1 D2     # one table over the runs of several seeds
 
 It writes a synthetic SEED-Bench-R1-like video QA set (a car driving on a 4 x 4 board; "where will it be
 next?"), warm-starts a tiny Qwen2.5-VL (real Qwen2.5 tokenizer, offline) on deliberately imperfect chains of
@@ -24,11 +25,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="toy sizes: checks the pipeline runs and writes its outputs, not a result")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and both RL runs")
+    parser.add_argument("--summarize", nargs="+", metavar="DIR",
+                        help="print accuracy and consistency per seed over finished demo output dirs; runs nothing")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from grpo_care.demo.pipeline import FULL, QUICK, run_demo
@@ -37,6 +42,7 @@ def main(argv=None) -> int:
     result = run_demo(Path(args.output_dir), QUICK if args.quick else FULL, seed=args.seed)
     print()
     print(markdown_table(result["table"]))
+    print(result["meta"]["noise"])
     seconds = result["meta"]["seconds"]
     print(f"\nseed {args.seed}: {seconds['wall_s']:.0f} s wall, {seconds['cpu_s']:.0f} CPU-s on "
           f"{result['meta']['machine']} (1-min load average at the end: {result['meta']['load_average_1min_at_end']})")
@@ -44,6 +50,20 @@ def main(argv=None) -> int:
         print(f"{kind:>8}: {path}")
     if args.quick:
         print("(--quick: toy sizes, the numbers above mean nothing; run without --quick for the demo)")
+    return 0
+
+
+def summarize(dirs: list[str]) -> int:
+    import json
+
+    from grpo_care.demo.report import across_seeds
+
+    missing = [d for d in dirs if not (Path(d) / "results.json").is_file()]
+    if missing:
+        print(f"no results.json in {', '.join(missing)}: pass the --output_dir of finished demo runs",
+              file=sys.stderr)
+        return 2
+    print(across_seeds([json.loads((Path(d) / "results.json").read_text()) for d in dirs]))
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from grpo_care.demo.evaluation import score_model
-from grpo_care.demo.report import plot_curves, results_table, write_report
+from grpo_care.demo.report import noise_note, plot_curves, results_table, write_report
 from grpo_care.demo.synthetic_data import CotFlaws, DatasetSizes, write_dataset
 from grpo_care.demo.tiny_model import TinyModelSpec, build_model_and_processor
 from grpo_care.demo.warm_start import WarmStartSpec, warm_start
@@ -50,15 +50,15 @@ class DemoPlan:
 
 FULL = DemoPlan(
     name="full",
-    data=DatasetSizes(train=256, sft=512, eval_per_level=32),
+    data=DatasetSizes(train=128, sft=768, eval_per_level=32),
     flaws=CotFlaws(reasoning_flaw_rate=0.25, answer_flaw_rate=0.10),
     model=TinyModelSpec(),
-    warm=WarmStartSpec(perception_steps=150, cot_steps=150, learning_rate=3e-3),
+    warm=WarmStartSpec(perception_steps=150, cot_steps=300, learning_rate=3e-3),
     rl_steps=24,
     prompts_per_step=2,
     num_generations=8,
     max_completion_length=48,
-    learning_rate=1e-4,
+    learning_rate=2e-4,
 )
 QUICK = replace(
     FULL,
@@ -107,7 +107,7 @@ def rl_config(plan: DemoPlan, files, out_dir: Path, seed: int, care: bool):
         eval_video_max_frames=4,
         output_dir=str(out_dir),
         report_to=[],
-        log_completions_steps=max(1, plan.rl_steps // 4),
+        log_completions_steps=1,
         num_completions_to_print=0,
         save_steps=0,
         disable_tqdm=True,
@@ -125,6 +125,21 @@ def read_curves(metrics_file) -> list[dict]:
                          "accuracy": acc, "consistency": m.get("rewards/consistency_reward/mean"),
                          "total_reward": m.get("reward"), "bonus": m.get("rewards/bonus_rewards")})
     return rows
+
+
+def bonus_by_consistency(completions_file) -> dict:
+    """Among the CARE run's correct rollouts: how often the bonus went to consistent vs inconsistent ones, and
+    the reference likelihood p of their answers. The bonus can only teach consistency if it prefers the
+    consistent ones, which it does only as far as the reference's answer depends on the reasoning."""
+    out = {}
+    rows = [json.loads(line) for line in Path(completions_file).read_text().splitlines() if line.strip()]
+    for name, wanted in (("consistent", 1.0), ("inconsistent", 0.0)):
+        sel = [r for r in rows if r.get("accuracy") == 1.0 and r.get("consistency_reward") == wanted]
+        likelihoods = [r["ref_likelihood"] for r in sel if r.get("ref_likelihood") is not None]
+        out[name] = {"rollouts": len(sel),
+                     "bonus_rate": round(sum(r.get("bonus", 0) > 0 for r in sel) / len(sel), 3) if sel else None,
+                     "mean_ref_likelihood": round(sum(likelihoods) / len(likelihoods), 3) if likelihoods else None}
+    return out
 
 
 class Stopwatch:
@@ -191,7 +206,7 @@ def run_demo(out_dir: Path, plan: DemoPlan = FULL, seed: int = 0, log=print) -> 
     scores["warm start"] = score_model(model, processor, files, base)
     clock.lap("evaluate warm start")
 
-    curves = {}
+    curves, diagnostic = {}, {}
     for name, care, sub in (("GRPO", False, "grpo"), ("GRPO-CARE", True, "grpo_care")):
         config = rl_config(plan, files, out_dir / sub, seed, care=care)
         log(f"{name}: {plan.rl_steps} steps x {plan.prompts_per_step} prompts x {plan.num_generations} rollouts "
@@ -199,6 +214,10 @@ def run_demo(out_dir: Path, plan: DemoPlan = FULL, seed: int = 0, log=print) -> 
         policy = copy.deepcopy(model)
         summary = train(config, model=policy, processor=processor)
         curves[name] = read_curves(summary["metrics_file"])
+        if care:
+            diagnostic = bonus_by_consistency(summary["completions_file"])
+            log(f"  CARE bonus among correct rollouts: consistent {diagnostic['consistent']}, "
+                f"inconsistent {diagnostic['inconsistent']}")
         drop_trainer_state(config.output_dir)
         clock.lap(name)
         scores[name] = score_model(policy.eval(), processor, files, config)
@@ -217,6 +236,8 @@ def run_demo(out_dir: Path, plan: DemoPlan = FULL, seed: int = 0, log=print) -> 
         "parameters": n_params,
         "plan_detail": asdict(plan),
         "consistency_per_level": {k: v["consistency_per_level"] for k, v in scores.items()},
+        "noise": noise_note(table, plan.data.eval_per_level),
+        "care_bonus_among_correct_rollouts": diagnostic,
     }
     json_path, md_path = write_report(out_dir, table, meta)
     png_path = plot_curves(out_dir / "curves.png", curves)

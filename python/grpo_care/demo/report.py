@@ -12,6 +12,7 @@ consistency of the training rollouts as the demo's judge scored them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 LEVELS = ("L1", "L2", "L3")
@@ -58,28 +59,72 @@ def markdown_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+def noise_note(table: dict, per_level: int) -> str:
+    """How large a difference the sample size can resolve: the largest binomial standard error in the table."""
+    def se(pct, n):
+        p = (pct or 0.0) / 100.0
+        return 100.0 * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+    rows = table["rows"]
+    level = max((se(r[lv], per_level) for r in rows for lv in LEVELS), default=float("nan"))
+    overall = max((se(r[k], r["n"]) for r in rows for k in ("overall", "consistency")), default=float("nan"))
+    return (f"{per_level} questions per level ({rows[0]['n'] if rows else 0} in all): one standard error is up to "
+            f"{level:.1f} points on a level's accuracy and {overall:.1f} points on the overall rates; differences "
+            "smaller than about twice that are noise.")
+
+
+def across_seeds(results: list[dict]) -> str:
+    """Markdown: overall accuracy and consistency of each model per seed, then mean and spread over seeds.
+
+    `results` are the demo's results.json contents, one per seed (`grpo-care demo --summarize DIR ...`)."""
+    models = [row["model"] for row in results[0]["table"]["rows"]]
+    seeds = [r["meta"]["seed"] for r in results]
+    lines = ["| model | " + " | ".join(f"seed {s}: acc / cons." for s in seeds) + " | mean acc | mean cons. |",
+             "|---|" + "---:|" * (len(seeds) + 2)]
+    for model in models:
+        pairs = []
+        for r in results:
+            row = next(x for x in r["table"]["rows"] if x["model"] == model)
+            pairs.append((row["overall"], row["consistency"]))
+        cells = [f"{a:.1f} / {c:.1f}" for a, c in pairs]
+        accs, cons = [a for a, _ in pairs], [c for _, c in pairs]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {_mean_spread(accs)} | {_mean_spread(cons)} |")
+    return "\n".join(lines)
+
+
+def _mean_spread(xs: list[float]) -> str:
+    """'mean ± sample std' (just the mean for one value)."""
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return f"{mean:.1f}"
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return f"{mean:.1f} ± {sd:.1f}"
+
+
 def write_report(out_dir: str | Path, table: dict, meta: dict) -> tuple[Path, Path]:
     """results.json (table + meta) and results.md (table, then what was run); returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
     json_path.write_text(json.dumps({"table": table, "meta": meta}, indent=2))
-    notes = [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
+    notes = [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list)) and k != "noise"]
     md_path.write_text("# grpo-care demo results\n\n" + markdown_table(table) + "\n\n"
                        "Accuracy per level and rates in %, near-greedy decoding; consistency = the code judge "
-                       "says the <think> supports the <answer> (grpo_care/demo/consistency.py).\n\n"
-                       + "\n".join(notes) + "\n")
+                       "says the <think> supports the <answer> (grpo_care/demo/consistency.py).\n"
+                       + (meta.get("noise", "") + "\n\n") + "\n".join(notes) + "\n")
     return json_path, md_path
 
 
 def plot_curves(path: str | Path, runs: dict, smooth: int = 5) -> Path:
-    """One PNG, three panels (reward, accuracy, consistency of the rollouts) with one line per run."""
+    """One PNG, three panels (base reward, accuracy, consistency of the rollouts), one line per run: the raw
+    per-step values faint, a moving average of `smooth` steps solid. CARE's bonus is left out of the reward
+    panel so that the two runs are on the same scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("reward", "total reward (incl. CARE bonus)"), ("accuracy", "rollout accuracy"),
+    panels = (("reward", "base reward (accuracy + format)"), ("accuracy", "rollout accuracy"),
               ("consistency", "rollout consistency (code judge)"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (key, title) in zip(axes, panels):

@@ -3,10 +3,18 @@
     files = write_dataset("out/data", sizes=DatasetSizes(train=256, sft=384, eval_per_level=48), seed=0)
     files.train, files.sft, files.levels["L1"]      # annotations/*.jsonl under out/data
 
-    out/data/annotations/training.jsonl           RL prompts: `answer` + `negative_answers` (the trainer shuffles)
-    out/data/annotations/training_with_cot.jsonl  warm-start SFT: fixed choices + a deliberately imperfect `cot`
-    out/data/annotations/validation_L{1,2,3}.jsonl  choice_a..choice_d + golden_choice_idx
+    out/data/annotations/training.jsonl             RL prompts
+    out/data/annotations/training_with_cot.jsonl    warm-start SFT, each with a deliberately imperfect `cot`
+    out/data/annotations/validation_L{1,2,3}.jsonl  evaluation
     out/data/videos/<video_source>/<id>.mp4, out/data/images/<video_source>/<id>.png
+
+Every record has SEED-Bench-R1's fields (question, answer, choice_a..choice_d, golden_choice_idx,
+task_progress_metadata, video_source, video_basename, current_observation_basename, sample_id). The demo lists
+the four options of every question in one fixed order (up, down, left, right), the way a printed answer sheet
+does, so its training file uses the validation layout too and the trainer keeps the order: finding which
+shuffled option says "left" is an induction skill a 4-layer model trained from scratch does not pick up in
+the demo's few minutes, and without it no answer could follow its reasoning. `shuffle_options=True` writes
+SEED-Bench-R1's training layout instead (`negative_answers`, options shuffled by the trainer).
 
 Levels mirror SEED-Bench-R1: L1 seen scenes (in-distribution), L2 new scenes, L3 new scenes and new task kinds.
 Each record also carries `ground_truth` (direction driven, current cell, next move, at the wall, the option
@@ -14,7 +22,7 @@ directions in letter order), the programmatic truth for the answer and for the r
 
 The SFT chains of thought are imperfect on purpose, as a base model's are: with probability
 `reasoning_flaw_rate` the `<think>` states a wrong premise (direction or current cell) and follows it to a
-different cell while the answer stays the gold letter; with probability `answer_flaw_rate` the reasoning is
+different next move while the answer stays the gold letter; with probability `answer_flaw_rate` the reasoning is
 right and the answer is another letter. Either way the rationale disagrees with its answer.
 """
 
@@ -52,6 +60,7 @@ from grpo_care.demo.world import (
 )
 
 LETTERS = "ABCD"
+OPTION_ORDER = ("up", "down", "left", "right")
 
 
 @dataclass(frozen=True)
@@ -134,7 +143,8 @@ def ground_truth(motion: Motion, kind: TaskKind, scene: Scene, option_directions
             "observation": observation(motion) + "."}
 
 
-def make_record(split: Split, index: int, rng: random.Random, flaws: CotFlaws) -> tuple[dict, Motion, Scene, list]:
+def make_record(split: Split, index: int, rng: random.Random, flaws: CotFlaws,
+                shuffle_options: bool = False) -> tuple[dict, Motion, Scene, list]:
     motion = sample_motion(rng)
     scene = rng.choice(split.scenes)
     kind = TASK_KINDS[rng.choice(split.kinds)]
@@ -153,13 +163,14 @@ def make_record(split: Split, index: int, rng: random.Random, flaws: CotFlaws) -
                                     "start_frame": 0, "stop_frame": 3}],
         "domain": kind.name,
     }
-    if split.name == "train":
-        wrong = [d for d in sorted(DIRECTIONS) if d != motion.next_direction]
+    if split.name == "train" and shuffle_options:
+        wrong = [d for d in OPTION_ORDER if d != motion.next_direction]
         record["negative_answers"] = [kind.option(motion, d) for d in wrong]
         option_directions = [motion.next_direction] + wrong
     else:
-        option_directions = sorted(DIRECTIONS)
-        rng.shuffle(option_directions)
+        option_directions = list(OPTION_ORDER)
+        if shuffle_options:
+            rng.shuffle(option_directions)
         for letter, direction in zip("abcd", option_directions):
             record[f"choice_{letter}"] = kind.option(motion, direction)
         record["golden_choice_idx"] = LETTERS[option_directions.index(motion.next_direction)]
@@ -182,12 +193,13 @@ def imperfect_cot(motion: Motion, option_directions: list[str], rng: random.Rand
     return {"cot": completion(rationale(motion), gold), "cot_flaw": "none"}
 
 
-def write_split(root: Path, split: Split, count: int, seed: int, flaws: CotFlaws) -> list[dict]:
+def write_split(root: Path, split: Split, count: int, seed: int, flaws: CotFlaws,
+                shuffle_options: bool = False) -> list[dict]:
     rng = random.Random(f"{seed}-{split.name}")
     pixels = np.random.default_rng(zlib.crc32(f"{seed}-{split.name}".encode()))
     records = []
     for i in range(count):
-        record, motion, scene, clutter = make_record(split, i, rng, flaws)
+        record, motion, scene, clutter = make_record(split, i, rng, flaws, shuffle_options)
         frames = render_clip(scene, motion, clutter, pixels)
         write_mp4(root / "videos" / record["video_source"] / record["video_basename"], frames, FPS)
         write_png(root / "images" / record["video_source"] / record["current_observation_basename"], frames[-1])
@@ -203,17 +215,23 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def write_dataset(root: str | Path, sizes: DatasetSizes = DatasetSizes(), seed: int = 0,
-                  flaws: CotFlaws = CotFlaws()) -> DatasetFiles:
-    """Render and write every split; returns the annotation paths. Deterministic in `seed`."""
+                  flaws: CotFlaws = CotFlaws(), shuffle_options: bool = False) -> DatasetFiles:
+    """Render and write every split; returns the annotation paths. Deterministic in `seed`.
+
+    `shuffle_options=False` (the demo): every question lists its options in OPTION_ORDER and every file uses
+    the validation layout (the trainer keeps that order). `True`: SEED-Bench-R1's training layout
+    (`negative_answers`, shuffled by the trainer) and shuffled validation options.
+    """
     root = Path(root)
     annotations = root / "annotations"
     files = DatasetFiles(root=root, train=annotations / "training.jsonl", sft=annotations / "training_with_cot.jsonl")
-    write_jsonl(files.train, write_split(root, SPLITS["train"], sizes.train, seed, flaws))
-    write_jsonl(files.sft, write_split(root, SPLITS["sft"], sizes.sft, seed, flaws))
+    write_jsonl(files.train, write_split(root, SPLITS["train"], sizes.train, seed, flaws, shuffle_options))
+    write_jsonl(files.sft, write_split(root, SPLITS["sft"], sizes.sft, seed, flaws, shuffle_options))
     for level in ("L1", "L2", "L3"):
         path = annotations / f"validation_{level}.jsonl"
-        write_jsonl(path, write_split(root, SPLITS[level], sizes.eval_per_level, seed, flaws))
+        write_jsonl(path, write_split(root, SPLITS[level], sizes.eval_per_level, seed, flaws, shuffle_options))
         files.levels[level] = path
     (root / "dataset_info.json").write_text(json.dumps(
-        {"seed": seed, "sizes": asdict(sizes), "flaws": asdict(flaws), "fps": FPS, "grid": GRID}, indent=2))
+        {"seed": seed, "sizes": asdict(sizes), "flaws": asdict(flaws), "fps": FPS, "grid": GRID,
+         "shuffle_options": shuffle_options}, indent=2))
     return files

@@ -2,7 +2,7 @@
 
     kind = TASK_KINDS["predict"]
     kind.question(motion)          # "Considering the motion shown in the video ... what will the red car do next?"
-    kind.option(motion, "left")    # "The red car drives left."
+    kind.option(motion, "left")    # "drive left" (short action phrases, as SEED-Bench-R1's options are)
     rationale(motion)              # "The red car drove right and is now at row 2, column 4, at the wall, so ..."
 
 The four options of a question are the four directions of the next move, so the direction an answer letter
@@ -43,23 +43,23 @@ TASK_KINDS = {
         goal="predict what the {obj} does next",
         question_template="Considering the motion shown in the video and the current observation shown in the "
                           "image, what will the {obj} do next?",
-        options={d: "The {obj} drives " + d + "." for d in ("up", "down", "left", "right")},
+        options={d: "drive " + d for d in ("up", "down", "left", "right")},
     ),
     "catch": TaskKind(
         name="catch",
         goal="catch the {obj}",
         question_template="Considering the progress shown in the video and my current observation shown in the "
                           "image, what action should I take next in order to catch the {obj}?",
-        options={"up": "Hold the net above it.", "down": "Hold the net below it.",
-                 "left": "Hold the net to its left.", "right": "Hold the net to its right."},
+        options={"up": "hold the net above it", "down": "hold the net below it",
+                 "left": "hold the net to its left", "right": "hold the net to its right"},
     ),
     "block": TaskKind(
         name="block",
         goal="stop the {obj}",
         question_template="Considering the progress shown in the video and my current observation shown in the "
                           "image, what should I do next in order to stop the {obj}?",
-        options={"up": "Put a wall above it.", "down": "Put a wall below it.",
-                 "left": "Put a wall to its left.", "right": "Put a wall to its right."},
+        options={"up": "put a wall above it", "down": "put a wall below it",
+                 "left": "put a wall to its left", "right": "put a wall to its right"},
     ),
 }
 TRAIN_KINDS = ("predict",)

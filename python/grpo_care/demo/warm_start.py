@@ -5,10 +5,13 @@ supervised stages, so that RL starts from a model that already looks at the clip
     history = warm_start(model, processor, files.sft, config, WarmStartSpec())
 
 1. perception: short prompts (the clip, the image, "Which way did the red car drive, and where is it now?")
-   with the true observation as target ("The red car drove right and is now at row 2, column 3."). A model
-   trained from scratch needs many examples to learn where to look; short prompts make them cheap.
-2. chain of thought: the trainer's own prompt (grpo_care.data, the exact GRPO-CARE template) with the record's
-   `cot` + `<|im_end|>` as target. Some rationales disagree with their answers on purpose (CotFlaws).
+   with the true premises as target, worded as a chain of thought starts ("<think>The red car drove right and
+   is now at row 2, column 3", no end token). A model trained from scratch needs many examples to learn to
+   see; short prompts make them cheap.
+2. chain of thought: the trainer's own prompts (grpo_care.data: the GRPO-CARE training template, and the
+   evaluation template, whose wording differs slightly, as a base model has seen both kinds of instruction)
+   with the record's `cot` + `<|im_end|>` as target. Some rationales disagree with their answers on purpose
+   (synthetic_data.CotFlaws).
 
 Frames come through the trainer's path (grpo_care.video at the config's visual budget, rollout.encode_prompts)
 and the loss is the target tokens' mean negative log-likelihood from care_kernels.linear_logprobs (no [N, V]
@@ -53,7 +56,7 @@ class Example:
     messages: list
     images: list
     videos: list
-    target: list  # token ids, ending with <|im_end|>
+    target: list  # token ids (chains of thought end with <|im_end|>)
 
 
 def _perception_messages(sample, record: dict) -> list[dict]:
@@ -75,12 +78,16 @@ def load_examples(sft_file, config, processor) -> tuple[list[Example], list[Exam
         return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
     perception, cot = [], []
-    for sample in load_samples(sft_file, seed=config.seed, template="train"):
+    eval_wording = load_samples(sft_file, seed=config.seed, template="eval")
+    for sample, eval_sample in zip(load_samples(sft_file, seed=config.seed, template="train"), eval_wording):
         record = records[sample.sample_id]
         item = load_visuals(sample, budget, multimodal=True)
+        premises = tokenizer("<think>" + record["ground_truth"]["observation"][:-1], add_special_tokens=False)
         perception.append(Example(_perception_messages(sample, record), item.images, item.videos,
-                                  ids(record["ground_truth"]["observation"])))
-        cot.append(Example(build_messages(sample), item.images, item.videos, ids(record["cot"])))
+                                  premises["input_ids"]))
+        target = ids(record["cot"])
+        for wording in (sample, eval_sample):
+            cot.append(Example(build_messages(wording), item.images, item.videos, target))
     return perception, cot
 
 
