@@ -157,3 +157,26 @@ def test_chunking_does_not_change_the_result(rows_per_chunk):
                 _close(u, v, what)
         else:
             _close(a, c, what)
+
+
+def test_fully_masked_batch_gives_zero_gradients_and_no_nan():
+    """No active token: the dW buffer is never written by a chunk, so it must come back zero (not uninitialised)."""
+    x, w, b, ids, _, adv, _, _ = _inputs(bias=True)
+    loss, _, dx, dw, db = _run(ck.FusedLinearGRPOLoss(beta=0.0, loss_type="grpo"), x, w, b, ids,
+                               torch.zeros(B, T), adv)
+    assert torch.isfinite(loss)
+    for g in (dx, dw, db):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_backward_scales_by_the_upstream_gradient():
+    x, w, b, ids, mask, adv, _, _ = _inputs()
+    loss_fn = ck.FusedLinearGRPOLoss(beta=0.0, loss_type="grpo")
+    grads = []
+    for scale in (1.0, -2.5):
+        xx, ww = x.detach().requires_grad_(), w.detach().requires_grad_()
+        loss, _ = loss_fn(xx, ww, ids, mask, adv)
+        (loss * scale).backward()
+        grads.append((xx.grad, ww.grad))
+    for unit, scaled in zip(*grads):
+        _close(scaled, -2.5 * unit, "scaled gradient")

@@ -55,14 +55,17 @@ def _logits_chunk(out: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]
     return buf
 
 
-def _accumulate_grad_weight(grad_weight: Tensor, dlogits: Tensor, h: Tensor) -> None:
-    """grad_weight (fp32) += dlogits.T @ h, with fp32 accumulation."""
+def _accumulate_grad_weight(grad_weight: Tensor, dlogits: Tensor, h: Tensor, first: bool) -> None:
+    """grad_weight (fp32) = dlogits.T @ h (first chunk: whatever grad_weight held is ignored) or += it, with fp32
+    accumulation. Writing the first chunk saves zero-filling a [V, H] fp32 buffer."""
     if dlogits.dtype == torch.float32:
-        grad_weight.addmm_(dlogits.T, h.float() if h.dtype != torch.float32 else h)
+        grad_weight.addmm_(dlogits.T, h.float() if h.dtype != torch.float32 else h, beta=0 if first else 1)
     elif dlogits.is_cuda:
         from care_kernels.triton.linear_logprobs import addmm_fp32_
 
-        addmm_fp32_(grad_weight, dlogits.T, h, accumulate=True)
+        addmm_fp32_(grad_weight, dlogits.T, h, accumulate=not first)
+    elif first:
+        grad_weight.copy_(dlogits.T @ h)
     else:
         grad_weight += (dlogits.T @ h).float()
 
@@ -90,7 +93,8 @@ class _FusedGRPOHead(torch.autograd.Function):
             ref_flat = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
             ref_h_act = ref_hidden.reshape(b * t, h).index_select(0, active).contiguous()
         grad_hidden_act = torch.empty_like(h_act)
-        grad_weight = torch.zeros(v, h, dtype=torch.float32, device=weight.device)
+        # Filled by the first chunk's dW GEMM; zero only when no token is active.
+        grad_weight = (torch.empty if n else torch.zeros)(v, h, dtype=torch.float32, device=weight.device)
         grad_bias = None if bias is None else torch.zeros(v, dtype=torch.float32, device=weight.device)
 
         def chunk_grad(logp_full, ref_full):
@@ -119,7 +123,7 @@ class _FusedGRPOHead(torch.autograd.Function):
             if dlogits.dtype != weight.dtype:  # float32 buffer of a 16-bit CPU head: GEMMs in the head's dtype
                 dlogits = dlogits.to(weight.dtype)
             torch.mm(dlogits, weight, out=grad_hidden_act[sel])
-            _accumulate_grad_weight(grad_weight, dlogits, h_act[sel])
+            _accumulate_grad_weight(grad_weight, dlogits, h_act[sel], first=r0 == 0)
 
         with torch.no_grad():
             loss, metrics = policy_loss(logp_flat.view(b, t), advantages, mask, old_logprobs=old_logps,
@@ -141,7 +145,9 @@ class _FusedGRPOHead(torch.autograd.Function):
             raise RuntimeError("FusedLinearGRPOLoss supports one backward per forward (no retain_graph reuse)")
         ctx.consumed = True
         gh, gw, gb = ctx.saved_tensors
-        grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None and need else None
+        # loss.backward() passes exactly 1: on CPU, where the check costs no device sync, skip a pass over dW.
+        unit = grad_loss.device.type == "cpu" and bool(grad_loss == 1)
+        grads = [(g if unit else g.mul_(grad_loss.to(g.dtype))) if g is not None and need else None
                  for g, need in zip((gh, gw, gb), ctx.needs_input_grad[:3])]
         return *grads, *([None] * 11)
 
