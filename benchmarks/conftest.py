@@ -33,6 +33,7 @@ import cases  # noqa: E402
 import devinfo  # noqa: E402
 import memory  # noqa: E402
 import providers  # noqa: E402
+from ratios import add_ratios  # noqa: E402
 from shapes import HEADS, Spec, batch_layout, device  # noqa: E402
 
 _START = time.monotonic()
@@ -202,18 +203,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def _update_ratios(key: tuple) -> None:
     """time / memory ratios of every provider of `key` to every other one and to the bare matmuls."""
-    group = _RESULTS[key]
-    for name, info in group.items():
-        info["time_ratio_vs"] = {o: info["median_s"] / r["median_s"] for o, r in group.items() if o != name}
-        mem = info.get("peak_extra_bytes")
-        info["memory_ratio_vs"] = {
-            o: mem / r["peak_extra_bytes"]
-            for o, r in group.items()
-            if o != name and mem is not None and r.get("peak_extra_bytes")
-        }
-        for ref, field in (("torch_mm", "vs_bare_matmuls"), ("torch_mm_x4", "vs_fused_floor_matmuls")):
-            if ref in group and ref != name:
-                info[field] = info["median_s"] / group[ref]["median_s"]
+    add_ratios(_RESULTS[key])
 
 
 def _append_jsonl(info: dict) -> None:

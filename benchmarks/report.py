@@ -22,6 +22,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from ratios import add_ratios
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CASE_ORDER = (
@@ -96,17 +98,7 @@ def with_ratios(records: list[dict]) -> list[dict]:
     for r in records:
         groups[_key(r)][r["provider"]] = r
     for group in groups.values():
-        for name, r in group.items():
-            r["time_ratio_vs"] = {o: r["median_s"] / x["median_s"] for o, x in group.items() if o != name}
-            mem = r.get("peak_extra_bytes")
-            r["memory_ratio_vs"] = {
-                o: mem / x["peak_extra_bytes"]
-                for o, x in group.items()
-                if o != name and mem is not None and x.get("peak_extra_bytes")
-            }
-            for ref, field in (("torch_mm", "vs_bare_matmuls"), ("torch_mm_x4", "vs_fused_floor_matmuls")):
-                if ref in group and ref != name:
-                    r[field] = r["median_s"] / group[ref]["median_s"]
+        add_ratios(group)
     return records
 
 

@@ -59,3 +59,13 @@ def _seed_everything():
 @pytest.fixture
 def device():
     return torch.device("cuda" if _HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (use with pytestmark = pytest.mark.usefixtures("one_thread")): tiny models
+    on a shared 2-core machine only contend with a second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

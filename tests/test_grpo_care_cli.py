@@ -6,7 +6,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 from grpo_care import cli
 from grpo_care.evaluate import prediction
 
@@ -14,12 +13,7 @@ pytest.importorskip("av", reason="the synthetic clips are written with PyAV (pip
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prediction_protocol():

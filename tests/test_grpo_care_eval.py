@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from grpo_care import cli
 from grpo_care.config import GRPOCareConfig
 from grpo_care.evaluate import build_report, evaluate_files, level_label, read_sample_records
@@ -26,12 +25,7 @@ LAYOUT = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,7 @@ def parity_reward(completions, **columns):
     return [float(sum(c.encode()) % 2) for c in completions]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: threads only contend
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
