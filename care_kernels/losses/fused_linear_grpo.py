@@ -19,6 +19,7 @@ Tokens outside `attention_mask` are skipped entirely (one host sync to gather th
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -84,7 +85,8 @@ class _FusedGRPOHead(torch.autograd.Function):
         buf_dtype = _buffer_dtype(weight)
         max_rows = max(1, min(n, buffer_bytes // (torch.finfo(buf_dtype).bits // 8 * v)))
         # Equal chunks: a short last chunk runs its GEMMs well below the BLAS peak.
-        rows = -(-n // -(-n // max_rows)) if n else 1
+        chunks = max(1, math.ceil(n / max_rows))
+        rows = max(1, math.ceil(n / chunks))
         buf = torch.empty(rows, v, dtype=buf_dtype, device=hidden.device)
 
         logp_flat = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)

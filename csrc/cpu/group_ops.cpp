@@ -42,7 +42,7 @@ at::Tensor group_advantages_cpu(const at::Tensor& rewards_in, int64_t group_size
     scalar_t batch_std = scalar_t(0);
     if (scale == Scale::kBatch) {
       auto value = [r](int64_t i) { return r[i]; };
-      auto valid = [r](int64_t i) { return std::isfinite(r[i]); };
+      auto valid = [r](int64_t i) { return group_math::is_finite(r[i]); };
       batch_std = group_math::bessel_std<scalar_t>(n, value, valid, group_math::pivot_mean<scalar_t>(n, value, valid));
     }
     const scalar_t eps_t = static_cast<scalar_t>(eps);
