@@ -5,7 +5,9 @@ steps (2 micro-batches each, a checkpoint at each step); for the text runs, a fr
 model) then resumes from checkpoint-1 and runs step 2 again. The tests check that both ranks end with
 identical full parameters, that they read disjoint halves of the data, that DDP and FSDP2 (LM head gathered
 for the fused loss, sharded EMA reference) reach the same weights, that rank 0 alone wrote the logs and
-checkpoints (loadable with from_pretrained), and that a resumed run ends bit for bit where a straight one did.
+checkpoints (loadable with from_pretrained), and that a resumed run ends bit for bit where a straight one did,
+from sharded (torch.distributed.checkpoint) and from gathered checkpoints; and that a model read from files
+under FSDP2 is read by rank 0 alone (meta skeletons elsewhere) and trains exactly as the same model passed in.
 """
 
 import json
@@ -19,10 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-MODES = ("ddp", "fsdp")
+MODES = ("ddp", "fsdp", "fsdp_files")
 # text model (untied LM head): DDP and FSDP2 with a resume each; tiny Qwen2.5-VL under FSDP2, where in some
-# micro-batches one rank has a video and the other only an image (samples 3 and 7 of the synthetic set)
-RUNS = ("ddp", "fsdp", "fsdp_vl")
+# micro-batches one rank has a video and the other only an image (samples 3 and 7 of the synthetic set).
+# fsdp: the model object is passed in, checkpoints sharded (torch.distributed.checkpoint);
+# fsdp_files: the same model read from a directory (meta skeletons, rank 0 alone reads the weights), checkpoints
+# gathered on rank 0 (fsdp_sharded_checkpoints=False); fsdp_vl reads its (tied) model from a directory too.
+RUNS = ("ddp", "fsdp", "fsdp_vl", "fsdp_files")
 
 
 def _free_port() -> int:
@@ -57,17 +62,24 @@ def _worker(data_file: str, out: str) -> None:
     import torch.distributed as dist
     from grpo_care import distributed
     from grpo_care.config import GRPOCareConfig
-    from grpo_care.tiny import byte_tokenizer, qwen2_5_vl_processor, tiny_qwen2_5_vl
+    from grpo_care.synthetic import write_tiny_model
+    from grpo_care.tiny import byte_tokenizer
     from grpo_care.trainer import Trainer
 
     torch.set_num_threads(1)
     tok = byte_tokenizer()
-    processor = qwen2_5_vl_processor(tok)
+    model_dir, vl_dir = Path(out) / "untied_qwen2", Path(out) / "tiny_qwen2_5_vl"
+    if int(os.environ["RANK"]) == 0:  # read in later runs, after the first run's collectives
+        _untied_qwen2(tok).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        write_tiny_model(vl_dir)
+    reads = _count_weight_reads()
     results = {}
     for run_name in RUNS:
-        mode, vision = run_name.split("_")[0], run_name.endswith("_vl")
+        mode, vision, files = run_name.split("_")[0], run_name.endswith("_vl"), run_name.startswith("fsdp_")
+        reads.clear()
 
-        def config(run, run_name=run_name, mode=mode, **overrides):
+        def config(run, run_name=run_name, mode=mode, files=files, vision=vision, **overrides):
             values = dict(
                 train_file=data_file,
                 output_dir=str(Path(out) / run_name / run),
@@ -90,14 +102,16 @@ def _worker(data_file: str, out: str) -> None:
                 video_max_pixels=3136,
                 image_max_pixels=3136,
             )
+            if files:
+                values.update(model_name_or_path=str(vl_dir if vision else model_dir))
+            if run_name == "fsdp_files":
+                values.update(fsdp_sharded_checkpoints=False)
             values.update(overrides)
             return GRPOCareConfig(**values)
 
-        def trainer(run, seed=0, vision=vision, **overrides):
-            if vision:
-                return Trainer(
-                    config(run, **overrides), model=tiny_qwen2_5_vl(tok, seed=seed), processor=processor
-                )
+        def trainer(run, seed=0, files=files, **overrides):
+            if files:  # the trainer loads the model itself: on the meta device, weights from rank 0
+                return Trainer(config(run, **overrides))
             return Trainer(config(run, **overrides), model=_untied_qwen2(tok, seed=seed), tokenizer=tok)
 
         straight = trainer("straight")
@@ -123,6 +137,7 @@ def _worker(data_file: str, out: str) -> None:
                 "sample_ids": [s.sample_id for s in straight.stream.samples],
                 "losses": summary["losses"],
                 "grad_norm": summary["metrics"]["grad_norm"],
+                "weight_reads": list(reads),
             },
             straight.dist,
         )
@@ -132,6 +147,20 @@ def _worker(data_file: str, out: str) -> None:
     if dist.get_rank() == 0:
         (Path(out) / "results.json").write_text(json.dumps(results))
     distributed.cleanup()
+
+
+def _count_weight_reads() -> list:
+    """Records every from_pretrained of a model on this rank (the list is returned and appended to)."""
+    from transformers import PreTrainedModel
+
+    reads, original = [], PreTrainedModel.from_pretrained.__func__
+
+    def counting(cls, path, *args, **kwargs):
+        reads.append(Path(str(path)).name)
+        return original(cls, path, *args, **kwargs)
+
+    PreTrainedModel.from_pretrained = classmethod(counting)
+    return reads
 
 
 def length_parity_reward(completions, **_):
@@ -200,15 +229,38 @@ def test_rank_zero_writes_one_loadable_checkpoint_and_resume_matches(run, mode):
         2,
     ]
     state = load_trainer_state(run_dir / "checkpoint-2")
-    assert state["distributed"] == mode and state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert state["distributed"] == mode.split("_")[0]
+    sharded = run_dir / "checkpoint-2" / "sharded"
+    if mode == "fsdp":  # each rank wrote its shards of the AdamW state and EMA shadow; nothing in trainer_state
+        assert (sharded / ".metadata").is_file() and len(list(sharded.glob("*.distcp"))) == 2
+        assert state["sharded_state"] == "sharded" and state["optimizer"] is None
+        assert state["ema"] == {"shadow": None, "num_updates": 2}
+    else:  # gathered on rank 0
+        assert not sharded.exists() and state["optimizer"]["state"] and len(state["ema"]["shadow"]) > 0
     saved = load_file(str(run_dir / "checkpoint-2" / "model.safetensors"))
     final = torch.load(out / f"{mode}_final.pt")
+    assert saved.keys() == final.keys()
     assert all(torch.equal(saved[k], final[k]) for k in saved)  # the HF weights are the full, synced model
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(str(run_dir / "checkpoint-2"))
     assert torch.equal(loaded.lm_head.weight, final["lm_head.weight"])
     assert results[mode]["resumed_equal"]
+
+
+def test_fsdp_from_files_reads_the_weights_on_rank_zero_only_and_trains_alike(run):
+    out, results = run
+    r0, r1 = results["fsdp_files"]["ranks"]
+    # straight and resumed trainers each read the model once, the resume its checkpoint once: all on rank 0
+    assert r0["weight_reads"] == ["untied_qwen2", "untied_qwen2", "checkpoint-1"]
+    assert r1["weight_reads"] == []  # rank 1 built meta skeletons and received its shards by broadcast
+    vl0, vl1 = results["fsdp_vl"]["ranks"]
+    assert vl0["weight_reads"] == ["tiny_qwen2_5_vl"] and vl1["weight_reads"] == []  # tied head, vision tower
+    from_files, passed_in = torch.load(out / "fsdp_files_final.pt"), torch.load(out / "fsdp_final.pt")
+    assert from_files.keys() == passed_in.keys()
+    for key in from_files:
+        assert torch.equal(from_files[key], passed_in[key]), key
 
 
 def test_ddp_and_fsdp2_reach_the_same_weights(run):

@@ -228,3 +228,34 @@ def test_checkpoint_is_atomic(assets, tmp_path, monkeypatch):
     assert ckpt.resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-1"
     with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_liger_kernel", [False, True], ids=["eager_layers", "liger_layers"])
+def test_care_trains_on_cuda_with_bf16_autocast(assets, tmp_path, use_liger_kernel):
+    """The GPU path of the trainer: fp32 master weights, bf16 autocast, a bf16 EMA module over an fp32 shadow,
+    Triton log-prob kernels, the CUDA group ops; with and without Liger's layer kernels."""
+    import math
+
+    from grpo_care.trainer import Trainer
+
+    if use_liger_kernel:
+        pytest.importorskip("liger_kernel", reason="the Liger flag needs liger-kernel installed")
+    config = _config(
+        assets, tmp_path, device="cuda", bf16=True, use_liger_kernel=use_liger_kernel, max_steps=2,
+        report_to=["none"],
+    )
+    model = _tiny_vl(assets)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(config, model=model, processor=assets["processor"])
+    summary = trainer.train()
+
+    assert summary["global_step"] == 2 and all(math.isfinite(x) for x in summary["losses"])
+    assert summary["metrics"]["grad_norm"] > 0 and math.isfinite(summary["metrics"]["grad_norm"])
+    assert next(model.parameters()).device.type == "cuda" and next(model.parameters()).dtype == torch.float32
+    assert any(not torch.equal(a.cuda(), b) for a, b in zip(before, model.parameters()))
+    reference = trainer.reference
+    assert next(reference.module.parameters()).dtype == torch.bfloat16
+    assert all(s.dtype == torch.float32 for s in reference.shadow) and reference.num_updates == 2
+    metrics = _read_jsonl(summary["metrics_file"])
+    assert all(math.isfinite(metrics[-1][k]) for k in ("loss", "entropy", "reward", "kl"))

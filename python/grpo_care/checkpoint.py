@@ -3,6 +3,8 @@
     output_dir/checkpoint-500/
         model.safetensors (+ config.json, processor files)   the policy, loadable with from_pretrained
         trainer_state.pt     EMA shadow, optimizer, scheduler, RNG states, data position, step, config
+        sharded/             FSDP2 (fsdp_sharded_checkpoints): each rank's shards of the optimizer state and
+                             EMA shadow, written by torch.distributed.checkpoint (see sharded_state.py)
 
 A checkpoint is written into `checkpoint-500.tmp-<pid>` and renamed into place, so a crash never leaves a
 half-written `checkpoint-500`; `latest_checkpoint` ignores temporary directories.
@@ -55,13 +57,25 @@ def save_checkpoint(
 
     `state_dict`: the weights to write instead of the model's own (FSDP: the full state dict gathered on
     rank 0, see distributed.full_model_state)."""
+    tmp = start_checkpoint(output_dir, step)
+    write_checkpoint(tmp, model, trainer_state, processor, state_dict)
+    return commit_checkpoint(tmp, save_total_limit)
+
+
+def start_checkpoint(output_dir: str | Path, step: int) -> Path:
+    """A fresh, empty `checkpoint-<step>.tmp-<pid>` to write into (other ranks may write their shards there
+    too before `commit_checkpoint`)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def write_checkpoint(tmp: Path, model, trainer_state: dict, processor=None, state_dict: dict | None = None):
+    """The HF weights (+ config, processor files) and trainer_state.pt into the temporary directory."""
     if state_dict is None:
         model.save_pretrained(tmp, safe_serialization=True)
     else:
@@ -72,11 +86,16 @@ def save_checkpoint(
         except Exception as e:  # noqa: BLE001 - an in-memory processor may not serialize; the weights matter
             warnings.warn(f"could not save the processor with the checkpoint: {e}", stacklevel=2)
     torch.save(trainer_state, tmp / "trainer_state.pt")
+
+
+def commit_checkpoint(tmp: Path, save_total_limit: int = 0) -> Path:
+    """Rename the finished temporary directory into `checkpoint-<step>`; keep the newest `save_total_limit`."""
+    final = tmp.with_name(tmp.name.split(".tmp-")[0])
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     if save_total_limit and save_total_limit > 0:
-        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+        for old in list_checkpoints(final.parent)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -185,6 +185,12 @@ class GRPOCareConfig:
         True,
         "FSDP2: free each block's gathered parameters after its forward (ZeRO-3 like); False: ZeRO-2 like.",
     )
+    fsdp_sharded_checkpoints: bool = _f(
+        True,
+        "FSDP2: each rank writes its shards of the AdamW state and the EMA shadow (torch.distributed.checkpoint, "
+        "in checkpoint-N/sharded/; resuming needs the same world size); False: gathered on rank 0 in "
+        "trainer_state.pt. The policy is always saved in full as model.safetensors (from_pretrained reads it).",
+    )
     ddp_find_unused_parameters: bool = _f(
         False, "DDP: allow parameters without a gradient in a step (slower; needed if some modules can idle)."
     )

@@ -23,10 +23,13 @@ and every helper here is then a no-op, so single-GPU runs are untouched.
   the gathered, unsharded parameter, which the fused care_kernels loss reads whole, and its gradient goes
   back through FSDP's reduce-scatter. The EMA reference is sharded the same way, so its update is shard-local.
   `generate` keeps ranks in step (transformers' `synced_gpus`, switched on by `_is_fsdp_managed_module`).
+- FSDP2 start-up from files reads the weights on rank 0 only and builds meta skeletons elsewhere
+  (fsdp_init.py); the EMA reference is a meta copy filled from the policy's shards (`shard_reference`).
 - Rank-aware I/O: rank 0 writes metrics, completions, TensorBoard and checkpoints; metrics are averaged over
-  ranks (`data/skipped_samples` summed). Checkpoints keep the single-process layout (HF weights gathered in
-  full, loadable by `from_pretrained` and `grpo-care eval`; a full optimizer state and EMA shadow) plus
-  every rank's data position and RNG state; resuming needs the same mode and world size.
+  ranks (`data/skipped_samples` summed). Checkpoints hold HF weights gathered in full (loadable by
+  `from_pretrained` and `grpo-care eval`) plus every rank's data position and RNG state; the optimizer state
+  and EMA shadow are gathered too (DDP, or FSDP2 with fsdp_sharded_checkpoints=False) or written shard by
+  shard by every rank (sharded_state.py). Resuming needs the same mode and world size.
 """
 
 from __future__ import annotations
@@ -169,11 +172,21 @@ def _in_vision_tower(name: str) -> bool:
     return bool(_VISION_TOWERS & set(name.split(".")))
 
 
+@torch.no_grad()
 def shard_reference(reference, policy: torch.nn.Module, config, env: DistEnv) -> None:
-    """Shard the EMA reference (ema.EMAReference, copied from the unsharded policy) like the policy, so that
-    its parameters, fp32 shadow and the policy's are DTensors with the same placements: the EMA update then
-    runs on local shards. `policy` must be sharded already."""
+    """Shard the EMA reference like the policy and give it the policy's weights, shard by shard.
+
+    `reference.module` is a skeleton of the policy (fsdp_init.meta_copy; a module with weights works too,
+    they are overwritten) and `policy` is sharded and materialized already. Afterwards the reference's
+    parameters, its fp32 shadow and the policy's parameters are DTensors with the same placements, so the EMA
+    update runs on local shards and no rank ever holds a whole second model."""
     fully_shard_model(reference.module, config, env)
+    reference.module.to_empty(device=env.device)
+    policy_params, policy_buffers = dict(policy.named_parameters()), dict(policy.named_buffers())
+    for name, param in reference.module.named_parameters():
+        param.copy_(policy_params[name])  # same placements: a local copy (and cast)
+    for name, buffer in reference.module.named_buffers():
+        buffer.copy_(policy_buffers[name])
     reference._params = [p for _, p in reference.module.named_parameters()]
     if reference.aliased:
         reference.shadow = [p.data for p in reference._params]
@@ -386,7 +399,8 @@ def load_ema_state(reference, state: dict, env: DistEnv) -> None:
 
 
 def load_policy_weights(model: torch.nn.Module, checkpoint: str | Path, env: DistEnv) -> None:
-    """The checkpoint's HF weights into `model` in place (FSDP2: each rank keeps its shard)."""
+    """The checkpoint's HF weights into `model` in place (FSDP2: rank 0 reads the files, every rank receives
+    its shards by broadcast)."""
     from grpo_care.checkpoint import load_policy_weights as load_plain
 
     if env.mode != "fsdp":
@@ -395,10 +409,13 @@ def load_policy_weights(model: torch.nn.Module, checkpoint: str | Path, env: Dis
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
-    base = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
-    saved = base.from_pretrained(str(checkpoint), dtype=next(model.parameters()).dtype)
-    set_model_state_dict(model, saved.state_dict(), options=_state_dict_options(full_state_dict=True))
-    del saved
+    full_state = {}
+    if env.is_main:
+        base = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
+        full_state = base.from_pretrained(str(checkpoint), dtype=next(model.parameters()).dtype).state_dict()
+    options = _state_dict_options(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    del full_state
 
 
 def rank_states(own: dict, env: DistEnv) -> dict:

@@ -49,10 +49,15 @@ class EMAReference:
             raise ValueError("the policy's parameters no longer match the EMA reference's")
         theta = [t if t.dtype == torch.float32 else t.float() for t in theta]
         torch._foreach_lerp_(self.shadow, theta, 1.0 - decay)
+        self.refresh_module()
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def refresh_module(self) -> None:
+        """The module's weights <- the shadow (in the compute dtype; nothing to do when they alias it)."""
         if not self.aliased:
             for param, shadow in zip(self._params, self.shadow):
                 param.copy_(shadow)
-        self.num_updates += 1
 
     def state_dict(self) -> dict:
         return {"shadow": [s.clone() for s in self.shadow], "num_updates": self.num_updates}
@@ -65,7 +70,5 @@ class EMAReference:
             )
         for dst, src in zip(self.shadow, state["shadow"]):
             dst.copy_(src)
-        if not self.aliased:
-            for param, shadow in zip(self._params, self.shadow):
-                param.copy_(shadow)
+        self.refresh_module()
         self.num_updates = int(state.get("num_updates", 0))

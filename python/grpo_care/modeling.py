@@ -40,13 +40,16 @@ def attn_implementation(name: str, device: torch.device) -> str:
 
 def load_model(config, device: torch.device | None = None):
     """(model, processor or None, tokenizer) from `config.model_name_or_path` (Qwen2.5-VL or a causal LM)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
+    model = build_model(config, device)
+    processor, tokenizer = load_processor(config.model_name_or_path, is_multimodal(model))
+    return model, processor, tokenizer
+
+
+def build_model(config, device: torch.device | None = None, on_meta: bool = False):
+    """The model of `config.model_name_or_path` in `model_dtype`, its weights on the CPU (`device` picks the
+    attention implementation). on_meta=True: its skeleton on the meta device, built from config.json alone
+    (no weights read, no memory), which FSDP start-up fills from rank 0 (fsdp_init.materialize)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     device = device or resolve_device(config.device)
     hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
@@ -54,20 +57,33 @@ def load_model(config, device: torch.device | None = None):
         dtype=_DTYPES[config.model_dtype],
         attn_implementation=attn_implementation(config.attn_implementation, device),
     )
-    if getattr(hf_config, "vision_config", None) is not None:
-        model = AutoModelForImageTextToText.from_pretrained(config.model_name_or_path, **kwargs)
-        processor = AutoProcessor.from_pretrained(config.model_name_or_path)
+    multimodal = getattr(hf_config, "vision_config", None) is not None
+    model_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    if on_meta:
+        with torch.device("meta"):
+            return model_class.from_config(hf_config, **kwargs)
+    return model_class.from_pretrained(config.model_name_or_path, **kwargs)
+
+
+def load_processor(path: str, multimodal: bool):
+    """(processor or None, tokenizer with left padding) saved at `path`."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if multimodal:
+        processor = AutoProcessor.from_pretrained(path)
         tokenizer = processor.tokenizer
     else:
-        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **kwargs)
-        processor, tokenizer = None, AutoTokenizer.from_pretrained(config.model_name_or_path)
+        processor, tokenizer = None, AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    return model, processor, tokenizer
+    return processor, tokenizer
 
 
 def prepare_for_training(model, config, device: torch.device):
-    """Move to device, freeze what is frozen, gradient checkpointing and (on GPU) Liger's layer kernels."""
-    model.to(device)
+    """Move to device, freeze what is frozen, gradient checkpointing and (on GPU) Liger's layer kernels.
+
+    A skeleton on the meta device stays there (FSDP start-up allocates its shards after sharding)."""
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(device)
     if config.freeze_vision_tower:
         visual = getattr(getattr(model, "model", model), "visual", None)
         if visual is None:

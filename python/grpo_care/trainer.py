@@ -30,7 +30,7 @@ import torch
 
 import care_kernels as ck
 from grpo_care import checkpoint as ckpt
-from grpo_care import distributed
+from grpo_care import distributed, fsdp_init, sharded_state
 from grpo_care.care import consistency_bonus, total_rewards
 from grpo_care.config import GRPOCareConfig
 from grpo_care.data import build_messages, load_samples
@@ -73,8 +73,13 @@ class Trainer:
         self.config = config
         self.dist = distributed.setup(config)  # one process: a no-op env, device from config.device
         self.device = self.dist.device
-        if model is None:
+        source = None  # FSDP start-up from files: rank 0's loaded weights, which fill the sharded skeleton
+        if model is None and self.dist.mode == "fsdp":
+            model, processor, tokenizer, source = fsdp_init.load_on_meta(config, self.dist)
+        elif model is None:
             model, processor, tokenizer = load_model(config, self.device)
+        elif fsdp_init.is_on_meta(model):
+            raise ValueError("the model's parameters are on the meta device: pass a model with its weights")
         if processor is None and tokenizer is None:
             raise ValueError("pass a processor (multimodal models) or a tokenizer together with the model")
         self.processor = processor if processor is not None else tokenizer
@@ -120,14 +125,20 @@ class Trainer:
             else (math.ceil(len(all_samples) / per_step) * config.num_train_epochs)
         )
 
-        distributed.broadcast_module(self.model, self.dist)  # identical start on every rank
+        fsdp = self.dist.mode == "fsdp"
+        if not fsdp_init.is_on_meta(self.model):
+            distributed.broadcast_module(self.model, self.dist)  # identical start on every rank
         self.reference = None
         if config.use_care or config.beta > 0:
-            # Under FSDP the fp32 shadow is built from the policy's local shards (shard_reference), never whole.
-            self.reference = EMAReference(self.model, dtype=self._reference_dtype(),
-                                          build_shadow=self.dist.mode != "fsdp")
+            # Under FSDP the reference starts as a meta skeleton and gets its weights and fp32 shadow from the
+            # policy's local shards (shard_reference): no rank holds a second whole model.
+            policy = fsdp_init.meta_copy(self.model) if fsdp else self.model
+            self.reference = EMAReference(policy, dtype=self._reference_dtype(), build_shadow=not fsdp)
         self.engine = distributed.wrap(self.model, config, self.dist)  # what the step's forward runs through
-        if self.reference is not None and self.dist.mode == "fsdp":
+        if source is not None or fsdp_init.is_on_meta(self.model):
+            fsdp_init.materialize(self.model, source, self.dist)
+            del source
+        if self.reference is not None and fsdp:
             distributed.shard_reference(self.reference, self.model, config, self.dist)
         self.generation_config = sampling_config(
             config, self.tokenizer, suppress_tokens=unsampleable_ids(self.model, self.tokenizer)
@@ -181,50 +192,61 @@ class Trainer:
     # checkpoints
 
     def _trainer_state(self) -> dict:
-        """Collective under torchrun (every rank calls it); rank 0's copy is the one written."""
+        """Collective under torchrun (every rank calls it); rank 0's copy is the one written. With sharded
+        checkpoints (FSDP2) the optimizer state and EMA shadow are left to sharded_state.save."""
+        sharded = self.dist.mode == "fsdp" and self.config.fsdp_sharded_checkpoints
+        if self.reference is None:
+            ema = None
+        elif sharded:
+            ema = {"shadow": None, "num_updates": self.reference.num_updates}
+        else:
+            ema = distributed.ema_state(self.reference, self.dist)
         state = {
             "global_step": self.global_step,
-            "optimizer": distributed.optimizer_state(self.model, self.optimizer, self.dist),
+            "optimizer": None if sharded else distributed.optimizer_state(self.model, self.optimizer, self.dist),
+            "sharded_state": sharded_state.SHARDED_DIR if sharded else None,
             "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "data": self.stream.state_dict(),
             "losses": list(self.losses),
-            "ema": distributed.ema_state(self.reference, self.dist) if self.reference is not None else None,
+            "ema": ema,
             "config": self.config.to_dict(),
         }
         state.update(distributed.rank_states({"rng": state["rng"], "data": state["data"]}, self.dist))
         return state
 
     def save(self) -> Path:
+        """checkpoint-<step>, atomically: everything goes into a temporary directory that rank 0 renames last."""
         state = self._trainer_state()
         weights = distributed.full_model_state(self.model, self.dist)
+        main = self.dist.is_main
+        tmp = ckpt.start_checkpoint(self.output_dir, self.global_step) if main else None
+        tmp = distributed.broadcast_object(tmp, self.dist)
+        if state["sharded_state"]:
+            sharded_state.save(tmp / state["sharded_state"], self.model, self.optimizer, self.reference)
         path = None
-        if self.dist.is_main:
-            path = ckpt.save_checkpoint(
-                self.output_dir,
-                self.global_step,
-                self.model,
-                state,
-                processor=self.processor,
-                save_total_limit=self.config.save_total_limit,
-                state_dict=weights,
-            )
+        if main:
+            ckpt.write_checkpoint(tmp, self.model, state, self.processor, state_dict=weights)
+            path = ckpt.commit_checkpoint(tmp, self.config.save_total_limit)
         self.last_checkpoint = distributed.broadcast_object(path, self.dist)
         return self.last_checkpoint
 
     def resume(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
         own = distributed.own_rank_state(state, self.dist, path)
+        if self.reference is not None and state["ema"] is None:
+            raise ValueError(f"{path} has no reference state, but this run needs one (use_care or beta > 0)")
         distributed.load_policy_weights(self.model, path, self.dist)
-        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
+        if state.get("sharded_state"):
+            sharded_state.load(path / state["sharded_state"], self.model, self.optimizer, self.reference)
+            if self.reference is not None:
+                self.reference.num_updates = int(state["ema"]["num_updates"])
+        else:
+            distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
+            if self.reference is not None:
+                distributed.load_ema_state(self.reference, state["ema"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(own["data"])
-        if self.reference is not None:
-            if state["ema"] is None:
-                raise ValueError(
-                    f"{path} has no reference state, but this run needs one (use_care or beta > 0)"
-                )
-            distributed.load_ema_state(self.reference, state["ema"], self.dist)
         self.global_step = int(state["global_step"])
         self.losses = list(state.get("losses", []))
         ckpt.set_rng_state(own["rng"])
