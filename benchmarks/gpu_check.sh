@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One-shot check on a GPU machine without network, everything written to $OUT (< 8 minutes on an H100):
-#   0. pure-Python peer wheels found in .whl/ (trl, liger-kernel, cut-cross-entropy) -> /tmp/ck_site
+#   0. wheels found in .whl/ -> /tmp/ck_site: the peers (trl, liger-kernel, cut-cross-entropy and trl's pure-Python
+#      deps) and PyAV (the trainer's GPU test writes and reads synthetic clips with it). Fill .whl/ (git-ignored)
+#      on a machine with PyPI, then pass carry [".whl"] to the device tool:
+#        pip download --no-deps -d .whl --python-version 3.12 --platform manylinux_2_28_x86_64 --only-binary=:all: \
+#          trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 datasets dill multiprocess av==18.1.0
 #   1. build + install: pip install --no-build-isolation --no-deps .   (CPU extension + CUDA twins)
 #   2. python -m care_kernels.env_report, nvidia-smi
 #   3. GPU correctness tests: pytest tests -m gpu (not -x: a module whose imports are missing here must not
@@ -67,7 +71,8 @@ if compgen -G "$REPO/.whl/*.whl" > /dev/null; then
   grep -E "^(installed|could not install)" "$OUT/build.log" | sed 's/^/  /' | tee -a "$SUMMARY"
   export PYTHONPATH="/tmp/ck_site${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "wheels: none in .whl/ (TRL, Liger and Cut Cross-Entropy benchmarks will be skipped)" | tee -a "$SUMMARY"
+  echo "wheels: none in .whl/ (TRL, Liger and Cut Cross-Entropy benchmarks and the trainer's GPU test will be skipped)" \
+    | tee -a "$SUMMARY"
 fi
 
 # 1. build and install (the CUDA twins need nvcc; the build falls back to a pure-Python install on failure)
