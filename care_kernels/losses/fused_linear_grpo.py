@@ -35,7 +35,8 @@ _IGNORE = -100
 def _default_buffer_bytes(device: torch.device) -> int:
     """1 GiB on GPU; 512 MiB on CPU, where every chunk re-reads and re-writes the whole fp32 dW ([V, H]), so
     fewer, taller chunks pay (N=2048, H=896, V=151936 on 2 EPYC cores: 16.8 s with 96 MiB, 13.1 s with 256,
-    12.8 s with 512, whose peak extra memory, dW included, is 1.05 GiB: still below Liger's 1.21 GiB)."""
+    12.8 s with 512, cut into equal chunks; peak extra memory, dW included, 968 MiB against Liger's 1.25 GiB
+    in the benchmark's headline run)."""
     return (1 << 30) if device.type == "cuda" else (512 << 20)
 
 
