@@ -97,6 +97,7 @@ def _worker(data_file: str, out: str) -> None:
                 log_completions_steps=1,
                 save_steps=1,
                 disable_tqdm=True,
+                dist_timeout=120,
                 video_max_frames=4,
                 video_min_pixels=3136,
                 video_max_pixels=3136,
@@ -293,6 +294,8 @@ def test_one_process_needs_no_setup(monkeypatch):
         setup(GRPOCareConfig(device="cpu", distributed="none"))
     with pytest.raises(ValueError, match="distributed must be"):
         GRPOCareConfig(distributed="zero3")
+    with pytest.raises(ValueError, match="dist_timeout must be > 0"):
+        GRPOCareConfig(dist_timeout=0)
 
 
 if __name__ == "__main__":

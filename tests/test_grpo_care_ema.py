@@ -124,3 +124,18 @@ def test_fsdp_reference_builds_its_fp32_shadow_from_the_shards(tmp_path):
     done = subprocess.run([sys.executable, "-c", _FSDP_BF16_REFERENCE], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_a_bf16_reference_keeps_the_policy_s_fp32_buffers():
+    """Only parameters go to the compute dtype: RoPE frequencies rounded to bf16 would move every rotary
+    angle (by about a radian at position 1000) and the reference would differ from the policy at step 0."""
+    from grpo_care.tiny import byte_tokenizer, tiny_qwen2
+
+    policy = tiny_qwen2(byte_tokenizer())
+    ref = EMAReference(policy, dtype=torch.bfloat16)
+    buffers = dict(policy.named_buffers())
+    assert buffers and "model.rotary_emb.inv_freq" in buffers
+    for name, buffer in ref.module.named_buffers():
+        assert buffer.dtype == buffers[name].dtype == torch.float32 and torch.equal(buffer, buffers[name]), name
+    assert all(p.dtype == torch.bfloat16 for p in ref.module.parameters())
+    assert ref.module.lm_head.weight is ref.module.model.embed_tokens.weight  # the tie survives the cast

@@ -228,6 +228,10 @@ def test_checkpoint_is_atomic(assets, tmp_path, monkeypatch):
     assert ckpt.resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-1"
     with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    leftovers = list(tmp_path.glob("checkpoint-2.tmp-*"))
+    assert len(leftovers) == 1
+    assert ckpt.remove_unfinished(tmp_path) == leftovers  # what the trainer does (with a warning) at start
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
 
 
 @pytest.mark.gpu

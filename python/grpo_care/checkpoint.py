@@ -100,6 +100,18 @@ def commit_checkpoint(tmp: Path, save_total_limit: int = 0) -> Path:
     return final
 
 
+def remove_unfinished(output_dir: str | Path) -> list[Path]:
+    """Delete the `checkpoint-<step>.tmp-<pid>` directories a crashed run left behind (under FSDP they hold
+    every rank's optimizer shards: gigabytes); return what was deleted. Call it before training starts."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    unfinished = sorted(p for p in output_dir.glob("checkpoint-*.tmp-*") if p.is_dir())
+    for path in unfinished:
+        shutil.rmtree(path, ignore_errors=True)
+    return unfinished
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     output_dir = Path(output_dir)

@@ -181,6 +181,11 @@ class GRPOCareConfig:
         "or fsdp (FSDP2 fully_shard per decoder / vision block, then the root).",
     )
     dist_backend: str = _f("", "torch.distributed backend ('' : nccl on CUDA, gloo on CPU).")
+    dist_timeout: int = _f(
+        1800,
+        "seconds a collective may wait for the slowest rank (rank 0 alone reads a 7B model at FSDP start-up "
+        "and writes the gathered weights at each checkpoint) before the job is aborted.",
+    )
     fsdp_reshard_after_forward: bool = _f(
         True,
         "FSDP2: free each block's gathered parameters after its forward (ZeRO-3 like); False: ZeRO-2 like.",
@@ -256,6 +261,7 @@ class GRPOCareConfig:
             self.distributed in ("auto", "none", "ddp", "fsdp"),
             f"distributed must be auto, none, ddp or fsdp, got {self.distributed!r}",
         )
+        need(self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         need(self.eval_judge_timeout > 0, f"eval_judge_timeout must be > 0, got {self.eval_judge_timeout}")
         need(
             self.eval_judge_max_retries >= 0,

@@ -35,6 +35,7 @@ and every helper here is then a no-op, so single-GPU runs are untouched.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import warnings
@@ -94,7 +95,7 @@ def setup(config) -> DistEnv:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = config.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=config.dist_timeout))
     return DistEnv(rank, dist.get_world_size(), local_rank, mode, device)
 
 

@@ -27,7 +27,9 @@ class EMAReference:
     def __init__(self, policy: torch.nn.Module, dtype: torch.dtype = torch.float32, build_shadow: bool = True):
         """build_shadow=False leaves a non-aliased shadow to be built later from sharded parameters
         (distributed.shard_reference), so an FSDP rank never holds a full fp32 copy of the model."""
-        self.module = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+        self.module = copy.deepcopy(policy).eval().requires_grad_(False)
+        for param in self.module.parameters():  # parameters only: `.to(dtype)` would also round the buffers,
+            param.data = param.data.to(dtype)   # e.g. RoPE's fp32 inv_freq (~1 rad off by position 1000 in bf16)
         if getattr(self.module, "supports_gradient_checkpointing", False):
             set_checkpointing(self.module, False)  # the reference never runs backward
         self._params = [p for _, p in self.module.named_parameters()]

@@ -49,7 +49,7 @@ def build_model(config, device: torch.device | None = None, on_meta: bool = Fals
     """The model of `config.model_name_or_path` in `model_dtype`, its weights on the CPU (`device` picks the
     attention implementation). on_meta=True: its skeleton on the meta device, built from config.json alone
     (no weights read, no memory), which FSDP start-up fills from rank 0 (fsdp_init.materialize)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     device = device or resolve_device(config.device)
     hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
@@ -59,10 +59,15 @@ def build_model(config, device: torch.device | None = None, on_meta: bool = Fals
     )
     multimodal = getattr(hf_config, "vision_config", None) is not None
     model_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-    if on_meta:
-        with torch.device("meta"):
-            return model_class.from_config(hf_config, **kwargs)
-    return model_class.from_pretrained(config.model_name_or_path, **kwargs)
+    if not on_meta:
+        return model_class.from_pretrained(config.model_name_or_path, **kwargs)
+    with torch.device("meta"):
+        model = model_class.from_config(hf_config, **kwargs)
+    try:  # what from_pretrained would attach, so checkpoints saved from the skeleton keep it (EOS ids...)
+        model.generation_config = GenerationConfig.from_pretrained(config.model_name_or_path)
+    except OSError:  # no generation_config.json: from_config's default, as from_pretrained would keep
+        pass
+    return model
 
 
 def load_processor(path: str, multimodal: bool):

@@ -40,12 +40,31 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer, reference=Non
 @torch.no_grad()
 def load(directory: str | Path, model: torch.nn.Module, optimizer, reference=None) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if not (Path(directory) / ".metadata").is_file():
         raise FileNotFoundError(f"{directory} holds no torch.distributed.checkpoint state (.metadata missing)")
     state = _state(model, optimizer, reference)
+    _keep_saved_parameter_states(state["optimizer"]["state"], directory)
     dcp.load(state, checkpoint_id=str(directory))  # in place: the shadow tensors are filled directly
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    # strict=False: parameters without saved state (see _keep_saved_parameter_states) stay without state
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
     if reference is not None:
         reference.refresh_module()
+
+
+def _keep_saved_parameter_states(optimizer_state: dict, directory: str | Path) -> None:
+    """Drop from `optimizer_state` ({fqn: {"exp_avg": ..., ...}}) the parameters the checkpoint has no state
+    for. `get_optimizer_state_dict` gives a fresh optimizer state for every trainable parameter, but AdamW only
+    creates it at a parameter's first gradient, so a parameter that never had one (a vision tower on a
+    text-only dataset) is absent from the checkpoint; loading then leaves it without state, as it was."""
+    import torch.distributed.checkpoint as dcp
+
+    prefix = "optimizer.state."
+    saved = {
+        key[len(prefix) :].rsplit(".", 1)[0]
+        for key in dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        if key.startswith(prefix)
+    }
+    for fqn in [fqn for fqn in optimizer_state if fqn not in saved]:
+        del optimizer_state[fqn]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -267,6 +268,8 @@ class Trainer:
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             c.save_yaml(self.output_dir / "config.yaml")
+            for path in ckpt.remove_unfinished(self.output_dir):
+                warnings.warn(f"removed {path}: an unfinished checkpoint of an interrupted run", stacklevel=2)
         logger = (
             MetricsLogger(self.output_dir, c.report_to, start_step=self.global_step)
             if main
