@@ -104,6 +104,17 @@ for p, o in ((policy, optimizer), (policy2, optimizer2)):
     p(torch.ones(2, 4)).sum().backward()
     o.step()
 assert all(torch.equal(local(a), local(b)) for a, b in zip(policy.parameters(), policy2.parameters()))
+# the gathered path (fsdp_sharded_checkpoints=False): the same, through full state dicts on rank 0
+from grpo_care.distributed import load_optimizer_state, optimizer_state
+
+policy3, optimizer3, _ = build()
+load_optimizer_state(policy3, optimizer3, optimizer_state(policy, optimizer, env), env)
+with_state = [name for name, p in policy3.named_parameters() if p in optimizer3.state]
+assert with_state == ["used.weight", "used.bias"], with_state
+for (name, p1), p3 in zip(policy.named_parameters(), policy3.parameters()):
+    if p1 in optimizer.state:
+        a, b = optimizer.state[p1], optimizer3.state[p3]
+        assert a.keys() == b.keys() and all(torch.equal(local(a[k]), local(b[k])) for k in a), name
 try:
     sharded_state.load("nowhere", policy2, optimizer2, reference2)
 except FileNotFoundError as e:
@@ -118,7 +129,8 @@ print("ok")
 def test_sharded_state_round_trip_keeps_parameters_without_optimizer_state_without_it(tmp_path):
     """One gloo process: AdamW state and a bf16 reference's fp32 shadow through torch.distributed.checkpoint,
     with a parameter that never had a gradient (so AdamW never made state for it): the load restores every
-    saved tensor exactly and leaves that parameter without state, and the next step matches."""
+    saved tensor exactly and leaves that parameter without state, and the next step matches. The gathered
+    optimizer state (fsdp_sharded_checkpoints=False) loads the same way."""
     import os
     import socket
     import subprocess

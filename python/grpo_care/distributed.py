@@ -375,7 +375,14 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, env: Di
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=_state_dict_options(full_state_dict=True))
+    # strict=False: a parameter that never had a gradient has no saved AdamW state; the load fills in a
+    # fresh one (step 1, zero moments), which is dropped again so that such a parameter keeps none.
+    options = _state_dict_options(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+    saved = set(state["state"])
+    for name, param in model.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(param, None)
 
 
 def ema_state(reference, env: DistEnv) -> dict:
