@@ -69,3 +69,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_gloo_script(tmp_path):
+    """run(script): `script` (Python source that calls init_process_group("gloo", rank=0, world_size=1))
+    run in a fresh interpreter in tmp_path with MASTER_ADDR / MASTER_PORT set; asserts it printed "ok" last."""
+    import socket
+    import subprocess
+    import sys
+
+    def run(script: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+    return run

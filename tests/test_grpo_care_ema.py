@@ -1,6 +1,5 @@
 """grpo_care.ema: the EMA reference keeps an fp32 shadow, so small policy updates are not rounded away."""
 
-import os
 
 import pytest
 import torch
@@ -110,20 +109,10 @@ print("ok")
 """
 
 
-def test_fsdp_reference_builds_its_fp32_shadow_from_the_shards(tmp_path):
+def test_fsdp_reference_builds_its_fp32_shadow_from_the_shards(run_gloo_script):
     """The FSDP path with a bf16 reference (as on GPU): no full fp32 shadow before sharding; after it, the
     shadow is sharded like the policy and follows the policy's drift in fp32."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    done = subprocess.run([sys.executable, "-c", _FSDP_BF16_REFERENCE], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_gloo_script(_FSDP_BF16_REFERENCE)
 
 
 def test_a_bf16_reference_keeps_the_policy_s_fp32_buffers():

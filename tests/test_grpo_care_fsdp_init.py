@@ -126,23 +126,13 @@ print("ok")
 """
 
 
-def test_sharded_state_round_trip_keeps_parameters_without_optimizer_state_without_it(tmp_path):
+def test_sharded_state_round_trip_keeps_parameters_without_optimizer_state_without_it(run_gloo_script):
     """One gloo process: AdamW state and a bf16 reference's fp32 shadow through torch.distributed.checkpoint,
     with a parameter that never had a gradient (so AdamW never made state for it): the load restores every
     saved tensor exactly and leaves that parameter without state, and the next step matches. The gathered
     optimizer state (fsdp_sharded_checkpoints=False) loads the same way."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    run_gloo_script(_SHARDED_STATE_ROUND_TRIP)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    done = subprocess.run([sys.executable, "-c", _SHARDED_STATE_ROUND_TRIP], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def test_a_meta_skeleton_read_from_files_carries_the_saved_generation_config(tmp_path):
