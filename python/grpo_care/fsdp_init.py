@@ -41,11 +41,12 @@ def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def load_on_meta(config, env):
+def load_on_meta(config, env, weights_from=None):
     """(model skeleton on meta, processor, tokenizer, source): `source` is the loaded model on rank 0's CPU,
-    None on the other ranks, which read nothing but the config and the processor files."""
+    None on the other ranks, which read nothing but the config and the processor files. `weights_from`: a
+    checkpoint to take the weights from instead of `config.model_name_or_path` (a resumed run)."""
     model = build_model(config, env.device, on_meta=True)
-    source = build_model(config, env.device) if env.is_main else None  # weights on rank 0's CPU
+    source = build_model(config, env.device, path=weights_from) if env.is_main else None  # rank 0's CPU
     processor, tokenizer = load_processor(config.model_name_or_path, is_multimodal(model))
     return model, processor, tokenizer, source
 

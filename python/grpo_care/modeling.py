@@ -45,14 +45,16 @@ def load_model(config, device: torch.device | None = None):
     return model, processor, tokenizer
 
 
-def build_model(config, device: torch.device | None = None, on_meta: bool = False):
-    """The model of `config.model_name_or_path` in `model_dtype`, its weights on the CPU (`device` picks the
-    attention implementation). on_meta=True: its skeleton on the meta device, built from config.json alone
-    (no weights read, no memory), which FSDP start-up fills from rank 0 (fsdp_init.materialize)."""
+def build_model(config, device: torch.device | None = None, on_meta: bool = False, path: str | None = None):
+    """The model saved at `path` (default `config.model_name_or_path`) in `model_dtype`, its weights on the
+    CPU (`device` picks the attention implementation). on_meta=True: its skeleton on the meta device, built
+    from config.json alone (no weights read, no memory), which FSDP start-up fills from rank 0
+    (fsdp_init.materialize)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     device = device or resolve_device(config.device)
-    hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
+    path = str(path or config.model_name_or_path)
+    hf_config = AutoConfig.from_pretrained(path)
     kwargs = dict(
         dtype=_DTYPES[config.model_dtype],
         attn_implementation=attn_implementation(config.attn_implementation, device),
@@ -60,11 +62,11 @@ def build_model(config, device: torch.device | None = None, on_meta: bool = Fals
     multimodal = getattr(hf_config, "vision_config", None) is not None
     model_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     if not on_meta:
-        return model_class.from_pretrained(config.model_name_or_path, **kwargs)
+        return model_class.from_pretrained(path, **kwargs)
     with torch.device("meta"):
         model = model_class.from_config(hf_config, **kwargs)
     try:  # what from_pretrained would attach, so checkpoints saved from the skeleton keep it (EOS ids...)
-        model.generation_config = GenerationConfig.from_pretrained(config.model_name_or_path)
+        model.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:  # no generation_config.json: from_config's default, as from_pretrained would keep
         pass
     return model

@@ -75,8 +75,12 @@ class Trainer:
         self.dist = distributed.setup(config)  # one process: a no-op env, device from config.device
         self.device = self.dist.device
         source = None  # FSDP start-up from files: rank 0's loaded weights, which fill the sharded skeleton
+        self._weights_from = None  # ... read from this checkpoint when resuming (so not read a second time)
         if model is None and self.dist.mode == "fsdp":
-            model, processor, tokenizer, source = fsdp_init.load_on_meta(config, self.dist)
+            self._weights_from = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
+            model, processor, tokenizer, source = fsdp_init.load_on_meta(
+                config, self.dist, weights_from=self._weights_from
+            )
         elif model is None:
             model, processor, tokenizer = load_model(config, self.device)
         elif fsdp_init.is_on_meta(model):
@@ -237,7 +241,8 @@ class Trainer:
         own = distributed.own_rank_state(state, self.dist, path)
         if self.reference is not None and state["ema"] is None:
             raise ValueError(f"{path} has no reference state, but this run needs one (use_care or beta > 0)")
-        distributed.load_policy_weights(self.model, path, self.dist)
+        if path != self._weights_from:  # else the FSDP start-up filled the model from this checkpoint already
+            distributed.load_policy_weights(self.model, path, self.dist)
         if state.get("sharded_state"):
             sharded_state.load(path / state["sharded_state"], self.model, self.optimizer, self.reference)
             if self.reference is not None:
