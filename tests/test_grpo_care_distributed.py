@@ -1,8 +1,8 @@
 """grpo_care under torchrun: 2 CPU processes (gloo), DDP and FSDP2, GRPO-CARE on tiny models.
 
 One `torch.distributed.run` launch (127.0.0.1, a free port) runs this file as the worker. Per run: 2 optimizer
-steps (2 micro-batches each, a checkpoint at each step); for the text runs, a fresh trainer (another initial
-model) then resumes from checkpoint-1 and runs step 2 again. The tests check that both ranks end with
+steps (2 micro-batches each, a checkpoint at each step); then a fresh trainer (another initial model where
+the model is passed in) resumes from checkpoint-1 and runs step 2 again. The tests check that both ranks end with
 identical full parameters, that they read disjoint halves of the data, that DDP and FSDP2 (LM head gathered
 for the fused loss, sharded EMA reference) reach the same weights, that rank 0 alone wrote the logs and
 checkpoints (loadable with from_pretrained), and that a resumed run ends bit for bit where a straight one did,
@@ -118,19 +118,17 @@ def _worker(data_file: str, out: str) -> None:
         straight = trainer("straight")
         summary = straight.train()
         state = _full_state(straight.model)
-        resumed_equal = None
-        if not vision:  # resume from checkpoint-1 (a copy), in a fresh trainer whose model starts elsewhere
-            if straight.dist.is_main:
-                shutil.copytree(
-                    Path(out) / run_name / "straight" / "checkpoint-1",
-                    Path(out) / run_name / "resumed" / "checkpoint-1",
-                )
-            dist.barrier()
-            torch.manual_seed(1234)
-            resumed = trainer("resumed", seed=7, resume_from_checkpoint="latest")
-            resumed.train()
-            resumed_state = _full_state(resumed.model)
-            resumed_equal = all(torch.equal(state[k], resumed_state[k]) for k in state)
+        # resume from checkpoint-1 (a copy) in a fresh trainer (a model passed in starts elsewhere: seed 7)
+        if straight.dist.is_main:
+            shutil.copytree(
+                Path(out) / run_name / "straight" / "checkpoint-1", Path(out) / run_name / "resumed" / "checkpoint-1"
+            )
+        dist.barrier()
+        torch.manual_seed(1234)
+        resumed = trainer("resumed", seed=7, resume_from_checkpoint="latest")
+        resumed.train()
+        resumed_state = _full_state(resumed.model)
+        resumed_equal = all(torch.equal(state[k], resumed_state[k]) for k in state)
 
         per_rank = distributed.gather_objects(
             {
@@ -256,8 +254,9 @@ def test_fsdp_from_files_reads_the_weights_on_rank_zero_only_and_trains_alike(ru
     # the straight trainer reads the model, the resumed one only the checkpoint it resumes: all on rank 0
     assert r0["weight_reads"] == ["untied_qwen2", "checkpoint-1"]
     assert r1["weight_reads"] == []  # rank 1 built meta skeletons and received its shards by broadcast
-    vl0, vl1 = results["fsdp_vl"]["ranks"]
-    assert vl0["weight_reads"] == ["tiny_qwen2_5_vl"] and vl1["weight_reads"] == []  # tied head, vision tower
+    vl0, vl1 = results["fsdp_vl"]["ranks"]  # tied head, vision tower; resumed from a sharded checkpoint
+    assert vl0["weight_reads"] == ["tiny_qwen2_5_vl", "checkpoint-1"] and vl1["weight_reads"] == []
+    assert results["fsdp_vl"]["resumed_equal"]
     from_files, passed_in = torch.load(out / "fsdp_files_final.pt"), torch.load(out / "fsdp_final.pt")
     assert from_files.keys() == passed_in.keys()
     for key in from_files:

@@ -230,7 +230,10 @@ def test_checkpoint_is_atomic(assets, tmp_path, monkeypatch):
         ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
     leftovers = list(tmp_path.glob("checkpoint-2.tmp-*"))
     assert len(leftovers) == 1
-    assert ckpt.remove_unfinished(tmp_path) == leftovers  # what the trainer does (with a warning) at start
+    # what the trainer does at start (with a warning): this process still runs, so its own directory stays
+    assert ckpt.remove_unfinished(tmp_path) == [] and leftovers[0].exists()
+    crashed = leftovers[0].rename(tmp_path / "checkpoint-2.tmp-999999999")  # no such process
+    assert ckpt.remove_unfinished(tmp_path) == [crashed]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
 
 

@@ -102,14 +102,30 @@ def commit_checkpoint(tmp: Path, save_total_limit: int = 0) -> Path:
 
 def remove_unfinished(output_dir: str | Path) -> list[Path]:
     """Delete the `checkpoint-<step>.tmp-<pid>` directories a crashed run left behind (under FSDP they hold
-    every rank's optimizer shards: gigabytes); return what was deleted. Call it before training starts."""
+    every rank's optimizer shards: gigabytes); return what was deleted. One whose <pid> is a live process on
+    this machine is left alone (another run may be writing it). Call it before training starts."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    unfinished = sorted(p for p in output_dir.glob("checkpoint-*.tmp-*") if p.is_dir())
-    for path in unfinished:
+    removed = []
+    for path in sorted(p for p in output_dir.glob("checkpoint-*.tmp-*") if p.is_dir()):
+        pid = path.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and _is_running(int(pid)):
+            continue
         shutil.rmtree(path, ignore_errors=True)
-    return unfinished
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -48,8 +48,8 @@ def load_model(config, device: torch.device | None = None):
 def build_model(config, device: torch.device | None = None, on_meta: bool = False, path: str | None = None):
     """The model saved at `path` (default `config.model_name_or_path`) in `model_dtype`, its weights on the
     CPU (`device` picks the attention implementation). on_meta=True: its skeleton on the meta device, built
-    from config.json alone (no weights read, no memory), which FSDP start-up fills from rank 0
-    (fsdp_init.materialize)."""
+    from config.json (and generation_config.json) without reading any weights or allocating memory, which FSDP
+    start-up fills from rank 0 (fsdp_init.materialize)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     device = device or resolve_device(config.device)
