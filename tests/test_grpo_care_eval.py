@@ -77,36 +77,19 @@ def model(bench):
     return model.eval(), processor
 
 
+def _cli_args(bench, out) -> list[str]:
+    return [
+        "eval", "--model", bench["model"], "--data", *bench["files"], "--data_root", str(bench["data"]),
+        "--output_dir", str(out), "--judge", "offline", "--eval_max_new_tokens", "6", "--eval_batch_size", "2",
+        "--video_max_pixels", "3136", "--video_min_pixels", "3136", "--image_max_pixels", "3136",
+        "--device", "cpu",
+    ]  # fmt: skip
+
+
 def test_eval_cli_report_per_level_and_domain(bench, tmp_path, capsys):
     out = tmp_path / "eval"
     with pytest.warns(UserWarning, match="evaluation skips sample"):
-        code = cli.main(
-            [
-                "eval",
-                "--model",
-                bench["model"],
-                "--data",
-                *bench["files"],
-                "--data_root",
-                str(bench["data"]),
-                "--output_dir",
-                str(out),
-                "--judge",
-                "offline",
-                "--eval_max_new_tokens",
-                "6",
-                "--eval_batch_size",
-                "2",
-                "--video_max_pixels",
-                "3136",
-                "--video_min_pixels",
-                "3136",
-                "--image_max_pixels",
-                "3136",
-                "--device",
-                "cpu",
-            ]
-        )
+        code = cli.main(_cli_args(bench, out))
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out / "report.json").read_text())
@@ -133,6 +116,61 @@ def test_eval_cli_report_per_level_and_domain(bench, tmp_path, capsys):
     assert record["level"] == "validation_L3" and record["domain"] == "Work" and record["gold"] in "ABCD"
     assert record["consistency"]["reason"] == "no_think" and record["consistency"]["judge"] == "offline"
     assert {"completion", "think", "answer", "correct", "format_ok", "sample_id", "data_file"} <= set(record)
+
+
+def test_data_parallel_eval_under_torchrun_matches_one_process(bench, tmp_path):
+    """2 gloo ranks split the unfinished samples of each file; rank 0 merges their records into one
+    samples.jsonl and writes the report, whose counts are those of one process; a rerun resumes everything."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "python"), os.environ.get("PYTHONPATH", "")])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+              "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "grpo_care.cli"]  # fmt: skip
+    done = subprocess.run([*launch, *_cli_args(bench, out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    printed = json.loads(done.stdout[done.stdout.index("{"):])  # rank 0 alone prints the report
+    report = json.loads((out / "report.json").read_text())
+    assert printed["per_level"] == report["per_level"]
+    levels = report["per_level"]
+    assert {k: v["num_samples"] for k, v in levels.items()} == {"L1": 2, "L2": 1, "L3": 3}
+    assert {k: v["num_samples"] for k, v in levels["L3"]["per_domain"].items()} == {"Hobbies": 1, "Work": 2}
+    assert report["num_samples"] == 6 and report["num_skipped"] == 1
+    assert report["consistency"]["num_judged"] == 6
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "samples.jsonl"]  # rank files merged
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 7 and "meta" in json.loads(lines[0])  # each sample once, from either rank
+    # rank 0 ran every file's unfinished samples 1, 3, ..., rank 1 samples 2, 4, ... (L3:4 has no video)
+    assert [json.loads(line)["key"] for line in lines[1:]] == [
+        "validation_L1.jsonl:1", "validation_L2.jsonl:1", "validation_L3.jsonl:1", "validation_L3.jsonl:3",
+        "validation_L1.jsonl:2", "validation_L3.jsonl:2",
+    ]  # fmt: skip
+    records = read_sample_records(out / "samples.jsonl")
+    assert sorted(records) == sorted(
+        ["validation_L1.jsonl:1", "validation_L1.jsonl:2", "validation_L2.jsonl:1"]
+        + [f"validation_L3.jsonl:{i}" for i in (1, 2, 3)]
+    )
+
+    # as if interrupted before the final merge: rank 1's records still in its own file; one process resumes
+    # (merging that file first): nothing left to generate
+    (out / "samples.rank1.jsonl").write_text("".join(line + "\n" for line in [lines[0], *lines[5:]]))
+    (out / "samples.jsonl").write_text("".join(line + "\n" for line in lines[:5]))
+    with pytest.warns(UserWarning, match="evaluation skips sample"):  # the missing video is retried
+        assert cli.main(_cli_args(bench, out)) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["per_level"] == report["per_level"]
+    assert sum(f["num_resumed"] for f in again["files"].values()) == 6
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "samples.jsonl"]
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 7
 
 
 def _count_generated(model, monkeypatch) -> list:

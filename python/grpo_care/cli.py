@@ -5,6 +5,7 @@ grpo-care train --config configs/seed_bench_r1_care.yaml --resume_from_checkpoin
 grpo-care eval  --model outputs/care/checkpoint-1500 --data validation_L1.jsonl validation_L2.jsonl [...] \
                 --output_dir eval/ --judge offline          # report.json + samples.jsonl; rerun to resume
 torchrun --nproc_per_node 8 -m grpo_care.cli train --config ... --distributed fsdp   # or ddp
+torchrun --nproc_per_node 8 -m grpo_care.cli eval --model ... --data ... --output_dir eval/   # data-parallel
 grpo-care demo  [...]                      # the embedded CPU demo (grpo_care.demo)
 """
 
@@ -95,13 +96,14 @@ def _eval(argv: list[str]) -> int:
         help="start over instead of resuming from output_dir/samples.jsonl",
     )
     args, rest = parser.parse_known_args(argv)
+    from grpo_care import distributed
     from grpo_care.evaluate import evaluate_files
     from grpo_care.judge import make_judge
-    from grpo_care.modeling import load_model, resolve_device
+    from grpo_care.modeling import load_model
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        parser.error("grpo-care eval runs in one process; launch it without torchrun")
     config = GRPOCareConfig.from_yaml(args.config, rest + [f"model_name_or_path={args.model}"])
+    # under torchrun: data-parallel, each rank holds the whole model (a training config's fsdp does not apply)
+    config.distributed = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
     files = args.data or config.eval_files
     if not files:
         parser.error("pass --data FILE [FILE ...] or a --config with eval_files")
@@ -110,9 +112,9 @@ def _eval(argv: list[str]) -> int:
         timeout=config.eval_judge_timeout,
         max_retries=config.eval_judge_max_retries,
     )
-    device = resolve_device(config.device)
-    model, processor, tokenizer = load_model(config, device)
-    model.to(device).eval()
+    env = distributed.setup(config)  # one process: nothing to set up
+    model, processor, tokenizer = load_model(config, env.device)
+    model.to(env.device).eval()
     report = evaluate_files(
         model,
         processor or tokenizer,
@@ -123,12 +125,15 @@ def _eval(argv: list[str]) -> int:
         data_root=args.data_root or None,
         max_samples=args.max_samples,
         resume=not args.overwrite,
+        env=env,
     )
     results = report.pop("results")
-    print(json.dumps(report, indent=2))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2))
+    if env.is_main:
+        print(json.dumps(report, indent=2))
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(results, indent=2))
+    distributed.cleanup()
     return 0
 
 

@@ -6,6 +6,7 @@
     report = evaluate_files(model, processor, files, config, output_dir="eval/", judge=make_judge("offline"))
     # eval/report.json: accuracy per level (L1, L2, L3) and per domain of each level, consistency rates
     # eval/samples.jsonl: one line per sample; a rerun skips the samples already in it (resume)
+    report = evaluate_files(..., env=distributed.setup(config))    # under torchrun: data-parallel
 
 Protocol: the eval question template (the authors' eval_bench.py wording), validation options in their A-D
 order, temperature `eval_temperature` (0.1) and top_p `eval_top_p` (0.001), at most `eval_max_new_tokens`
@@ -155,6 +156,27 @@ def _append_records(path: Path | None, records: list[dict]) -> None:
         f.flush()
 
 
+def rank_file(samples_file: Path, rank: int) -> Path:
+    """Where rank r appends its records: samples.jsonl for rank 0, samples.rank<r>.jsonl for the others."""
+    if rank == 0:
+        return samples_file
+    return samples_file.with_name(f"{samples_file.stem}.rank{rank}{samples_file.suffix}")
+
+
+def merge_rank_files(samples_file: Path, meta: dict) -> int:
+    """Append every samples.rank<r>.jsonl (other ranks' records, e.g. of an interrupted data-parallel run) to
+    samples.jsonl and delete it; returns the number of records moved."""
+    _check_or_write_meta(samples_file, meta)
+    moved = 0
+    for path in sorted(samples_file.parent.glob(f"{samples_file.stem}.rank*{samples_file.suffix}")):
+        _check_or_write_meta(path, meta)
+        records = list(read_sample_records(path).values())
+        _append_records(samples_file, records)
+        moved += len(records)
+        path.unlink()
+    return moved
+
+
 # ------------------------------------------------------------------------------------------------------------
 # one annotation file
 
@@ -171,6 +193,8 @@ def evaluate(
     judge=None,
     samples_file: str | Path | None = None,
     resume: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    done: dict[str, dict] | None = None,
 ) -> dict:
     """Accuracy (with a `judge`, also consistency) of `model` on one annotation file; see the module doc.
 
@@ -179,7 +203,13 @@ def evaluate(
     gold, correct, format_ok and consistency (a verdict dict, or None without a judge).
     `samples_file`: every finished sample is appended there as it completes; with `resume`, samples already in
     it are not generated again (and, when a judge is given, only their missing verdicts are computed).
+    `shard=(rank, world_size)`: this process runs every world_size-th unfinished sample and appends to its
+    own `samples.rank<r>.jsonl` (rank 0: `samples_file` itself); the result then covers rank 0's resumed
+    samples plus this rank's new ones (evaluate_files merges the ranks). `done`: the records of samples_file
+    as every rank read them before any wrote (so that all ranks split the same unfinished samples); read here
+    when None.
     """
+    rank, world_size = shard
     tokenizer = tokenizer_of(processor_or_tokenizer)
     multimodal = is_multimodal(model)
     device = next(model.parameters()).device
@@ -192,29 +222,36 @@ def evaluate(
         limit=max_samples,
     )
     path = Path(samples_file) if samples_file else None
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if path is not None and not resume and path.exists():
-        path.unlink()
-    if path is not None:
-        _check_or_write_meta(path, protocol(config))
-    done = read_sample_records(path) if path is not None else {}
+    own = rank_file(path, rank) if path is not None else None  # where this process appends
+    if own is not None:
+        own.parent.mkdir(parents=True, exist_ok=True)
+    if own is not None and not resume and own.exists():
+        own.unlink()
+    if own is not None:
+        _check_or_write_meta(own, protocol(config))
+    if done is None:
+        done = read_sample_records(path) if path is not None else {}
     by_key = {record_key(s): s for s in samples}
     finished = {k: r for k, r in done.items() if k in by_key}
+    resumed = len(finished) if rank == 0 else 0
+    produced: dict[str, dict] = {}  # what this process wrote in this call
     workers = getattr(config, "eval_judge_workers", 1)
 
     if judge is not None:  # resumed samples judged by no judge yet (or unjudged before) get a verdict now
-        stale = [k for k, r in finished.items() if not (r.get("consistency") or {}).get("status") == "judged"]
+        stale = [
+            k for k in by_key
+            if k in finished and not (finished[k].get("consistency") or {}).get("status") == "judged"
+        ][rank::world_size]  # fmt: skip
         verdicts = judge_all(judge, [_request(by_key[k], finished[k]["completion"]) for k in stale], workers)
         for k, verdict in zip(stale, verdicts):
-            finished[k] = {**finished[k], "consistency": verdict.to_dict()}
-        _append_records(path, [finished[k] for k in stale])
+            finished[k] = produced[k] = {**finished[k], "consistency": verdict.to_dict()}
+        _append_records(own, [finished[k] for k in stale])
 
     budget = VisualBudget.from_config(config, max_frames=config.eval_video_max_frames)
     generation_config = sampling_config(
         config, tokenizer, eval_mode=True, suppress_tokens=unsampleable_ids(model, tokenizer)
     )
-    pending = [s for s in samples if record_key(s) not in finished]
+    pending = [s for s in samples if record_key(s) not in finished][rank::world_size]
     skipped = 0
     # seeded here, without disturbing the caller's RNG (a demo may evaluate between training steps)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -251,10 +288,15 @@ def evaluate(
                 )
                 for record, verdict in zip(batch, verdicts):
                     record["consistency"] = verdict.to_dict()
-            _append_records(path, batch)
+            _append_records(own, batch)
             finished.update((r["key"], r) for r in batch)
+            produced.update((r["key"], r) for r in batch)
 
-    records = [finished[record_key(s)] for s in samples if record_key(s) in finished]
+    mine = finished if rank == 0 else produced
+    return _file_result([mine[k] for k in by_key if k in mine], skipped, resumed, judged=judge is not None)
+
+
+def _file_result(records: list[dict], skipped: int, resumed: int, judged: bool) -> dict:
     n = len(records)
     return {
         "accuracy": sum(r["correct"] for r in records) / n if n else float("nan"),
@@ -262,10 +304,32 @@ def evaluate(
         "num_skipped": skipped,
         "per_level": _accuracy_table(records, "level"),
         "per_domain": _accuracy_table(records, "domain"),
-        "consistency": consistency_summary([r.get("consistency") for r in records]) if judge else None,
-        "num_resumed": n - sum(1 for s in pending if record_key(s) in finished),
+        "consistency": consistency_summary([r.get("consistency") for r in records]) if judged else None,
+        "num_resumed": resumed,
         "records": records,
     }
+
+
+def _merge_ranks(results: list[dict], judged: bool) -> dict:
+    """One file's results from every rank -> the result of the whole file (a re-judged record, written by a
+    later rank, replaces the resumed one rank 0 read)."""
+    by_key: dict[str, dict] = {}
+    for result in results:
+        by_key.update((r["key"], r) for r in result["records"])
+    records = sorted(by_key.values(), key=lambda r: _line_order(r["key"]))
+    return _file_result(
+        records,
+        sum(r["num_skipped"] for r in results),
+        sum(r["num_resumed"] for r in results),
+        judged,
+    )
+
+
+def _line_order(key: str) -> tuple:
+    """`validation_L1.jsonl:12` / `file.json:record 3` -> sortable (file, line number)."""
+    name, _, where = key.rpartition(":")
+    digits = re.search(r"(\d+)$", where)
+    return (name, int(digits.group(1)) if digits else -1, where)
 
 
 def _record(sample: Sample, text: str, data_file: str) -> dict:
@@ -306,15 +370,37 @@ def evaluate_files(
     data_root: str | None = None,
     max_samples: int = 0,
     resume: bool = True,
+    env=None,
 ) -> dict:
     """`evaluate` on each file, then the report; with `output_dir`, writes report.json and samples.jsonl.
 
     The report has, per level (L1, L2, L3, named from the record's `task_level`/`level` or the file name),
     accuracy and sample counts, the same per domain within the level (`domain`/`scenario`: the L3 rows of
     Table 2), and the consistency rate when a judge is given; plus `files` (each file's numbers).
+
+    `env` (a distributed.DistEnv under torchrun): data-parallel evaluation. Every rank holds the whole model
+    and generates every world_size-th unfinished sample of each file, appending to its own
+    samples.rank<r>.jsonl; rank 0 then merges the records into samples.jsonl and alone writes report.json.
+    Every rank returns the same report. Rank files left by an interrupted run are merged when the next starts.
     """
+    from grpo_care import distributed
+
+    rank, world_size = (env.rank, env.world_size) if env is not None and env.enabled else (0, 1)
     out = Path(output_dir) if output_dir else None
     samples_file = out / SAMPLES_NAME if out else None
+    if samples_file is not None and rank == 0:  # start from one samples.jsonl: merged (resume) or none
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for path in [samples_file, *out.glob(f"{samples_file.stem}.rank*{samples_file.suffix}")]:
+                path.unlink(missing_ok=True)
+        merge_rank_files(samples_file, protocol(config))
+    if world_size > 1 and samples_file is not None:
+        distributed.barrier(env)
+        done = read_sample_records(samples_file)
+        distributed.barrier(env)  # every rank read the same records before rank 0 appends to the file
+        resume = True
+    else:
+        done = None
     results = {}
     for path in data_files:
         results[str(path)] = evaluate(
@@ -327,15 +413,25 @@ def evaluate_files(
             judge=judge,
             samples_file=samples_file,
             resume=resume,
+            shard=(rank, world_size),
+            done=done,
         )
         resume = True  # later files append to the file this run started
+    if world_size > 1:
+        every_rank = distributed.gather_objects(results, env)  # also: every rank has finished writing
+        results = {path: _merge_ranks([r[path] for r in every_rank], judge is not None) for path in results}
+        if rank == 0 and samples_file is not None:
+            merge_rank_files(samples_file, protocol(config))
     report = build_report(results, config, judge)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (REPORT_NAME + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out / REPORT_NAME)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / (REPORT_NAME + ".tmp")
+            tmp.write_text(json.dumps(report, indent=2))
+            tmp.replace(out / REPORT_NAME)
         report["report_file"], report["samples_file"] = str(out / REPORT_NAME), str(samples_file)
+    if world_size > 1:
+        distributed.barrier(env)  # the files are complete when any rank returns
     report["results"] = results
     return report
 
