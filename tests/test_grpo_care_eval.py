@@ -281,6 +281,18 @@ def test_http_judge_failures_are_counted_unjudged_and_the_eval_goes_on(bench, mo
     assert sorted(r["consistency"]["status"] for r in written.values()) == ["judged", "unjudged", "unjudged"]
 
 
+def test_files_sharing_a_name_are_refused_and_repeats_run_once(bench, model, tmp_path):
+    model, processor = model
+    config = _config(bench)
+    twin = tmp_path / "other" / Path(bench["files"][0]).name  # same name: its keys would collide
+    twin.parent.mkdir()
+    twin.write_text(Path(bench["files"][0]).read_text())
+    with pytest.raises(ValueError, match="same name"):
+        evaluate_files(model, processor, [bench["files"][0], str(twin)], config)
+    report = evaluate_files(model, processor, [bench["files"][0]] * 2, config)
+    assert list(report["files"]) == [bench["files"][0]] and report["num_samples"] == 2
+
+
 def test_report_tables_from_records():
     def record(level, domain, correct, consistent):
         verdict = {"consistent": consistent, "status": "judged" if consistent is not None else "unjudged"}

@@ -113,27 +113,29 @@ def _eval(argv: list[str]) -> int:
         max_retries=config.eval_judge_max_retries,
     )
     env = distributed.setup(config)  # one process: nothing to set up
-    model, processor, tokenizer = load_model(config, env.device)
-    model.to(env.device).eval()
-    report = evaluate_files(
-        model,
-        processor or tokenizer,
-        files,
-        config,
-        output_dir=args.output_dir or None,
-        judge=judge,
-        data_root=args.data_root or None,
-        max_samples=args.max_samples,
-        resume=not args.overwrite,
-        env=env,
-    )
+    try:
+        model, processor, tokenizer = load_model(config, env.device)
+        model.to(env.device).eval()
+        report = evaluate_files(
+            model,
+            processor or tokenizer,
+            files,
+            config,
+            output_dir=args.output_dir or None,
+            judge=judge,
+            data_root=args.data_root or None,
+            max_samples=args.max_samples,
+            resume=not args.overwrite,
+            env=env,
+        )
+    finally:
+        distributed.cleanup()
     results = report.pop("results")
     if env.is_main:
         print(json.dumps(report, indent=2))
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(results, indent=2))
-    distributed.cleanup()
     return 0
 
 

@@ -381,11 +381,20 @@ def evaluate_files(
     `env` (a distributed.DistEnv under torchrun): data-parallel evaluation. Every rank holds the whole model
     and generates every world_size-th unfinished sample of each file, appending to its own
     samples.rank<r>.jsonl; rank 0 then merges the records into samples.jsonl and alone writes report.json.
-    Every rank returns the same report. Rank files left by an interrupted run are merged when the next starts.
+    Every rank returns the same report. Rank files left by an interrupted run are merged when the next starts
+    (so `output_dir` must be on a file system every rank sees).
     """
     from grpo_care import distributed
 
     rank, world_size = (env.rank, env.world_size) if env is not None and env.enabled else (0, 1)
+    data_files = list(dict.fromkeys(str(p) for p in data_files))  # each file once
+    names = [Path(p).name for p in data_files]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(
+            f"annotation files with the same name {clashes} in {data_files}: samples.jsonl keys records by file "
+            "name and line; rename one, or evaluate them into different output directories"
+        )
     out = Path(output_dir) if output_dir else None
     samples_file = out / SAMPLES_NAME if out else None
     if samples_file is not None and rank == 0:  # start from one samples.jsonl: merged (resume) or none
@@ -394,13 +403,10 @@ def evaluate_files(
             for path in [samples_file, *out.glob(f"{samples_file.stem}.rank*{samples_file.suffix}")]:
                 path.unlink(missing_ok=True)
         merge_rank_files(samples_file, protocol(config))
-    if world_size > 1 and samples_file is not None:
-        distributed.barrier(env)
-        done = read_sample_records(samples_file)
-        distributed.barrier(env)  # every rank read the same records before rank 0 appends to the file
+    done = None
+    if world_size > 1 and samples_file is not None:  # rank 0's view, so every rank splits the same samples
+        done = distributed.broadcast_object(read_sample_records(samples_file) if rank == 0 else None, env)
         resume = True
-    else:
-        done = None
     results = {}
     for path in data_files:
         results[str(path)] = evaluate(
