@@ -39,6 +39,13 @@ def _close(a, b, what):
     torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6, msg=lambda m: f"{what}: {m}")
 
 
+def _close_runs(got, want):
+    """Two `_run` results: loss, every metric, and the gradients w.r.t. input, weight and bias."""
+    for what, a, c in zip(("loss", "metrics", "d_input", "d_weight", "d_bias"), got, want):
+        for u, v in zip(a, c) if isinstance(a, list) else [(a, c)]:
+            _close(u, v, what)
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("with_old", [False, True])
@@ -73,13 +80,7 @@ def test_equals_linear_logprobs_then_policy_loss():
         loss, m = ck.policy_loss(logp, adv, mask, old_logprobs=old, loss_type="grpo", epsilon_high=0.2)
         return loss, [m["clip_ratio"]]
 
-    ref = _run(composed, x, w, b, ids, mask, adv)
-    for a, c, what in zip(fused, ref, ("loss", "metrics", "d_input", "d_weight", "d_bias")):
-        if isinstance(a, list):
-            for u, v in zip(a, c):
-                _close(u, v, what)
-        else:
-            _close(a, c, what)
+    _close_runs(fused, _run(composed, x, w, b, ids, mask, adv))
 
 
 def test_head_costs_eight_nhv():
@@ -151,12 +152,7 @@ def test_chunking_does_not_change_the_result(rows_per_chunk):
     whole = _run(ck.FusedLinearGRPOLoss(**kw, max_buffer_bytes=B * T * V * 4), x, w, b, ids, mask, adv, **call)
     split = _run(ck.FusedLinearGRPOLoss(**kw, max_buffer_bytes=rows_per_chunk * V * 4), x, w, b, ids, mask, adv,
                  **call)
-    for what, a, c in zip(("loss", "metrics", "d_input", "d_weight", "d_bias"), whole, split):
-        if isinstance(a, list):
-            for u, v in zip(a, c):
-                _close(u, v, what)
-        else:
-            _close(a, c, what)
+    _close_runs(split, whole)
 
 
 def test_fully_masked_batch_gives_zero_gradients_and_no_nan():

@@ -8,7 +8,8 @@ import torch
 
 
 def test_meta_copy_keeps_structure_ties_flags_and_buffers_without_parameter_memory():
-    from grpo_care.fsdp_init import is_on_meta, meta_copy
+    from grpo_care.fsdp_init import meta_copy
+    from grpo_care.modeling import is_on_meta
     from grpo_care.tiny import byte_tokenizer, tiny_qwen2
 
     model = tiny_qwen2(byte_tokenizer())

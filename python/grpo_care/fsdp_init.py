@@ -25,10 +25,6 @@ import torch.distributed as dist
 from grpo_care.modeling import build_model, is_multimodal, load_processor
 
 
-def is_on_meta(module: torch.nn.Module) -> bool:
-    return any(p.is_meta for p in module.parameters())
-
-
 def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy whose parameters live on the meta device (no memory); buffers, tied weights, requires_grad
     flags and any patched forwards are copied as they are. Equivalent to `copy.deepcopy(module)` minus the

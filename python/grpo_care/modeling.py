@@ -24,6 +24,11 @@ def is_multimodal(model) -> bool:
     return getattr(model.config, "vision_config", None) is not None
 
 
+def is_on_meta(module: torch.nn.Module) -> bool:
+    """Whether `module` is (partly) a skeleton on the meta device, with parameters that hold no data."""
+    return any(p.is_meta for p in module.parameters())
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +94,7 @@ def prepare_for_training(model, config, device: torch.device):
     """Move to device, freeze what is frozen, gradient checkpointing and (on GPU) Liger's layer kernels.
 
     A skeleton on the meta device stays there (FSDP start-up allocates its shards after sharding)."""
-    if not any(p.is_meta for p in model.parameters()):
+    if not is_on_meta(model):
         model.to(device)
     if config.freeze_vision_tower:
         visual = getattr(getattr(model, "model", model), "visual", None)

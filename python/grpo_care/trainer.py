@@ -42,6 +42,7 @@ from grpo_care.modeling import (
     autocast,
     backbone_hidden,
     is_multimodal,
+    is_on_meta,
     lm_head_params,
     load_model,
     prepare_for_training,
@@ -83,7 +84,7 @@ class Trainer:
             )
         elif model is None:
             model, processor, tokenizer = load_model(config, self.device)
-        elif fsdp_init.is_on_meta(model):
+        elif is_on_meta(model):
             raise ValueError("the model's parameters are on the meta device: pass a model with its weights")
         if processor is None and tokenizer is None:
             raise ValueError("pass a processor (multimodal models) or a tokenizer together with the model")
@@ -130,8 +131,8 @@ class Trainer:
             else (math.ceil(len(all_samples) / per_step) * config.num_train_epochs)
         )
 
-        fsdp = self.dist.mode == "fsdp"
-        if not fsdp_init.is_on_meta(self.model):
+        fsdp, skeleton = self.dist.mode == "fsdp", is_on_meta(self.model)
+        if not skeleton:  # a skeleton gets rank 0's weights by `materialize` below
             distributed.broadcast_module(self.model, self.dist)  # identical start on every rank
         self.reference = None
         if config.use_care or config.beta > 0:
@@ -140,7 +141,7 @@ class Trainer:
             policy = fsdp_init.meta_copy(self.model) if fsdp else self.model
             self.reference = EMAReference(policy, dtype=self._reference_dtype(), build_shadow=not fsdp)
         self.engine = distributed.wrap(self.model, config, self.dist)  # what the step's forward runs through
-        if source is not None or fsdp_init.is_on_meta(self.model):
+        if skeleton:  # FSDP start-up from files (rank 0 holds `source`)
             fsdp_init.materialize(self.model, source, self.dist)
             del source
         if self.reference is not None and fsdp:
