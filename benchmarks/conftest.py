@@ -127,7 +127,17 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "loadavg_end": devinfo.loadavg(),
         "session_s": round(_elapsed(), 1),
         "budget_s": _budget_s(),
+        "triton_autotuned": _autotuned_configs(),
     }
+
+
+def _autotuned_configs() -> list[dict]:
+    """The Triton autotuner's picks in this session (tile, loop shape, warps, stages per kernel and key)."""
+    if device().type != "cuda":
+        return []
+    from care_kernels.triton import linear_logprobs
+
+    return linear_logprobs.autotuned_configs()
 
 
 # -------------------------------------------------------------------------------------------- the fixture

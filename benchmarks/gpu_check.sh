@@ -116,6 +116,17 @@ CK_BENCH_BUDGET_S=$(( BENCH_T - 30 )) CK_BENCH_JSONL="$OUT/bench.jsonl" \
   phase "benchmarks" "$BENCH_T" "$OUT/bench.log" "$PY" -m pytest "$REPO/benchmarks" -q -p no:cacheprovider \
   --benchmark-json "$OUT/bench.json" --benchmark-columns=min,median,max,rounds
 grep -E "passed|failed|error" "$OUT/bench.log" | tail -1 | sed 's/^/  /' | tee -a "$SUMMARY"
+# the Triton autotuner's picks (tile, loop shape, warps, stages per kernel and key), from bench.json
+"$PY" - "$OUT/bench.json" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import json, sys
+try:
+    picks = json.load(open(sys.argv[1]))["care_kernels_bench"]["triton_autotuned"]
+except (OSError, ValueError, KeyError) as exc:
+    sys.exit(f"autotuned: none recorded ({type(exc).__name__})")
+print(f"autotuned: {len(picks)} picks")
+for p in picks:
+    print(f"  {p['kernel']}: {dict(zip(p['key_args'], p['key']))} {p['key'][len(p['key_args']):]} -> {p['config']}")
+EOF
 
 # 5. report
 REPORT_IN="$OUT/bench.json"

@@ -165,6 +165,55 @@ def test_many_vocab_splits_and_dlogits_chunks(device, dtype, monkeypatch):
     check_against_naive(inputs, 1.3)
 
 
+FORWARD_VARIANTS = {
+    "flat": {"FLAT_LOOP": True, "USE_TMA": False},
+    "flat_tma": {"FLAT_LOOP": True, "USE_TMA": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(FORWARD_VARIANTS))
+@pytest.mark.parametrize(
+    "n,h,v,dtype,ref_dtype",
+    [
+        (130, 100, 1000, torch.float32, None),  # H not a multiple of BLOCK_K, several tiles per split
+        (130, 96, 1000, torch.bfloat16, None),  # TMA: the K tile (128) runs past H, rows past N
+        (7, 304, 1000, torch.float16, None),  # several K steps per tile
+        (1, 16, 1, torch.bfloat16, None),
+        (130, 96, 1000, torch.float16, torch.float32),  # dual, mixed dtypes: pointer loads
+        (7, 304, 1000, torch.bfloat16, torch.bfloat16),  # dual, TMA for both models
+    ],
+    ids=str,
+)
+def test_forward_variants(device, monkeypatch, variant, n, h, v, dtype, ref_dtype):
+    """The flat (tile, K step) loop, with pointer or TMA loads, gives what the nested one gives, single and dual."""
+    if device.type == "cuda":
+        pytest.skip("on GPU every autotuner config is checked in test_gpu_every_forward_config")
+    inputs = make_inputs(n, h, v, dtype, device, ref_dtype=ref_dtype)
+    ref = {k: inputs.get("ref_" + k) for k in ("hidden", "weight", "bias")}
+    expect_tma = variant == "flat_tma" and dtype != torch.float32 and ref_dtype in (None, dtype)
+    made = []
+    monkeypatch.setattr(tlp.tma, "descriptor", lambda *a, real=tlp.tma.descriptor: made.append(a) or real(*a))
+
+    def forward():
+        return tlp.forward(
+            inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"], temperature=0.7,
+            ignore_index=IGNORE, with_entropy=True, ref_hidden=ref["hidden"], ref_weight=ref["weight"],
+            ref_bias=ref["bias"],
+        )  # fmt: skip
+
+    nested = forward()
+    monkeypatch.setattr(tlp, "INTERPRETER_FORWARD", FORWARD_VARIANTS[variant])
+    outputs = forward()
+    assert len(made) == 4 * expect_tma, "TMA descriptors made (or not) as expected"
+    for want, got in zip(nested, outputs):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if ref_dtype is None:
+        check_against_naive(inputs, 0.7)  # this variant against the float64 truth, gradients included
+
+
 def test_triton_fp32_accumulating_matmul(device, monkeypatch):
     """The Triton C (+)= A @ B used for dH when cuBLAS cannot write fp32 from 16-bit inputs."""
     monkeypatch.setattr(tlp, "_cublas_writes_fp32", lambda _device, _dtype: False)
@@ -354,6 +403,36 @@ def test_gpu_dual_real_sizes(n, h, v, dtype, ref_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dual", [False, True], ids=["single", "dual"])
+def test_gpu_every_forward_config(monkeypatch, dual):
+    """Each config the autotuner may pick (tiles, loop shapes, TMA) gives the same bf16 forward at 7B size.
+
+    The autotuner runs one of them per shape: a config that is wrong only in its own compile would otherwise
+    pass every other test on the GPU where it happens to lose.
+    """
+    inputs = make_inputs(2304, 3584, 152064, torch.bfloat16, torch.device("cuda"), bias=False,
+                         ref_dtype=torch.bfloat16 if dual else None)  # fmt: skip
+    ref = {k: inputs.get("ref_" + k) for k in ("hidden", "weight", "bias")}
+    assert tlp.tma.usable(inputs["hidden"], inputs["weight"], interpret=False), "TMA configs would not run"
+    monkeypatch.setattr(tlp, "_TUNE_FROM_N_CLASS", 99)  # launch the list's first config, untuned
+    configs = tlp._FWD_CONFIGS_16_TMA  # every 16-bit config, pointer and TMA loads
+    results = []
+    for config in configs:
+        monkeypatch.setattr(tlp, "_FWD_CONFIGS_16_TMA", [config])
+        results.append(tlp.forward(
+            inputs["hidden"], inputs["weight"], None, inputs["targets"], temperature=1.0, ignore_index=IGNORE,
+            with_entropy=True, ref_hidden=ref["hidden"], ref_weight=ref["weight"], ref_bias=ref["bias"],
+        ))  # fmt: skip
+    truth = chunked_naive(inputs, 1.0, torch.zeros(2304, device="cuda"), None, torch.float64, 512)
+    for config, outputs in zip(configs, results):
+        # Every config sums the same fp32 products in its own order: ~1e-6 relative apart.
+        for got, want in zip(outputs, results[0]):
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, c=config: f"{c}: {m}")
+        torch.testing.assert_close(outputs[0].double(), truth[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
 def test_gpu_cublas_fp32_accumulation_probe():
     """Reports whether cuBLAS accumulates bf16 GEMMs into fp32 on this stack (both dH paths are tested)."""
     works = tlp._cublas_writes_fp32(torch.device("cuda"), torch.bfloat16)
@@ -366,3 +445,25 @@ def test_gpu_triton_dh_accumulation(monkeypatch):
     monkeypatch.setattr(tlp, "DLOGITS_SLAB_BYTES", 256 << 20)
     monkeypatch.setattr(tlp, "_cublas_writes_fp32", lambda _device, _dtype: False)
     check_real_size(make_inputs(4096, 896, 151936, torch.bfloat16, torch.device("cuda")), 1.0)
+
+
+def test_autotuned_configs_lists_the_autotuner_picks(monkeypatch):
+    """What benchmarks record: per kernel and key (dual / entropy included), the pick and every config's time."""
+    pick = next(c for c in tlp._FWD_CONFIGS_16 if c.maxnreg)
+    key = (3584, 152064, 2, True, False, "torch.bfloat16", "torch.bfloat16")
+    tuner = tlp._fwd_tuned_16
+    for other in tlp._tuners().values():
+        monkeypatch.setattr(other, "cache", {}, raising=False)
+    monkeypatch.setattr(tlp, "_TUNING_MS", {})
+    # as Triton leaves a tuner after tuning a key: the pick cached, the timings of that tuning alone
+    monkeypatch.setattr(tuner, "cache", {key: pick})
+    monkeypatch.setattr(tuner, "configs_timings", {c: [1.0 + i, 0.9, 1.1] for i, c in enumerate(tlp._FWD_CONFIGS_16)},
+                        raising=False)  # fmt: skip
+    tlp._note_tuning(tuner)
+    monkeypatch.setattr(tuner, "configs_timings", {}, raising=False)  # a later key's tuning does not erase it
+    tlp._note_tuning(tuner)
+    [entry] = tlp.autotuned_configs()
+    assert entry["kernel"] == "forward 16-bit"
+    assert dict(zip(entry["key_args"], entry["key"]))["DUAL"] == "True"
+    assert entry["config"] == {**pick.kwargs, "num_warps": 8, "num_stages": 3, "maxnreg": 128}
+    assert sorted(entry["timings_ms"].values()) == [1.0 + i for i in range(len(tlp._FWD_CONFIGS_16))]

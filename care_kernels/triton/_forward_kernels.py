@@ -30,6 +30,43 @@ PLANE_ENTROPY = tl.constexpr(3)
 
 
 @triton.jit
+def _k_step_operands(h_ptr, w_ptr, rows, cols, k, H, offs_k, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+    """hidden[rows, k:k+BLOCK_K] and weight[cols, k:k+BLOCK_K] (zeros past H); rows/cols int64, in range."""
+    a_ptrs = h_ptr + rows[:, None] * H + (k + offs_k)[None, :]
+    b_ptrs = w_ptr + cols[:, None] * H + (k + offs_k)[None, :]
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        k_mask = offs_k < H - k
+        a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _tma_k_step_operands(h_desc, w_desc, row0, col0, k, UPCAST: tl.constexpr):
+    """The same two tiles through Hopper's tensor memory accelerator: one bulk copy each, zeros out of bounds."""
+    a = h_desc.load([row0, k])
+    b = w_desc.load([col0, k])
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b.T in fp32; IEEE: true fp32 products for fp32 operands (tl.dot would otherwise use TF32)."""
+    if IEEE:
+        return tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(b), acc)
+
+
+@triton.jit
 def logits_tile(
     h_ptr,
     w_ptr,
@@ -46,30 +83,28 @@ def logits_tile(
     """fp32 [BLOCK_M, BLOCK_N] tile of hidden[rows] @ weight[cols].T; rows/cols are int64, in range.
 
     UPCAST: cast loads to fp32 first (the interpreter's bf16 is broken; also mixed-dtype pairs).
-    IEEE: true fp32 products for fp32 operands (tl.dot would otherwise use TF32).
     """
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + rows[:, None] * H + offs_k[None, :]
-    b_ptrs = w_ptr + cols[:, None] * H + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, H, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_mask = offs_k < H - k
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        a, b = _k_step_operands(h_ptr, w_ptr, rows, cols, k, H, offs_k, EVEN_K, UPCAST)
+        acc = _mma(a, b, acc, IEEE)
     return acc
+
+
+@triton.jit
+def _fold_tile(acc, cols, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY: tl.constexpr):
+    """Fold one fp32 logits tile (bias included) into the running (m, s, u, t); columns >= col_end drop out."""
+    z = tl.where((cols < col_end)[None, :], acc * scale2, NEG_BIG)
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    zc = z - m_new[:, None]
+    p = tl.exp2(zc)
+    if WITH_ENTROPY:
+        u_i = alpha * (u_i + (m_i - m_new) * s_i) + tl.sum(p * zc, axis=1)
+    s_i = alpha * s_i + tl.sum(p, axis=1)
+    t_i += tl.sum(tl.where(cols[None, :] == target_local[:, None], z, 0.0), axis=1)
+    return m_new, s_i, u_i, t_i
 
 
 @triton.jit
@@ -77,6 +112,9 @@ def _split_stats(
     h_ptr,
     w_ptr,
     b_ptr,
+    h_desc,
+    w_desc,
+    row0,
     rows,
     target_local,
     col_begin,
@@ -92,30 +130,102 @@ def _split_stats(
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    FLAT_LOOP: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """Online (m, s, u, t) of z2 over columns [col_begin, col_end); target_local is -1 outside them."""
+    """Online (m, s, u, t) of z2 over columns [col_begin, col_end); target_local is -1 outside them.
+
+    Two loop shapes with the same arithmetic, chosen by the autotuner:
+    - nested (FLAT_LOOP=False): for each BLOCK_N tile, a K-loop, then the fold. The compiler pipelines
+      the K-loop only, so every tile starts with an empty pipeline (its first loads' full latency exposed).
+    - flat (FLAT_LOOP=True): one loop over (tile, K step) pairs with the fold under `if` on each tile's
+      last step, so the pipeliner keeps the next tile's first loads in flight during the fold.
+    USE_TMA (flat only): operand tiles through the descriptors h_desc / w_desc (block [BLOCK_M or BLOCK_N,
+    BLOCK_K]; row0 = first row of the block) instead of per-thread pointer loads: no address registers, and
+    out-of-range rows and columns arrive as zeros.
+    """
+    tl.static_assert(FLAT_LOOP or not USE_TMA, "the TMA operand path exists in the flat loop only")
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n in range(col_begin, col_end, BLOCK_N):
-        cols = n + tl.arange(0, BLOCK_N)
-        # Columns past V load row V - 1 instead of masking every K step; their logits are masked below.
-        cols_ld = tl.minimum(cols, V - 1).to(tl.int64)
-        acc = logits_tile(h_ptr, w_ptr, rows, cols_ld, H, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols_ld).to(tl.float32)[None, :]
-        z = tl.where((cols < col_end)[None, :], acc * scale2, NEG_BIG)
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        zc = z - m_new[:, None]
-        p = tl.exp2(zc)
-        if WITH_ENTROPY:
-            u_i = alpha * (u_i + (m_i - m_new) * s_i) + tl.sum(p * zc, axis=1)
-        s_i = alpha * s_i + tl.sum(p, axis=1)
-        t_i += tl.sum(tl.where(cols[None, :] == target_local[:, None], z, 0.0), axis=1)
-        m_i = m_new
+    offs_n = tl.arange(0, BLOCK_N)
+    if FLAT_LOOP:
+        k_steps = tl.cdiv(H, BLOCK_K)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        n = col_begin - BLOCK_N
+        cols_ld = offs_n.to(tl.int64)
+        ki = -1
+        for _ in range(0, k_steps * tl.cdiv(col_end - col_begin, BLOCK_N)):
+            ki = tl.where(ki == k_steps - 1, 0, ki + 1)
+            if ki == 0:
+                n += BLOCK_N
+                cols_ld = tl.minimum(n + offs_n, V - 1).to(tl.int64)
+            if USE_TMA:
+                a, b = _tma_k_step_operands(h_desc, w_desc, row0, n, ki * BLOCK_K, UPCAST)
+            else:
+                a, b = _k_step_operands(h_ptr, w_ptr, rows, cols_ld, ki * BLOCK_K, H, offs_k, EVEN_K, UPCAST)
+            acc = _mma(a, b, acc, IEEE)
+            if ki == k_steps - 1:
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + cols_ld).to(tl.float32)[None, :]
+                m_i, s_i, u_i, t_i = _fold_tile(
+                    acc, n + offs_n, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY
+                )
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        for n in range(col_begin, col_end, BLOCK_N):
+            cols = n + offs_n
+            # Columns past V load row V - 1 instead of masking every K step; their logits are masked below.
+            cols_ld = tl.minimum(cols, V - 1).to(tl.int64)
+            acc = logits_tile(h_ptr, w_ptr, rows, cols_ld, H, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols_ld).to(tl.float32)[None, :]
+            m_i, s_i, u_i, t_i = _fold_tile(acc, cols, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY)
     return m_i, s_i, u_i, t_i
+
+
+@triton.jit
+def _score_split(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    part_ptr,
+    h_desc,
+    w_desc,
+    row0,
+    rows,
+    row_mask,
+    out,
+    plane,
+    target_local,
+    col_begin,
+    col_end,
+    H,
+    V,
+    scale2,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    FLAT_LOOP: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """_split_stats of one model on one (row block, split), stored to its planes of part at `out`."""
+    m, s, u, t = _split_stats(
+        h_ptr, w_ptr, b_ptr, h_desc, w_desc, row0, rows, target_local, col_begin, col_end, H, V, scale2,
+        HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP, USE_TMA,
+    )  # fmt: skip
+    tl.store(part_ptr + PLANE_MAX * plane + out, m, mask=row_mask)
+    tl.store(part_ptr + PLANE_SUMEXP * plane + out, s, mask=row_mask)
+    tl.store(part_ptr + PLANE_TARGET * plane + out, t, mask=row_mask)
+    if WITH_ENTROPY:
+        tl.store(part_ptr + PLANE_ENTROPY * plane + out, u, mask=row_mask)
 
 
 @triton.jit
@@ -129,6 +239,10 @@ def linear_logprob_stats_kernel(
     ref_b_ptr,
     ref_part_ptr,
     tgt_ptr,
+    h_desc,
+    w_desc,
+    ref_h_desc,
+    ref_w_desc,
     N,
     H,
     V,
@@ -150,21 +264,27 @@ def linear_logprob_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    FLAT_LOOP: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """Grid: (cdiv(N, BLOCK_M) * num_splits,). Writes per-split statistics; the launcher merges the splits.
+    """Grid: (cdiv(N, BLOCK_M) * num_splits * (2 if DUAL else 1),). Writes per-split statistics.
 
     part [4 or 3, num_splits, N] (planes max, sumexp, target, [entropy]); ref_part [3, num_splits, N].
-    With DUAL the same program then scores the reference (own hidden/weight/bias/dtype) on the same split.
+    With DUAL the second half of the programs scores the reference (own hidden/weight/bias/dtype): one launch,
+    and each program holds one model's tile, so the dual kernel needs no more registers than the single one.
+    The *_desc arguments are TMA descriptors of hidden / weight (and the reference's) when USE_TMA, else None.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(N, BLOCK_M)
+    programs_per_model = num_pid_m * num_splits
+    model_pid = pid % programs_per_model if DUAL else pid
     # Grouped order: GROUP_M row blocks x all splits run together, so each weight tile is read from HBM once
     # and reused from L2 by GROUP_M programs, and each hidden block by the programs of the other splits.
     num_pid_in_group = GROUP_M * num_splits
-    group_id = pid // num_pid_in_group
+    group_id = model_pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_in_group = pid % num_pid_in_group
+    pid_in_group = model_pid % num_pid_in_group
     pid_m = first_pid_m + pid_in_group % group_size_m
     pid_s = pid_in_group // group_size_m
 
@@ -179,21 +299,16 @@ def linear_logprob_stats_kernel(
     plane = tl.cast(num_splits, tl.int64) * N  # tl.cast: an int arg equal to 1 arrives as a constexpr
     out = pid_s.to(tl.int64) * N + rows.to(tl.int64)
 
-    m, s, u, t = _split_stats(
-        h_ptr, w_ptr, b_ptr, rows_ld, target_local, col_begin, col_end, H, V, scale2,
-        HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE,
-    )  # fmt: skip
-    tl.store(part_ptr + PLANE_MAX * plane + out, m, mask=row_mask)
-    tl.store(part_ptr + PLANE_SUMEXP * plane + out, s, mask=row_mask)
-    tl.store(part_ptr + PLANE_TARGET * plane + out, t, mask=row_mask)
-    if WITH_ENTROPY:
-        tl.store(part_ptr + PLANE_ENTROPY * plane + out, u, mask=row_mask)
-
-    if DUAL:
-        rm, rs, _, rt = _split_stats(
-            ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ld, target_local, col_begin, col_end, H, V, scale2,
-            REF_HAS_BIAS, False, BLOCK_M, BLOCK_N, BLOCK_K, REF_EVEN_K, REF_UPCAST, REF_IEEE,
+    row0 = pid_m * BLOCK_M
+    if DUAL and pid >= programs_per_model:
+        _score_split(
+            ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_part_ptr, ref_h_desc, ref_w_desc, row0, rows_ld, row_mask, out,
+            plane, target_local, col_begin, col_end, H, V, scale2,
+            REF_HAS_BIAS, False, BLOCK_M, BLOCK_N, BLOCK_K, REF_EVEN_K, REF_UPCAST, REF_IEEE, FLAT_LOOP, USE_TMA,
         )  # fmt: skip
-        tl.store(ref_part_ptr + PLANE_MAX * plane + out, rm, mask=row_mask)
-        tl.store(ref_part_ptr + PLANE_SUMEXP * plane + out, rs, mask=row_mask)
-        tl.store(ref_part_ptr + PLANE_TARGET * plane + out, rt, mask=row_mask)
+    else:
+        _score_split(
+            h_ptr, w_ptr, b_ptr, part_ptr, h_desc, w_desc, row0, rows_ld, row_mask, out, plane, target_local,
+            col_begin, col_end, H, V, scale2,
+            HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP, USE_TMA,
+        )  # fmt: skip

@@ -6,7 +6,7 @@
 Forward: one fused kernel (_forward_kernels) streams the vocabulary; programs own (row block, vocabulary
 split) pairs so that small N still fills the GPU, and write O(N * splits) fp32 partial statistics that a
 few torch ops merge. The dual variant scores a reference model (own hidden/weight/bias, possibly another
-dtype) in the same programs of the same launch.
+dtype) in a second set of programs of the same launch.
 
 Backward: see `backward`. Inputs here are already validated by the dispatcher: 2-D, contiguous, one device.
 """
@@ -21,6 +21,7 @@ import torch
 import triton
 
 from care_kernels.triton import _forward_kernels as fk
+from care_kernels.triton import tma
 from care_kernels.triton._backward_kernels import dlogits_kernel, matmul_accumulate_kernel
 from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel
 
@@ -41,21 +42,46 @@ _GROUP_M = 8
 DLOGITS_SLAB_BYTES = 1 << 30
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, maxnreg: int | None = None, **extra) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg)  # fmt: skip
+
+
+def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None) -> triton.Config:
+    """A forward config: tile, loop shape (nested or flat), operand loads (pointers or TMA), register cap."""
+    config = _cfg(bm, bn, bk, warps, stages, maxnreg, FLAT_LOOP=flat, USE_TMA=tma_loads)
+    config.pre_hook = tma.set_block_shapes
+    return config
 
 
 # GPU configurations. BLOCK_M and BLOCK_K are fixed within a forward list and BLOCK_K within a backward list
 # (the launcher sizes the vocabulary split and the EVEN_K flag from them); the autotuner picks the tile width,
-# warps and pipeline depth, once per (H, V, size class of N, dtypes). Below 2049 rows the first config of
-# each list is used untuned (those calls are short and memory-bound; it also saves compilations).
-# 16-bit: tensor-core (wgmma) tiles with a K=64 step. Compiled for sm_90 with Triton 3.6, none of these
-# spills (forward 169-255 registers, dlogits 118-254); the 96 KB 3-stage 128x128 ones can run two CTAs per SM
-# (one's epilogue overlaps the other's main loop), while 128x256 moves the fewest bytes from L2 per FLOP.
-_FWD_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 3)]
+# loop shape, operand loads, warps and pipeline depth, once per (H, V, size class of N, dual, entropy, dtypes).
+# Below 2049 rows the first config of each list is used untuned (short, memory-bound calls; fewer compiles).
+# 16-bit: tensor-core (wgmma) tiles with a K=64 step. `python -m care_kernels.triton.sm90_report` shows what the
+# compiler makes of each for Hopper (tests/test_triton_sm90_compile.py: no spills, pipelined). With Triton 3.6:
+# - nested 128x128, 8 warps: 165 registers, one CTA per SM. 128x256: 255, the fewest bytes from L2 per FLOP.
+#   4 warps: 255 registers x 128 threads, two CTAs per SM (one's fold overlaps the other's main loop).
+# - flat, pointer loads, 128x128 capped at 128 registers: no spills (nested would spill), two 8-warp CTAs per SM.
+# - flat, TMA loads (Hopper+, 16-byte aligned rows; no address registers): 128x128 fits a 128-register cap
+#   without spills (168 uncapped; Triton 3.8 needs 128 uncapped), two CTAs per SM; 254 at 128x256.
+# Which wins is the autotuner's call on each GPU; benchmarks record its picks and every config's time.
+_FWD_CONFIGS_16 = [
+    _fwd(128, 128, 64, 8, 3),
+    _fwd(128, 256, 64, 8, 3),
+    _fwd(128, 128, 64, 4, 3),
+    _fwd(128, 128, 64, 8, 3, flat=True, maxnreg=128),
+    _fwd(128, 256, 64, 8, 3, flat=True),
+]
+_FWD_CONFIGS_16_TMA = [
+    *_FWD_CONFIGS_16,
+    _fwd(128, 128, 64, 8, 3, flat=True, tma_loads=True, maxnreg=128),
+    _fwd(128, 256, 64, 8, 3, flat=True, tma_loads=True),
+]
 _BWD_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)]
 # fp32 (exact fp32 products, no TF32) and mixed fp32/16-bit pairs: smaller tiles for the 4-byte operands.
-_FWD_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3), _cfg(64, 128, 32, 8, 3)]
+_FWD_CONFIGS_32 = [_fwd(64, 64, 32, 4, 3), _fwd(64, 128, 32, 8, 3), _fwd(64, 64, 32, 4, 3, flat=True),
+                   _fwd(64, 128, 32, 8, 3, flat=True)]  # fmt: skip
 _BWD_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3), _cfg(64, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 3)]
 _MATMUL_CONFIG_16 = _cfg(128, 128, 64, 8, 3)
 _TUNE_FROM_N_CLASS = 2
@@ -64,19 +90,61 @@ _TUNE_FROM_N_CLASS = 2
 def _check_config_lists() -> None:
     """The launchers size splits and EVEN_K from a list's first config: what they read must be shared."""
     fwd, bwd = ("BLOCK_M", "BLOCK_K"), ("BLOCK_K",)
-    for configs, shared in [(_FWD_CONFIGS_16, fwd), (_FWD_CONFIGS_32, fwd), (_BWD_CONFIGS_16, bwd),
+    for configs, shared in [(_FWD_CONFIGS_16_TMA, fwd), (_FWD_CONFIGS_32, fwd), (_BWD_CONFIGS_16, bwd),
                             (_BWD_CONFIGS_32, bwd)]:  # fmt: skip
         assert len({tuple(c.kwargs[k] for k in shared) for c in configs}) == 1, shared
-    assert all(_COL_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in _FWD_CONFIGS_16 + _FWD_CONFIGS_32)
+    assert all(_COL_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in _FWD_CONFIGS_16_TMA + _FWD_CONFIGS_32)
+    # the untuned first configs launch without descriptors
+    assert not any(c[0].kwargs["USE_TMA"] for c in (_FWD_CONFIGS_16, _FWD_CONFIGS_16_TMA, _FWD_CONFIGS_32))
 
 
 _check_config_lists()
 
-_FWD_KEY = ["H", "V", "N_CLASS"]
+# Constexpr flags that change the work per program are part of the key (Triton keys on the listed
+# arguments and the tensors' dtypes only).
+_FWD_KEY = ["H", "V", "N_CLASS", "DUAL", "WITH_ENTROPY"]
 _fwd_tuned_16 = triton.autotune(configs=_FWD_CONFIGS_16, key=_FWD_KEY)(linear_logprob_stats_kernel)
+_fwd_tuned_16_tma = triton.autotune(configs=_FWD_CONFIGS_16_TMA, key=_FWD_KEY)(linear_logprob_stats_kernel)
 _fwd_tuned_32 = triton.autotune(configs=_FWD_CONFIGS_32, key=_FWD_KEY)(linear_logprob_stats_kernel)
 _bwd_tuned_16 = triton.autotune(configs=_BWD_CONFIGS_16, key=["H", "N_CLASS"])(dlogits_kernel)
 _bwd_tuned_32 = triton.autotune(configs=_BWD_CONFIGS_32, key=["H", "N_CLASS"])(dlogits_kernel)
+
+
+def _tuners() -> dict:
+    return {"forward 16-bit": _fwd_tuned_16, "forward 16-bit TMA-capable": _fwd_tuned_16_tma,
+            "forward fp32": _fwd_tuned_32, "dlogits 16-bit": _bwd_tuned_16, "dlogits fp32": _bwd_tuned_32}  # fmt: skip
+
+
+# Every config's time when the autotuner tuned a key in this process: {id(tuner): {key: {config: ms}}}.
+_TUNING_MS: dict[int, dict[tuple, dict[str, float]]] = {}
+
+
+def _note_tuning(tuner) -> None:
+    """After a launch through `tuner`: keep the timings of a key it has just tuned (Triton keeps the last only)."""
+    seen = _TUNING_MS.setdefault(id(tuner), {})
+    for key in getattr(tuner, "cache", {}):
+        if key not in seen:
+            timings = getattr(tuner, "configs_timings", None) or {}
+            seen[key] = {str(c): float(t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
+
+
+def autotuned_configs() -> list[dict]:
+    """What the autotuner picked in this process, one entry per kernel and key (benchmarks record it).
+
+    key: the values of the kernel's key arguments, then the tensor dtypes; config: tile sizes, loop shape,
+    operand loads, warps, pipeline stages, register cap; timings_ms: every candidate config's median time.
+    """
+    return [
+        {"kernel": name, "key_args": list(tuner.keys), "key": [str(k) for k in key],
+         "config": {k: v for k, v in config.all_kwargs().items() if k != "num_ctas"},
+         "timings_ms": _TUNING_MS.get(id(tuner), {}).get(key, {})}
+        for name, tuner in _tuners().items()
+        for key, config in getattr(tuner, "cache", {}).items()
+    ]  # fmt: skip
+
+
+# The forward's variant under the interpreter (tests run each): loop shape, and TMA loads where usable.
+INTERPRETER_FORWARD = {"FLAT_LOOP": False, "USE_TMA": False}
 
 
 def _interpreter_config(hidden_size: int) -> triton.Config:
@@ -93,7 +161,7 @@ def _pick_kernel(plain, tuned, configs: list[triton.Config], hidden_size: int, n
         config = configs[0]
     else:
         return tuned, configs[0], {}
-    return plain, config, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    return plain, config, config.all_kwargs()
 
 
 def _n_class(n: int) -> int:
@@ -194,14 +262,21 @@ def forward(
         return zeros(), zeros(), zeros(), (zeros() if dual else None)
 
     wide = not _is_16bit(hidden, weight, ref_hidden, ref_weight)
+    tma_usable = not wide and tma.usable(hidden, weight, ref_hidden, ref_weight, interpret=_INTERPRET)
     n_class = _n_class(n_rows)
-    kernel, config, meta = _pick_kernel(
-        linear_logprob_stats_kernel, _fwd_tuned_32 if wide else _fwd_tuned_16,
-        _FWD_CONFIGS_32 if wide else _FWD_CONFIGS_16, hidden_size, n_class,
-    )  # fmt: skip
-    block_m, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    if wide:
+        tuned, configs = _fwd_tuned_32, _FWD_CONFIGS_32
+    else:
+        tuned, configs = (_fwd_tuned_16_tma, _FWD_CONFIGS_16_TMA) if tma_usable else (_fwd_tuned_16, _FWD_CONFIGS_16)
+    kernel, config, meta = _pick_kernel(linear_logprob_stats_kernel, tuned, configs, hidden_size, n_class)
+    if _INTERPRET:
+        meta.update(INTERPRETER_FORWARD, USE_TMA=INTERPRETER_FORWARD["USE_TMA"] and tma_usable)
+    # Descriptors go to the autotuner whenever its list has TMA configs (their pre_hook sets the block shapes).
+    with_descriptors = meta.get("USE_TMA", False) or (kernel is tuned and tma_usable)
+    block_m, block_n, block_k = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     num_row_blocks = triton.cdiv(n_rows, block_m)
-    splits = _num_splits(num_row_blocks, vocab, _num_programs_per_wave(device))
+    models = 2 if dual else 1
+    splits = _num_splits(num_row_blocks * models, vocab, _num_programs_per_wave(device))
     split_cols = triton.cdiv(triton.cdiv(vocab, splits), _COL_ALIGN) * _COL_ALIGN
     splits = triton.cdiv(vocab, split_cols)
 
@@ -211,10 +286,15 @@ def forward(
     upcast, ieee = _pair_flags(hidden, weight)
     ref_upcast, ref_ieee = _pair_flags(ref_hidden, ref_weight) if dual else (upcast, ieee)
     even_k = hidden_size % block_k == 0
+    descriptors = [None] * 4
+    if with_descriptors:  # without a reference, the policy's stand in for the unused reference arguments
+        descriptors = [tma.descriptor(t, rows, block_k)
+                       for t, rows in ((hidden, block_m), (weight, block_n), (ref_hidden if dual else hidden, block_m),
+                                       (ref_weight if dual else weight, block_n))]  # fmt: skip
     args = (
         hidden, weight, bias if bias is not None else weight, part,
         ref_hidden if dual else hidden, ref_weight if dual else weight,
-        ref_bias if ref_bias is not None else weight, ref_part, targets,
+        ref_bias if ref_bias is not None else weight, ref_part, targets, *descriptors,
         n_rows, hidden_size, vocab, splits, split_cols, _LOG2E / temperature, n_class,
     )  # fmt: skip
     flags = dict(
@@ -222,7 +302,9 @@ def forward(
         DUAL=dual, REF_HAS_BIAS=dual and ref_bias is not None, REF_EVEN_K=even_k, REF_UPCAST=ref_upcast,
         REF_IEEE=ref_ieee, GROUP_M=_GROUP_M,
     )  # fmt: skip
-    kernel[(num_row_blocks * splits,)](*args, **flags, **meta)
+    kernel[(num_row_blocks * splits * models,)](*args, **flags, **meta)
+    if kernel is tuned:
+        _note_tuning(tuned)
 
     valid = targets != ignore_index
     lse2, target2, entropy = _merge_splits(part, with_entropy)
@@ -378,6 +460,8 @@ def backward(
             n_rows, hidden_size, vocab, col_begin, n_cols, _LOG2E / temperature, 1.0 / temperature,
             ignore_index, n_class, **flags,
         )  # fmt: skip
+        if kernel is not dlogits_kernel:
+            _note_tuning(kernel)
         if dlogits.dtype != dtype:
             dlogits = dlogits.to(dtype)
         cols = slice(col_begin, col_begin + n_cols)

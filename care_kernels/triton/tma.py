@@ -1,0 +1,53 @@
+"""Host-side TMA (tensor memory accelerator) descriptors for the forward kernel's operand tiles, Hopper and later.
+
+A descriptor names a 2-D row-major tensor and the block a kernel copies at a time; the kernel then loads a
+block with `desc.load([row, col])` in one bulk copy, with zeros for the part past the tensor's edge. The block
+shape is the autotuner config's tile, so each config's `pre_hook` (`set_block_shapes`) writes it into the
+descriptors before that config runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer path only
+    TensorDescriptor = None
+
+# Kernel argument -> which tile dimension its block's rows take (hidden: a row block, weight: a column tile).
+_DESCRIPTOR_ROWS = {"h_desc": "BLOCK_M", "w_desc": "BLOCK_N", "ref_h_desc": "BLOCK_M", "ref_w_desc": "BLOCK_N"}
+
+
+def usable(*tensors: torch.Tensor | None, interpret: bool) -> bool:
+    """Whether every tensor can back a descriptor: 16-bit, 2-D contiguous, 16-byte aligned base and rows.
+
+    On a GPU, also compute capability 9.0 or later (the interpreter emulates descriptors anywhere).
+    """
+    if TensorDescriptor is None:
+        return False
+    present = [t for t in tensors if t is not None]
+    if not interpret and not all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9 for t in present):
+        return False
+    return all(
+        t.dtype in (torch.float16, torch.bfloat16)
+        and t.dim() == 2
+        and t.is_contiguous()
+        and t.data_ptr() % 16 == 0
+        and (t.shape[1] * t.element_size()) % 16 == 0
+        and t.shape[0] > 0
+        for t in present
+    )
+
+
+def descriptor(t: torch.Tensor, block_rows: int, block_k: int):
+    """A descriptor of t [rows, K] with blocks [block_rows, block_k] (set_block_shapes may change them)."""
+    return TensorDescriptor.from_tensor(t, [block_rows, block_k])
+
+
+def set_block_shapes(nargs: dict) -> None:
+    """Autotuner pre_hook: each descriptor argument gets the config's tile as its block shape."""
+    for name, rows in _DESCRIPTOR_ROWS.items():
+        desc = nargs.get(name)
+        if desc is not None:
+            desc.block_shape = [nargs[rows], nargs["BLOCK_K"]]

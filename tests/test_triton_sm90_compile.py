@@ -1,0 +1,67 @@
+"""Every GPU config the Triton launchers can pick compiles for Hopper (sm_90) the way its speed depends on.
+
+Runs on any machine: Triton compiles for a named target with the ptxas it ships (care_kernels/triton/
+sm90_report.py, also `python -m care_kernels.triton.sm90_report`). Speed is measured on a GPU only
+(benchmarks/gpu_check.sh); this catches, on every CI run, a config that spills registers, asks for more
+shared memory than an SM has, or whose main loop is no longer software-pipelined. The compiles run in a
+subprocess: this process runs the kernels under TRITON_INTERPRET, which cannot compile them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on an H100/H200
+# fp32 configs (exact fp32 products on CUDA-core FMAs) are not the fast path: Triton 3.6 spills 8-16 bytes
+# per thread in the 64x64 forward, Triton 3.8 nothing.
+FP32_SPILL_BYTES_ALLOWED = 32
+# Configs per kernel and operand dtype in the launchers' lists: a list that changes must be looked at here.
+EXPECTED_CONFIGS = {"forward bf16": 7, "forward dual bf16": 7, "forward fp32": 4, "forward dual fp32": 4,
+                    "dlogits bf16": 3, "dlogits fp32": 3, "matmul-accumulate bf16": 1}  # fmt: skip
+
+
+def _compile_in_subprocess(*args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "care_kernels.triton.sm90_report", "--json", *args],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict:
+    return _compile_in_subprocess()
+
+
+def test_every_shipped_config_is_reported(reports):
+    kernels = [r["kernel"] for r in reports.values()]
+    assert {k: kernels.count(k) for k in set(kernels)} == EXPECTED_CONFIGS
+
+
+def test_configs_compile_for_hopper_pipelined_without_spills(reports):
+    problems = []
+    for label, r in reports.items():
+        if not r["pipelined"]:
+            problems.append(f"{label}: main loop not software-pipelined")
+        if r["shared_bytes"] > HOPPER_SHARED_BYTES:
+            problems.append(f"{label}: {r['shared_bytes']} B of shared memory")
+        if r["kernel"].endswith("fp32"):
+            if r["spill_bytes"] > FP32_SPILL_BYTES_ALLOWED:
+                problems.append(f"{label}: spills {r['spill_bytes']} B per thread")
+        else:
+            if r["spill_bytes"]:
+                problems.append(f"{label}: spills {r['spill_bytes']} B per thread")
+            if not r["wgmma"]:
+                problems.append(f"{label}: 16-bit operands without Hopper tensor-core (wgmma) instructions")
+    assert not problems, "\n".join(problems)
+
+
+def test_report_sees_an_unpipelined_loop():
+    """The pipelining check can fail: with one stage nothing is in flight, and the report says so."""
+    reports = _compile_in_subprocess("--stages", "1", "--only", "dlogits bf16")
+    assert reports and all(not r["pipelined"] and r["wgmma"] for r in reports.values())
