@@ -123,9 +123,11 @@ try:
     picks = json.load(open(sys.argv[1]))["care_kernels_bench"]["triton_autotuned"]
 except (OSError, ValueError, KeyError) as exc:
     sys.exit(f"autotuned: none recorded ({type(exc).__name__})")
-print(f"autotuned: {len(picks)} picks")
+print(f"autotuned: {len(picks)} picks (every candidate's median ms, fastest first)")
 for p in picks:
-    print(f"  {p['kernel']}: {dict(zip(p['key_args'], p['key']))} {p['key'][len(p['key_args']):]} -> {p['config']}")
+    print(f"  {p['kernel']}: {dict(zip(p['key_args'], p['key']))} {p['key'][len(p['key_args']):]} -> {p['label']}")
+    for label, ms in sorted(p["timings_ms"].items(), key=lambda item: item[1]):
+        print(f"      {ms:9.3f} ms  {label}")
 EOF
 
 # 5. report

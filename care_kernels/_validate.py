@@ -44,6 +44,8 @@ def check_head(hidden, weight, bias, hidden_name: str, weight_name: str, bias_na
         raise ValueError(f"{weight_name} must have shape [V, H], got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError(f"{weight_name} has an empty vocabulary (V = 0); pass the LM head's weight [V, H]")
+    if weight.shape[1] == 0:
+        raise ValueError(f"{weight_name} has hidden size H = 0; pass the LM head's weight [V, H] with H > 0")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{hidden_name} has hidden size {hidden.shape[-1]} but {weight_name} is {tuple(weight.shape)}: "

@@ -177,6 +177,7 @@ def test_works_under_torch_compile():
         (dict(bias=torch.randn(9)), "bias must have shape"),
         (dict(impl="cuda"), "impl must be one of"),
         (dict(hidden=torch.randint(0, 3, (3, 8))), "float32, bfloat16 or float16"),
+        (dict(hidden=torch.randn(3, 0), weight=torch.randn(10, 0)), "H = 0"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(kwargs, match):

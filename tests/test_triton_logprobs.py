@@ -122,16 +122,19 @@ def test_entropy_forward_without_entropy_gradient(device):
 
 
 @pytest.mark.parametrize(
-    "dtype,ref_dtype,bias",
+    "dtype,ref_dtype,bias,ref_bias",
     [
-        (torch.float16, torch.float32, True),
-        (torch.bfloat16, torch.bfloat16, False),
-        (torch.float32, torch.float16, True),
+        (torch.float16, torch.float32, True, True),
+        (torch.bfloat16, torch.bfloat16, False, False),
+        (torch.float32, torch.float16, True, True),
+        (torch.bfloat16, torch.bfloat16, True, False),  # a bias on one model only
     ],
     ids=str,
 )
-def test_dual_scores_reference_in_same_launch(device, dtype, ref_dtype, bias):
+def test_dual_scores_reference_in_same_launch(device, dtype, ref_dtype, bias, ref_bias):
     inputs = make_inputs(130, 100, 1000, dtype, device, bias=bias, ref_dtype=ref_dtype)
+    if not ref_bias:
+        inputs["ref_bias"] = None
     temperature = 0.7
     single = tlp.forward(
         inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"],
@@ -404,13 +407,20 @@ def test_gpu_dual_real_sizes(n, h, v, dtype, ref_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dual", [False, True], ids=["single", "dual"])
-def test_gpu_every_forward_config(monkeypatch, dual):
-    """Each config the autotuner may pick (tiles, loop shapes, TMA) gives the same bf16 forward at 7B size.
+@pytest.mark.parametrize(
+    "n,h,v,bias",
+    [
+        (2304, 3584, 152064, False),  # Qwen2.5-VL-7B's head, whole tiles
+        (2300, 1000, 151936, True),  # rows past N, a K tail (1000 = 15 x 64 + 40), columns past V, a bias
+    ],
+)
+def test_gpu_every_forward_config(monkeypatch, dual, n, h, v, bias):
+    """Each config the autotuner may pick (tiles, loop shapes, TMA) gives the same bf16 forward.
 
     The autotuner runs one of them per shape: a config that is wrong only in its own compile would otherwise
     pass every other test on the GPU where it happens to lose.
     """
-    inputs = make_inputs(2304, 3584, 152064, torch.bfloat16, torch.device("cuda"), bias=False,
+    inputs = make_inputs(n, h, v, torch.bfloat16, torch.device("cuda"), bias=bias,
                          ref_dtype=torch.bfloat16 if dual else None)  # fmt: skip
     ref = {k: inputs.get("ref_" + k) for k in ("hidden", "weight", "bias")}
     assert tlp.tma.usable(inputs["hidden"], inputs["weight"], interpret=False), "TMA configs would not run"
@@ -420,10 +430,10 @@ def test_gpu_every_forward_config(monkeypatch, dual):
     for config in configs:
         monkeypatch.setattr(tlp, "_FWD_CONFIGS_16_TMA", [config])
         results.append(tlp.forward(
-            inputs["hidden"], inputs["weight"], None, inputs["targets"], temperature=1.0, ignore_index=IGNORE,
+            inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"], temperature=1.0, ignore_index=IGNORE,
             with_entropy=True, ref_hidden=ref["hidden"], ref_weight=ref["weight"], ref_bias=ref["bias"],
         ))  # fmt: skip
-    truth = chunked_naive(inputs, 1.0, torch.zeros(2304, device="cuda"), None, torch.float64, 512)
+    truth = chunked_naive(inputs, 1.0, torch.zeros(n, device="cuda"), None, torch.float64, 512)
     for config, outputs in zip(configs, results):
         # Every config sums the same fp32 products in its own order: ~1e-6 relative apart.
         for got, want in zip(outputs, results[0]):
@@ -466,4 +476,21 @@ def test_autotuned_configs_lists_the_autotuner_picks(monkeypatch):
     assert entry["kernel"] == "forward 16-bit"
     assert dict(zip(entry["key_args"], entry["key"]))["DUAL"] == "True"
     assert entry["config"] == {**pick.kwargs, "num_warps": 8, "num_stages": 3, "maxnreg": 128}
-    assert sorted(entry["timings_ms"].values()) == [1.0 + i for i in range(len(tlp._FWD_CONFIGS_16))]
+    assert entry["label"] == "128x128x64 w8 s3 flat r128"
+    assert entry["timings_ms"] == {tlp.config_label(c): 1.0 + i for i, c in enumerate(tlp._FWD_CONFIGS_16)}
+
+
+def test_tma_descriptors_take_each_configs_tile(device):
+    """The autotuner's pre_hook gives hidden descriptors [BLOCK_M, BLOCK_K] blocks, weight ones [BLOCK_N, BLOCK_K]."""
+    hidden, weight = torch.zeros(300, 64, dtype=torch.bfloat16), torch.zeros(1000, 64, dtype=torch.bfloat16)
+    assert tlp.tma.usable(hidden, weight, interpret=True)
+    assert not tlp.tma.usable(hidden[:, :60].contiguous(), interpret=True)  # rows of 120 bytes
+    assert not tlp.tma.usable(hidden.float(), interpret=True)
+    tensors = {"h_desc": hidden, "w_desc": weight, "ref_h_desc": hidden, "ref_w_desc": weight}
+    descriptors = {name: tlp.tma.descriptor(t, 16, 16) for name, t in tensors.items()}
+    for config in tlp._FWD_CONFIGS_16_TMA:
+        config.pre_hook({**descriptors, **config.kwargs})
+        tiles = config.kwargs
+        for name, desc in descriptors.items():
+            rows = tiles["BLOCK_N"] if name.endswith("w_desc") else tiles["BLOCK_M"]
+            assert desc.block_shape == [rows, tiles["BLOCK_K"]], (name, tlp.config_label(config))

@@ -83,6 +83,7 @@ def logits_tile(
     """fp32 [BLOCK_M, BLOCK_N] tile of hidden[rows] @ weight[cols].T; rows/cols are int64, in range.
 
     UPCAST: cast loads to fp32 first (the interpreter's bf16 is broken; also mixed-dtype pairs).
+    IEEE: true fp32 products for fp32 operands (see _mma).
     """
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -272,7 +273,8 @@ def linear_logprob_stats_kernel(
     part [4 or 3, num_splits, N] (planes max, sumexp, target, [entropy]); ref_part [3, num_splits, N].
     With DUAL the second half of the programs scores the reference (own hidden/weight/bias/dtype): one launch,
     and each program holds one model's tile, so the dual kernel needs no more registers than the single one.
-    The *_desc arguments are TMA descriptors of hidden / weight (and the reference's) when USE_TMA, else None.
+    The *_desc arguments are TMA descriptors of hidden / weight (and the reference's; the policy's again
+    without one) whenever the launch may use TMA, and None when it cannot; only USE_TMA configs read them.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(N, BLOCK_M)

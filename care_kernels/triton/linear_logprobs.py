@@ -62,7 +62,8 @@ def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None
 # compiler makes of each for Hopper (tests/test_triton_sm90_compile.py: no spills, pipelined). With Triton 3.6:
 # - nested 128x128, 8 warps: 165 registers, one CTA per SM. 128x256: 255, the fewest bytes from L2 per FLOP.
 #   4 warps: 255 registers x 128 threads, two CTAs per SM (one's fold overlaps the other's main loop).
-# - flat, pointer loads, 128x128 capped at 128 registers: no spills (nested would spill), two 8-warp CTAs per SM.
+# - flat, pointer loads, 128x128 capped at 128 registers: no spills, two 8-warp CTAs per SM (nested capped the
+#   same way spills 48 bytes with Triton 3.8, none with 3.6).
 # - flat, TMA loads (Hopper+, 16-byte aligned rows; no address registers): 128x128 fits a 128-register cap
 #   without spills (168 uncapped; Triton 3.8 needs 128 uncapped), two CTAs per SM; 254 at 128x256.
 # Which wins is the autotuner's call on each GPU; benchmarks record its picks and every config's time.
@@ -101,13 +102,24 @@ def _check_config_lists() -> None:
 _check_config_lists()
 
 # Constexpr flags that change the work per program are part of the key (Triton keys on the listed
-# arguments and the tensors' dtypes only).
-_FWD_KEY = ["H", "V", "N_CLASS", "DUAL", "WITH_ENTROPY"]
+# arguments and the tensors' dtypes only; EVEN_K follows from H).
+_FWD_KEY = ["H", "V", "N_CLASS", "DUAL", "WITH_ENTROPY", "HAS_BIAS", "REF_HAS_BIAS"]
 _fwd_tuned_16 = triton.autotune(configs=_FWD_CONFIGS_16, key=_FWD_KEY)(linear_logprob_stats_kernel)
 _fwd_tuned_16_tma = triton.autotune(configs=_FWD_CONFIGS_16_TMA, key=_FWD_KEY)(linear_logprob_stats_kernel)
 _fwd_tuned_32 = triton.autotune(configs=_FWD_CONFIGS_32, key=_FWD_KEY)(linear_logprob_stats_kernel)
-_bwd_tuned_16 = triton.autotune(configs=_BWD_CONFIGS_16, key=["H", "N_CLASS"])(dlogits_kernel)
-_bwd_tuned_32 = triton.autotune(configs=_BWD_CONFIGS_32, key=["H", "N_CLASS"])(dlogits_kernel)
+_BWD_KEY = ["H", "N_CLASS", "HAS_BIAS", "HAS_GRAD_ENTROPY"]
+_bwd_tuned_16 = triton.autotune(configs=_BWD_CONFIGS_16, key=_BWD_KEY)(dlogits_kernel)
+_bwd_tuned_32 = triton.autotune(configs=_BWD_CONFIGS_32, key=_BWD_KEY)(dlogits_kernel)
+
+
+def config_label(config: triton.Config) -> str:
+    """Short name of a config, e.g. '128x128x64 w8 s3 flat tma r128' (tile, warps, stages, variant, cap)."""
+    c = config.kwargs
+    label = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+    if "FLAT_LOOP" in c:
+        label += " flat" if c["FLAT_LOOP"] else " nested"
+    label += " tma" if c.get("USE_TMA") else ""
+    return label + (f" r{config.maxnreg}" if config.maxnreg else "")
 
 
 def _tuners() -> dict:
@@ -125,7 +137,8 @@ def _note_tuning(tuner) -> None:
     for key in getattr(tuner, "cache", {}):
         if key not in seen:
             timings = getattr(tuner, "configs_timings", None) or {}
-            seen[key] = {str(c): float(t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
+            median = lambda t: float(t[0] if isinstance(t, (list, tuple)) else t)  # noqa: E731
+            seen[key] = {config_label(c): median(t) for c, t in timings.items()}
 
 
 def autotuned_configs() -> list[dict]:
@@ -136,7 +149,7 @@ def autotuned_configs() -> list[dict]:
     """
     return [
         {"kernel": name, "key_args": list(tuner.keys), "key": [str(k) for k in key],
-         "config": {k: v for k, v in config.all_kwargs().items() if k != "num_ctas"},
+         "config": {k: v for k, v in config.all_kwargs().items() if k != "num_ctas"}, "label": config_label(config),
          "timings_ms": _TUNING_MS.get(id(tuner), {}).get(key, {})}
         for name, tuner in _tuners().items()
         for key, config in getattr(tuner, "cache", {}).items()

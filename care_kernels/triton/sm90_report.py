@@ -45,12 +45,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        c = self.config
-        tiles = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        flat = {True: " flat", False: " nested"}.get(c.kwargs.get("FLAT_LOOP"), "")
-        flat += " tma" if c.kwargs.get("USE_TMA") else ""
-        cap = f" r{c.maxnreg}" if c.maxnreg else ""
-        return f"{self.name} {tiles} w{c.num_warps} s{c.num_stages}{flat}{cap}"
+        return f"{self.name} {tlp.config_label(self.config)}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,12 +22,14 @@ _DESCRIPTOR_ROWS = {"h_desc": "BLOCK_M", "w_desc": "BLOCK_N", "ref_h_desc": "BLO
 def usable(*tensors: torch.Tensor | None, interpret: bool) -> bool:
     """Whether every tensor can back a descriptor: 16-bit, 2-D contiguous, 16-byte aligned base and rows.
 
-    On a GPU, also compute capability 9.0 or later (the interpreter emulates descriptors anywhere).
+    On a GPU, also an NVIDIA one of compute capability 9.0 or later (the interpreter emulates descriptors).
     """
     if TensorDescriptor is None:
         return False
     present = [t for t in tensors if t is not None]
-    if not interpret and not all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9 for t in present):
+    if not interpret and not (torch.version.hip is None and all(
+        t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9 for t in present
+    )):  # fmt: skip  (ROCm's MI300 reports capability 9.4, and has no TMA)
         return False
     return all(
         t.dtype in (torch.float16, torch.bfloat16)
