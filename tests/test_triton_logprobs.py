@@ -217,6 +217,42 @@ def test_forward_variants(device, monkeypatch, variant, n, h, v, dtype, ref_dtyp
         check_against_naive(inputs, 0.7)  # this variant against the float64 truth, gradients included
 
 
+BACKWARD_VARIANTS = {
+    "persistent": {"PERSISTENT": True, "USE_TMA": False, "PROGRAMS_PER_SM": 1},
+    "persistent_tma": {"PERSISTENT": True, "USE_TMA": True, "PROGRAMS_PER_SM": 1},
+}
+
+
+@pytest.mark.parametrize("variant", list(BACKWARD_VARIANTS))
+@pytest.mark.parametrize(
+    "n,h,v,dtype,grad_entropy",
+    [
+        (130, 100, 1000, torch.float32, True),  # pointer loads only (fp32), K tail
+        (130, 96, 1000, torch.bfloat16, True),  # TMA: K tile (128) past H, rows past N, several chunks
+        (7, 304, 1000, torch.float16, False),  # several K steps per tile
+    ],
+    ids=str,
+)
+def test_backward_variants(device, monkeypatch, variant, n, h, v, dtype, grad_entropy):
+    """Persistent dlogits programs (several tiles each, flat loop), pointer or TMA loads, give the per-tile grads."""
+    if device.type == "cuda":
+        pytest.skip("on GPU every autotuner config is checked in test_gpu_every_dlogits_config")
+    monkeypatch.setattr(tlp, "_num_programs_per_wave", lambda _device: 2)  # 2 persistent programs, many tiles
+    monkeypatch.setattr(tlp, "DLOGITS_SLAB_BYTES", 130 * 512 * 4)  # chunks of 512 columns: col_begin > 0
+    inputs = make_inputs(n, h, v, dtype, device)
+    made = []
+    monkeypatch.setattr(tlp.tma, "descriptor", lambda *a, real=tlp.tma.descriptor: made.append(a) or real(*a))
+    torch.manual_seed(1)  # the same output gradients in both runs
+    per_tile = check_against_naive(inputs, 0.7, grad_entropy=grad_entropy)
+    monkeypatch.setattr(tlp, "INTERPRETER_BACKWARD", BACKWARD_VARIANTS[variant])
+    torch.manual_seed(1)
+    variant_out = check_against_naive(inputs, 0.7, grad_entropy=grad_entropy)
+    expect_tma = variant == "persistent_tma" and dtype != torch.float32
+    assert len(made) == 2 * expect_tma, "TMA descriptors made (or not) as expected"
+    for name, want, got in zip(("grad_hidden", "grad_weight", "grad_bias"), per_tile[3:], variant_out[3:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)  # same products, same order
+
+
 def test_triton_fp32_accumulating_matmul(device, monkeypatch):
     """The Triton C (+)= A @ B used for dH when cuBLAS cannot write fp32 from 16-bit inputs."""
     monkeypatch.setattr(tlp, "_cublas_writes_fp32", lambda _device, _dtype: False)
@@ -440,6 +476,22 @@ def test_gpu_every_forward_config(monkeypatch, dual, n, h, v, bias):
             if want is not None:
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, c=config: f"{c}: {m}")
         torch.testing.assert_close(outputs[0].double(), truth[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_every_dlogits_config(monkeypatch):
+    """Each backward config the autotuner may pick (tiles, persistent, TMA) gives gradients within 2x of the
+    bf16 torch error, on a shape with tails (rows past N, a K tail, columns past V, several column chunks)."""
+    inputs = make_inputs(2300, 1000, 151936, torch.bfloat16, torch.device("cuda"), bias=True)
+    assert tlp.tma.usable(inputs["hidden"], inputs["weight"], interpret=False), "TMA configs would not run"
+    monkeypatch.setattr(tlp, "_TUNE_FROM_N_CLASS", 99)  # launch the list's first config, untuned
+    for config in list(tlp._BWD_CONFIGS_16_TMA):  # every 16-bit config, pointer and TMA loads
+        monkeypatch.setattr(tlp, "_BWD_CONFIGS_16_TMA", [config])
+        torch.manual_seed(0)
+        try:
+            check_real_size(inputs, 0.7)
+        except AssertionError as error:
+            raise AssertionError(f"{tlp.config_label(config)}: {error}") from error
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 """Backward Triton kernels: the gradient w.r.t. the logits of a column chunk, and an fp32-accumulating matmul.
 
-`dlogits_kernel` recomputes a logits tile with the same `tl.dot` K-loop as the forward and turns it in
+`dlogits_kernel` recomputes a logits tile with the same `tl.dot` K-loop as the forward (one tile per
+program, or persistent programs with the forward's flat loop and optional TMA loads) and turns it in
 registers into
 
     p = exp(z - lse),  dz = g_lp * (1[j == y] - p) - g_ent * p * (z - lse + entropy),  dlogits = dz / T
@@ -17,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from care_kernels.triton._forward_kernels import logits_tile
+from care_kernels.triton._forward_kernels import _k_step_operands, _mma, _tma_k_step_operands, logits_tile
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -37,6 +38,58 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _store_dlogits(
+    acc,
+    pid_m,
+    pid_n,
+    b_ptr,
+    tgt_ptr,
+    lse_ptr,
+    ent_ptr,
+    glp_ptr,
+    gent_ptr,
+    dz_ptr,
+    N,
+    V,
+    col_begin,
+    n_cols,
+    scale2,
+    inv_temp,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The epilogue of tile (pid_m, pid_n): fp32 logits (no bias yet) -> dlogits, stored into dz [N, n_cols]."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    rows_ld = tl.minimum(rows, N - 1).to(tl.int64)
+    local_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = local_cols < n_cols
+    cols = col_begin + local_cols
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + tl.minimum(cols, V - 1).to(tl.int64)).to(tl.float32)[None, :]
+
+    tgt = tl.load(tgt_ptr + rows_ld)
+    valid = (tgt != ignore_index) & row_mask
+    lse2 = tl.where(valid, tl.load(lse_ptr + rows_ld) * LOG2E, BIG_LSE)
+    g_lp = tl.where(valid, tl.load(glp_ptr + rows_ld), 0.0)
+    zc = acc * scale2 - lse2[:, None]  # (z - lse) in base-2 units
+    p = tl.exp2(zc)
+    if HAS_GRAD_ENTROPY:
+        g_ent = tl.where(valid, tl.load(gent_ptr + rows_ld), 0.0)
+        ent = tl.where(valid, tl.load(ent_ptr + rows_ld), 0.0)
+        dz = -p * (g_lp[:, None] + g_ent[:, None] * (zc * LN2 + ent[:, None]))
+    else:
+        dz = -p * g_lp[:, None]
+    dz = tl.where(cols[None, :] == tgt[:, None], dz + g_lp[:, None], dz) * inv_temp
+
+    out = dz_ptr + rows.to(tl.int64)[:, None] * n_cols + local_cols[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
 def dlogits_kernel(
     h_ptr,
     w_ptr,
@@ -47,6 +100,8 @@ def dlogits_kernel(
     glp_ptr,
     gent_ptr,
     dz_ptr,
+    h_desc,
+    w_desc,
     N,
     H,
     V,
@@ -65,39 +120,60 @@ def dlogits_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # unused in the body: the launcher sizes a PERSISTENT grid with it
 ):
-    """Grid: (cdiv(N, BLOCK_M) * cdiv(n_cols, BLOCK_N),). Writes the dlogits chunk into dz [N, n_cols]."""
+    """Writes the dlogits chunk into dz [N, n_cols], tile by tile (grouped order, see _grouped_tile).
+
+    Grid: one program per tile, or with PERSISTENT fewer programs (a few per SM), each taking every
+    num_programs-th tile in one flat loop over (tile, K step) so the next tile's loads fly during an
+    epilogue (as in the forward's flat loop). USE_TMA (persistent only): operands through the descriptors
+    h_desc / w_desc (blocks [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K]; None when the launch cannot use TMA).
+    """
+    tl.static_assert(PERSISTENT or not USE_TMA, "the TMA operand path exists in the persistent loop only")
     pid = tl.program_id(0)
-    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(N, BLOCK_M), tl.cdiv(n_cols, BLOCK_N), GROUP_M)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
-    rows_ld = tl.minimum(rows, N - 1).to(tl.int64)
-    local_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = local_cols < n_cols
-    cols = col_begin + local_cols
-    cols_ld = tl.minimum(cols, V - 1).to(tl.int64)
-
-    acc = logits_tile(h_ptr, w_ptr, rows_ld, cols_ld, H, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols_ld).to(tl.float32)[None, :]
-
-    tgt = tl.load(tgt_ptr + rows_ld)
-    valid = (tgt != ignore_index) & row_mask
-    lse2 = tl.where(valid, tl.load(lse_ptr + rows_ld) * LOG2E, BIG_LSE)
-    g_lp = tl.where(valid, tl.load(glp_ptr + rows_ld), 0.0)
-    zc = acc * scale2 - lse2[:, None]  # (z - lse) in base-2 units
-    p = tl.exp2(zc)
-    if HAS_GRAD_ENTROPY:
-        g_ent = tl.where(valid, tl.load(gent_ptr + rows_ld), 0.0)
-        ent = tl.where(valid, tl.load(ent_ptr + rows_ld), 0.0)
-        dz = -p * (g_lp[:, None] + g_ent[:, None] * (zc * LN2 + ent[:, None]))
+    num_pid_m = tl.cdiv(N, BLOCK_M)
+    num_pid_n = tl.cdiv(n_cols, BLOCK_N)
+    if PERSISTENT:
+        num_programs = tl.num_programs(0)
+        k_steps = tl.cdiv(H, BLOCK_K)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        tile = pid - num_programs
+        pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)  # typed loop state; set again at ki == 0
+        rows_ld = tl.zeros([BLOCK_M], dtype=tl.int64)
+        cols_ld = tl.zeros([BLOCK_N], dtype=tl.int64)
+        ki = -1
+        for _ in range(0, k_steps * tl.cdiv(num_pid_m * num_pid_n - pid, num_programs)):
+            ki = tl.where(ki == k_steps - 1, 0, ki + 1)
+            if ki == 0:
+                tile += num_programs
+                pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+                rows_ld = tl.minimum(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N - 1).to(tl.int64)
+                cols_ld = tl.minimum(col_begin + pid_n * BLOCK_N + tl.arange(0, BLOCK_N), V - 1).to(tl.int64)
+            if USE_TMA:
+                a, b = _tma_k_step_operands(
+                    h_desc, w_desc, pid_m * BLOCK_M, col_begin + pid_n * BLOCK_N, ki * BLOCK_K, UPCAST
+                )
+            else:
+                a, b = _k_step_operands(h_ptr, w_ptr, rows_ld, cols_ld, ki * BLOCK_K, H, offs_k, EVEN_K, UPCAST)
+            acc = _mma(a, b, acc, IEEE)
+            if ki == k_steps - 1:
+                _store_dlogits(
+                    acc, pid_m, pid_n, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, N, V,
+                    col_begin, n_cols, scale2, inv_temp, ignore_index, HAS_BIAS, HAS_GRAD_ENTROPY, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
-        dz = -p * g_lp[:, None]
-    dz = tl.where(cols[None, :] == tgt[:, None], dz + g_lp[:, None], dz) * inv_temp
-
-    out = dz_ptr + rows.to(tl.int64)[:, None] * n_cols + local_cols[None, :]
-    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+        rows_ld = tl.minimum(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N - 1).to(tl.int64)
+        cols_ld = tl.minimum(col_begin + pid_n * BLOCK_N + tl.arange(0, BLOCK_N), V - 1).to(tl.int64)
+        acc = logits_tile(h_ptr, w_ptr, rows_ld, cols_ld, H, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE)
+        _store_dlogits(
+            acc, pid_m, pid_n, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, N, V,
+            col_begin, n_cols, scale2, inv_temp, ignore_index, HAS_BIAS, HAS_GRAD_ENTROPY, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
 
 
 @triton.jit

@@ -47,6 +47,14 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, maxnreg: int | None
                          maxnreg=maxnreg)  # fmt: skip
 
 
+def _bwd(bm, bn, bk, warps, stages, *, persistent=0, tma_loads=False, maxnreg=None) -> triton.Config:
+    """A dlogits config: tile; persistent = programs per SM (0: one program per tile); TMA loads; register cap."""
+    config = _cfg(bm, bn, bk, warps, stages, maxnreg, PERSISTENT=persistent > 0, USE_TMA=tma_loads,
+                  PROGRAMS_PER_SM=max(persistent, 1))  # fmt: skip
+    config.pre_hook = tma.set_block_shapes
+    return config
+
+
 def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None) -> triton.Config:
     """A forward config: tile, loop shape (nested or flat), operand loads (pointers or TMA), register cap."""
     config = _cfg(bm, bn, bk, warps, stages, maxnreg, FLAT_LOOP=flat, USE_TMA=tma_loads)
@@ -79,11 +87,23 @@ _FWD_CONFIGS_16_TMA = [
     _fwd(128, 128, 64, 8, 3, flat=True, tma_loads=True, maxnreg=128),
     _fwd(128, 256, 64, 8, 3, flat=True, tma_loads=True),
 ]
-_BWD_CONFIGS_16 = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)]
+# dlogits: one tile per program (Triton 3.6: 122 registers at 128x128, two CTAs per SM; 254 at the larger
+# tiles). Where TMA is usable, also persistent programs (a fixed number per SM, each a flat loop over its
+# tiles' K steps; the epilogue's layout change takes 32 KB of shared memory more): 128x128 with 2 stages and
+# at most 128 registers (96 KB: two CTAs per SM), 128x128 and 128x256 with 3 stages, one CTA per SM.
+# Persistent programs with pointer loads were left out: 3 stages (128 KB) leave one CTA per SM, 2 stages
+# do not pipeline, and the cap of 128 registers spills with Triton 3.8 (sm90_report).
+_BWD_CONFIGS_16 = [_bwd(128, 128, 64, 8, 3), _bwd(128, 256, 64, 8, 3), _bwd(256, 128, 64, 8, 3)]
+_BWD_CONFIGS_16_TMA = [
+    *_BWD_CONFIGS_16,
+    _bwd(128, 128, 64, 8, 2, persistent=2, tma_loads=True, maxnreg=128),
+    _bwd(128, 128, 64, 8, 3, persistent=1, tma_loads=True),
+    _bwd(128, 256, 64, 8, 3, persistent=1, tma_loads=True),
+]
 # fp32 (exact fp32 products, no TF32) and mixed fp32/16-bit pairs: smaller tiles for the 4-byte operands.
 _FWD_CONFIGS_32 = [_fwd(64, 64, 32, 4, 3), _fwd(64, 128, 32, 8, 3), _fwd(64, 64, 32, 4, 3, flat=True),
                    _fwd(64, 128, 32, 8, 3, flat=True)]  # fmt: skip
-_BWD_CONFIGS_32 = [_cfg(64, 64, 32, 4, 3), _cfg(64, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 3)]
+_BWD_CONFIGS_32 = [_bwd(64, 64, 32, 4, 3), _bwd(64, 128, 32, 8, 3), _bwd(128, 128, 32, 8, 3)]
 _MATMUL_CONFIG_16 = _cfg(128, 128, 64, 8, 3)
 _TUNE_FROM_N_CLASS = 2
 
@@ -91,12 +111,14 @@ _TUNE_FROM_N_CLASS = 2
 def _check_config_lists() -> None:
     """The launchers size splits and EVEN_K from a list's first config: what they read must be shared."""
     fwd, bwd = ("BLOCK_M", "BLOCK_K"), ("BLOCK_K",)
-    for configs, shared in [(_FWD_CONFIGS_16_TMA, fwd), (_FWD_CONFIGS_32, fwd), (_BWD_CONFIGS_16, bwd),
+    for configs, shared in [(_FWD_CONFIGS_16_TMA, fwd), (_FWD_CONFIGS_32, fwd), (_BWD_CONFIGS_16_TMA, bwd),
                             (_BWD_CONFIGS_32, bwd)]:  # fmt: skip
         assert len({tuple(c.kwargs[k] for k in shared) for c in configs}) == 1, shared
     assert all(_COL_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in _FWD_CONFIGS_16_TMA + _FWD_CONFIGS_32)
     # the untuned first configs launch without descriptors
-    assert not any(c[0].kwargs["USE_TMA"] for c in (_FWD_CONFIGS_16, _FWD_CONFIGS_16_TMA, _FWD_CONFIGS_32))
+    firsts = [c[0] for c in (_FWD_CONFIGS_16, _FWD_CONFIGS_16_TMA, _FWD_CONFIGS_32, _BWD_CONFIGS_16,
+                             _BWD_CONFIGS_16_TMA, _BWD_CONFIGS_32)]  # fmt: skip
+    assert not any(c.kwargs["USE_TMA"] for c in firsts)
 
 
 _check_config_lists()
@@ -109,22 +131,27 @@ _fwd_tuned_16_tma = triton.autotune(configs=_FWD_CONFIGS_16_TMA, key=_FWD_KEY)(l
 _fwd_tuned_32 = triton.autotune(configs=_FWD_CONFIGS_32, key=_FWD_KEY)(linear_logprob_stats_kernel)
 _BWD_KEY = ["H", "N_CLASS", "HAS_BIAS", "HAS_GRAD_ENTROPY"]
 _bwd_tuned_16 = triton.autotune(configs=_BWD_CONFIGS_16, key=_BWD_KEY)(dlogits_kernel)
+_bwd_tuned_16_tma = triton.autotune(configs=_BWD_CONFIGS_16_TMA, key=_BWD_KEY)(dlogits_kernel)
 _bwd_tuned_32 = triton.autotune(configs=_BWD_CONFIGS_32, key=_BWD_KEY)(dlogits_kernel)
 
 
 def config_label(config: triton.Config) -> str:
-    """Short name of a config, e.g. '128x128x64 w8 s3 flat tma r128' (tile, warps, stages, variant, cap)."""
+    """Short name of a config, e.g. '128x128x64 w8 s3 flat tma r128' (tile, warps, stages, variant, cap);
+    'persistent x2': two persistent programs per SM."""
     c = config.kwargs
     label = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
     if "FLAT_LOOP" in c:
         label += " flat" if c["FLAT_LOOP"] else " nested"
+    if c.get("PERSISTENT"):
+        label += f" persistent x{c['PROGRAMS_PER_SM']}"
     label += " tma" if c.get("USE_TMA") else ""
     return label + (f" r{config.maxnreg}" if config.maxnreg else "")
 
 
 def _tuners() -> dict:
     return {"forward 16-bit": _fwd_tuned_16, "forward 16-bit TMA-capable": _fwd_tuned_16_tma,
-            "forward fp32": _fwd_tuned_32, "dlogits 16-bit": _bwd_tuned_16, "dlogits fp32": _bwd_tuned_32}  # fmt: skip
+            "forward fp32": _fwd_tuned_32, "dlogits 16-bit": _bwd_tuned_16,
+            "dlogits 16-bit TMA-capable": _bwd_tuned_16_tma, "dlogits fp32": _bwd_tuned_32}  # fmt: skip
 
 
 # Every config's time when the autotuner tuned a key in this process: {id(tuner): {key: {config: ms}}}.
@@ -156,8 +183,9 @@ def autotuned_configs() -> list[dict]:
     ]  # fmt: skip
 
 
-# The forward's variant under the interpreter (tests run each): loop shape, and TMA loads where usable.
+# The kernels' variants under the interpreter (tests run each): loop shape, and TMA loads where usable.
 INTERPRETER_FORWARD = {"FLAT_LOOP": False, "USE_TMA": False}
+INTERPRETER_BACKWARD = {"PERSISTENT": False, "USE_TMA": False, "PROGRAMS_PER_SM": 1}
 
 
 def _interpreter_config(hidden_size: int) -> triton.Config:
@@ -448,11 +476,21 @@ def backward(
         fp32_acc = torch.empty((n_rows, hidden_size), dtype=torch.float32, device=hidden.device)
 
     wide = not _is_16bit(hidden, weight)
+    tma_usable = not wide and tma.usable(hidden, weight, interpret=_INTERPRET)
     n_class = _n_class(n_rows)
-    kernel, config, meta = _pick_kernel(
-        dlogits_kernel, _bwd_tuned_32 if wide else _bwd_tuned_16,
-        _BWD_CONFIGS_32 if wide else _BWD_CONFIGS_16, hidden_size, n_class,
-    )  # fmt: skip
+    if wide:
+        tuned, configs = _bwd_tuned_32, _BWD_CONFIGS_32
+    else:
+        tuned, configs = (_bwd_tuned_16_tma, _BWD_CONFIGS_16_TMA) if tma_usable else (_bwd_tuned_16, _BWD_CONFIGS_16)
+    kernel, config, meta = _pick_kernel(dlogits_kernel, tuned, configs, hidden_size, n_class)
+    if _INTERPRET:
+        meta.update(INTERPRETER_BACKWARD, USE_TMA=INTERPRETER_BACKWARD["USE_TMA"] and tma_usable)
+    descriptors = [None, None]
+    if meta.get("USE_TMA", False) or (kernel is tuned and tma_usable):  # the tuned ones' pre_hook sets blocks
+        k = config.kwargs["BLOCK_K"]
+        descriptors = [tma.descriptor(hidden, config.kwargs["BLOCK_M"], k),
+                       tma.descriptor(weight, config.kwargs["BLOCK_N"], k)]  # fmt: skip
+    programs_per_wave = _num_programs_per_wave(hidden.device)
     upcast, ieee = _pair_flags(hidden, weight)
     has_grad_entropy = grad_entropy is not None
     flags = dict(
@@ -464,17 +502,20 @@ def backward(
     for index, col_begin in enumerate(range(0, vocab, chunk_cols)):
         n_cols = min(chunk_cols, vocab - col_begin)
         dlogits = slab[: n_rows * n_cols].view(n_rows, n_cols)
-        grid = lambda launch, n_cols=n_cols: (
-            triton.cdiv(n_rows, launch["BLOCK_M"]) * triton.cdiv(n_cols, launch["BLOCK_N"]),
-        )
+        def grid(launch, n_cols=n_cols):
+            tiles = triton.cdiv(n_rows, launch["BLOCK_M"]) * triton.cdiv(n_cols, launch["BLOCK_N"])
+            if launch["PERSISTENT"]:
+                return (min(tiles, programs_per_wave * launch["PROGRAMS_PER_SM"]),)
+            return (tiles,)
+
         kernel[grid](
             hidden, weight, bias if bias is not None else weight, targets, lse, entropy, grad_logprobs,
-            grad_entropy if has_grad_entropy else grad_logprobs, dlogits,
+            grad_entropy if has_grad_entropy else grad_logprobs, dlogits, *descriptors,
             n_rows, hidden_size, vocab, col_begin, n_cols, _LOG2E / temperature, 1.0 / temperature,
             ignore_index, n_class, **flags,
         )  # fmt: skip
-        if kernel is not dlogits_kernel:
-            _note_tuning(kernel)
+        if kernel is tuned:
+            _note_tuning(tuned)
         if dlogits.dtype != dtype:
             dlogits = dlogits.to(dtype)
         cols = slice(col_begin, col_begin + n_cols)

@@ -99,8 +99,18 @@ def _dlogits_cases(element: str, configs: list[triton.Config]) -> list[Case]:
                      scale2="fp32", inv_temp="fp32")  # fmt: skip
     flags = dict(HAS_BIAS=False, HAS_GRAD_ENTROPY=True, EVEN_K=True, UPCAST=False, IEEE=element == "fp32",
                  GROUP_M=tlp._GROUP_M)  # fmt: skip
-    types = _types(dlogits_kernel, element, overrides)
-    return [Case(f"dlogits {element}", dlogits_kernel, types, flags, c) for c in configs]
+    cases = []
+    for c in configs:
+        bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        if c.kwargs["USE_TMA"]:
+            descriptors = dict(h_desc=f"tensordesc<{element}[{bm}, {bk}]>", w_desc=f"tensordesc<{element}[{bn}, {bk}]>")
+            types = _types(dlogits_kernel, element, {**overrides, **descriptors})
+            cases.append(Case(f"dlogits {element}", dlogits_kernel, types, flags, c))
+        else:
+            types = _types(dlogits_kernel, element, overrides)
+            no_descriptors = {"h_desc": None, "w_desc": None}
+            cases.append(Case(f"dlogits {element}", dlogits_kernel, types, {**flags, **no_descriptors}, c))
+    return cases
 
 
 def shipped_cases() -> list[Case]:
@@ -110,7 +120,7 @@ def shipped_cases() -> list[Case]:
     return [
         *_forward_cases("bf16", tlp._FWD_CONFIGS_16_TMA),  # a superset of _FWD_CONFIGS_16
         *_forward_cases("fp32", tlp._FWD_CONFIGS_32),
-        *_dlogits_cases("bf16", tlp._BWD_CONFIGS_16),
+        *_dlogits_cases("bf16", tlp._BWD_CONFIGS_16_TMA),  # a superset of _BWD_CONFIGS_16
         *_dlogits_cases("fp32", tlp._BWD_CONFIGS_32),
         Case("matmul-accumulate bf16", matmul_accumulate_kernel, matmul_types, matmul_flags, tlp._MATMUL_CONFIG_16),
     ]
