@@ -447,7 +447,7 @@ def test_gpu_dual_real_sizes(n, h, v, dtype, ref_dtype):
     "n,h,v,bias",
     [
         (2304, 3584, 152064, False),  # Qwen2.5-VL-7B's head, whole tiles
-        (2300, 1000, 151936, True),  # rows past N, a K tail (1000 = 15 x 64 + 40), columns past V, a bias
+        (2300, 1000, 151937, True),  # rows past N, a K tail (1000 = 15 x 64 + 40), columns past V, a bias
     ],
 )
 def test_gpu_every_forward_config(monkeypatch, dual, n, h, v, bias):
@@ -482,7 +482,7 @@ def test_gpu_every_forward_config(monkeypatch, dual, n, h, v, bias):
 def test_gpu_every_dlogits_config(monkeypatch):
     """Each backward config the autotuner may pick (tiles, persistent, TMA) gives gradients within 2x of the
     bf16 torch error, on a shape with tails (rows past N, a K tail, columns past V, several column chunks)."""
-    inputs = make_inputs(2300, 1000, 151936, torch.bfloat16, torch.device("cuda"), bias=True)
+    inputs = make_inputs(2300, 1000, 151937, torch.bfloat16, torch.device("cuda"), bias=True)
     assert tlp.tma.usable(inputs["hidden"], inputs["weight"], interpret=False), "TMA configs would not run"
     monkeypatch.setattr(tlp, "_TUNE_FROM_N_CLASS", 99)  # launch the list's first config, untuned
     for config in list(tlp._BWD_CONFIGS_16_TMA):  # every 16-bit config, pointer and TMA loads
@@ -533,16 +533,18 @@ def test_autotuned_configs_lists_the_autotuner_picks(monkeypatch):
 
 
 def test_tma_descriptors_take_each_configs_tile(device):
-    """The autotuner's pre_hook gives hidden descriptors [BLOCK_M, BLOCK_K] blocks, weight ones [BLOCK_N, BLOCK_K]."""
+    """The autotuners' pre_hook gives hidden descriptors [BLOCK_M, BLOCK_K] blocks, weight ones [BLOCK_N, BLOCK_K]."""
     hidden, weight = torch.zeros(300, 64, dtype=torch.bfloat16), torch.zeros(1000, 64, dtype=torch.bfloat16)
     assert tlp.tma.usable(hidden, weight, interpret=True)
     assert not tlp.tma.usable(hidden[:, :60].contiguous(), interpret=True)  # rows of 120 bytes
     assert not tlp.tma.usable(hidden.float(), interpret=True)
     tensors = {"h_desc": hidden, "w_desc": weight, "ref_h_desc": hidden, "ref_w_desc": weight}
     descriptors = {name: tlp.tma.descriptor(t, 16, 16) for name, t in tensors.items()}
-    for config in tlp._FWD_CONFIGS_16_TMA:
-        config.pre_hook({**descriptors, **config.kwargs})
-        tiles = config.kwargs
-        for name, desc in descriptors.items():
-            rows = tiles["BLOCK_N"] if name.endswith("w_desc") else tiles["BLOCK_M"]
-            assert desc.block_shape == [rows, tiles["BLOCK_K"]], (name, tlp.config_label(config))
+    lists = [(tlp._FWD_CONFIGS_16_TMA, list(descriptors)), (tlp._BWD_CONFIGS_16_TMA, ["h_desc", "w_desc"])]
+    for configs, names in lists:
+        for config in configs:
+            config.pre_hook({**{n: descriptors[n] for n in names}, **config.kwargs})
+            tiles = config.kwargs
+            for name in names:
+                rows = tiles["BLOCK_N"] if name.endswith("w_desc") else tiles["BLOCK_M"]
+                assert descriptors[name].block_shape == [rows, tiles["BLOCK_K"]], (name, tlp.config_label(config))

@@ -48,6 +48,8 @@ def test_configs_compile_for_hopper_pipelined_without_spills(reports):
     for label, r in reports.items():
         if not r["pipelined"]:
             problems.append(f"{label}: main loop not software-pipelined")
+        if r["tma"] != (" tma" in label):
+            problems.append(f"{label}: {'no ' if not r['tma'] else ''}TMA copies in the compiled kernel")
         if r["shared_bytes"] > HOPPER_SHARED_BYTES:
             problems.append(f"{label}: {r['shared_bytes']} B of shared memory")
         if r["kernel"].endswith("fp32"):

@@ -55,6 +55,7 @@ class Report:
     shared_bytes: int
     pipelined: bool  # async global->shared copies (cp.async or TMA) issued ahead of their use
     wgmma: bool  # Hopper tensor-core instructions
+    tma: bool  # operand tiles through the tensor memory accelerator
 
 
 def _types(kernel, element: str, overrides: dict) -> dict:
@@ -174,6 +175,7 @@ def compile_case(case: Case, target: GPUTarget = HOPPER) -> Report:
         shared_bytes=compiled.metadata.shared,
         pipelined=_pipelined(ttgir),
         wgmma="ttng.warp_group_dot " in ttgir,
+        tma="async_tma_copy_global_to_local" in ttgir,
     )
 
 
@@ -198,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({label: {"kernel": kernels[label], **dataclasses.asdict(r)} for label, r in reports.items()}))
         return 0
     print(f"triton {triton.__version__}, target sm_{HOPPER.arch}")
-    print(f"{'kernel and config':<46} {'regs':>4} {'spill B':>7} {'shared KiB':>10} {'pipelined':>9} {'wgmma':>5}")
+    print(f"{'kernel and config':<54} {'regs':>4} {'spill B':>7} {'shared KiB':>10} {'pipelined':>9} {'wgmma':>5} "
+          f"{'tma':>3}")  # fmt: skip
     for label, r in reports.items():
-        print(f"{label:<46} {r.registers:>4} {r.spill_bytes:>7} {r.shared_bytes / 1024:>10.0f} "
-              f"{'yes' if r.pipelined else 'NO':>9} {'yes' if r.wgmma else 'no':>5}")  # fmt: skip
+        yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+        print(f"{label:<54} {r.registers:>4} {r.spill_bytes:>7} {r.shared_bytes / 1024:>10.0f} "
+              f"{yes(r.pipelined) if r.pipelined else 'NO':>9} {yes(r.wgmma):>5} {yes(r.tma):>3}")  # fmt: skip
     return 0
 
 

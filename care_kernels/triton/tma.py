@@ -1,4 +1,4 @@
-"""Host-side TMA (tensor memory accelerator) descriptors for the forward kernel's operand tiles, Hopper and later.
+"""Host-side TMA (tensor memory accelerator) descriptors for the kernels' operand tiles, Hopper and later.
 
 A descriptor names a 2-D row-major tensor and the block a kernel copies at a time; the kernel then loads a
 block with `desc.load([row, col])` in one bulk copy, with zeros for the part past the tensor's edge. The block
