@@ -205,6 +205,23 @@ def _pick_kernel(plain, tuned, configs: list[triton.Config], hidden_size: int, n
     return plain, config, config.all_kwargs()
 
 
+def _plan_launch(plain, lists: dict, interpreter_variant: dict, n_class: int, *tensors: torch.Tensor | None):
+    """(kernel, tuner, config, meta, with_descriptors) for a launch over `tensors` (hidden, weight, ...).
+
+    lists: {"fp32" | "16-bit" | "16-bit TMA": (tuner, configs)}: fp32 when any operand is fp32, the TMA list
+    when every operand can back a descriptor. with_descriptors: pass TMA descriptors (a TMA config launched
+    as is, or a tuner whose list has TMA configs: their pre_hook sets the block shapes).
+    """
+    wide = not _is_16bit(*tensors)
+    tma_usable = not wide and tma.usable(*tensors, interpret=_INTERPRET)
+    tuned, configs = lists["fp32" if wide else ("16-bit TMA" if tma_usable else "16-bit")]
+    kernel, config, meta = _pick_kernel(plain, tuned, configs, tensors[0].shape[1], n_class)
+    if _INTERPRET:
+        meta.update(interpreter_variant, USE_TMA=interpreter_variant["USE_TMA"] and tma_usable)
+    with_descriptors = meta.get("USE_TMA", False) or (kernel is tuned and tma_usable)
+    return kernel, tuned, config, meta, with_descriptors
+
+
 def _n_class(n: int) -> int:
     return 0 if n <= 128 else (1 if n <= 2048 else 2)
 
@@ -302,18 +319,12 @@ def forward(
     if n_rows == 0:
         return zeros(), zeros(), zeros(), (zeros() if dual else None)
 
-    wide = not _is_16bit(hidden, weight, ref_hidden, ref_weight)
-    tma_usable = not wide and tma.usable(hidden, weight, ref_hidden, ref_weight, interpret=_INTERPRET)
     n_class = _n_class(n_rows)
-    if wide:
-        tuned, configs = _fwd_tuned_32, _FWD_CONFIGS_32
-    else:
-        tuned, configs = (_fwd_tuned_16_tma, _FWD_CONFIGS_16_TMA) if tma_usable else (_fwd_tuned_16, _FWD_CONFIGS_16)
-    kernel, config, meta = _pick_kernel(linear_logprob_stats_kernel, tuned, configs, hidden_size, n_class)
-    if _INTERPRET:
-        meta.update(INTERPRETER_FORWARD, USE_TMA=INTERPRETER_FORWARD["USE_TMA"] and tma_usable)
-    # Descriptors go to the autotuner whenever its list has TMA configs (their pre_hook sets the block shapes).
-    with_descriptors = meta.get("USE_TMA", False) or (kernel is tuned and tma_usable)
+    lists = {"fp32": (_fwd_tuned_32, _FWD_CONFIGS_32), "16-bit": (_fwd_tuned_16, _FWD_CONFIGS_16),
+             "16-bit TMA": (_fwd_tuned_16_tma, _FWD_CONFIGS_16_TMA)}  # fmt: skip
+    kernel, tuned, config, meta, with_descriptors = _plan_launch(
+        linear_logprob_stats_kernel, lists, INTERPRETER_FORWARD, n_class, hidden, weight, ref_hidden, ref_weight
+    )
     block_m, block_n, block_k = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     num_row_blocks = triton.cdiv(n_rows, block_m)
     models = 2 if dual else 1
@@ -475,18 +486,14 @@ def backward(
     if not single_chunk and dtype != torch.float32:
         fp32_acc = torch.empty((n_rows, hidden_size), dtype=torch.float32, device=hidden.device)
 
-    wide = not _is_16bit(hidden, weight)
-    tma_usable = not wide and tma.usable(hidden, weight, interpret=_INTERPRET)
     n_class = _n_class(n_rows)
-    if wide:
-        tuned, configs = _bwd_tuned_32, _BWD_CONFIGS_32
-    else:
-        tuned, configs = (_bwd_tuned_16_tma, _BWD_CONFIGS_16_TMA) if tma_usable else (_bwd_tuned_16, _BWD_CONFIGS_16)
-    kernel, config, meta = _pick_kernel(dlogits_kernel, tuned, configs, hidden_size, n_class)
-    if _INTERPRET:
-        meta.update(INTERPRETER_BACKWARD, USE_TMA=INTERPRETER_BACKWARD["USE_TMA"] and tma_usable)
+    lists = {"fp32": (_bwd_tuned_32, _BWD_CONFIGS_32), "16-bit": (_bwd_tuned_16, _BWD_CONFIGS_16),
+             "16-bit TMA": (_bwd_tuned_16_tma, _BWD_CONFIGS_16_TMA)}  # fmt: skip
+    kernel, tuned, config, meta, with_descriptors = _plan_launch(
+        dlogits_kernel, lists, INTERPRETER_BACKWARD, n_class, hidden, weight
+    )
     descriptors = [None, None]
-    if meta.get("USE_TMA", False) or (kernel is tuned and tma_usable):  # the tuned ones' pre_hook sets blocks
+    if with_descriptors:
         k = config.kwargs["BLOCK_K"]
         descriptors = [tma.descriptor(hidden, config.kwargs["BLOCK_M"], k),
                        tma.descriptor(weight, config.kwargs["BLOCK_N"], k)]  # fmt: skip
