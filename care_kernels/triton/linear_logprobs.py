@@ -64,7 +64,7 @@ def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None
 
 # GPU configurations. BLOCK_M and BLOCK_K are fixed within a forward list and BLOCK_K within a backward list
 # (the launcher sizes the vocabulary split and the EVEN_K flag from them); the autotuner picks the tile width,
-# loop shape, operand loads, warps and pipeline depth, once per (H, V, size class of N, dual, entropy, dtypes).
+# loop shape, operand loads, warps and pipeline depth, once per key (_FWD_KEY / _BWD_KEY below, and dtypes).
 # Below 2049 rows the first config of each list is used untuned (short, memory-bound calls; fewer compiles).
 # 16-bit: tensor-core (wgmma) tiles with a K=64 step. `python -m care_kernels.triton.sm90_report` shows what the
 # compiler makes of each for Hopper (tests/test_triton_sm90_compile.py: no spills, pipelined). With Triton 3.6:
