@@ -462,9 +462,12 @@ def test_gpu_every_forward_config(monkeypatch, dual, n, h, v, bias):
     assert tlp.tma.usable(inputs["hidden"], inputs["weight"], interpret=False), "TMA configs would not run"
     monkeypatch.setattr(tlp, "_TUNE_FROM_N_CLASS", 99)  # launch the list's first config, untuned
     configs = tlp._FWD_CONFIGS_16_TMA  # every 16-bit config, pointer and TMA loads
+    tensors = (inputs["hidden"], inputs["weight"], ref["hidden"], ref["weight"])
     results = []
     for config in configs:
-        monkeypatch.setattr(tlp, "_FWD_CONFIGS_16_TMA", [config])
+        monkeypatch.setitem(tlp._FWD_LISTS, "16-bit TMA", (tlp._fwd_tuned_16_tma, [config]))
+        plan = tlp._plan_launch(tlp.linear_logprob_stats_kernel, tlp._FWD_LISTS, {}, 2, *tensors)
+        assert plan[2] is config and plan[0] is tlp.linear_logprob_stats_kernel, "the config is launched as is"
         results.append(tlp.forward(
             inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"], temperature=1.0, ignore_index=IGNORE,
             with_entropy=True, ref_hidden=ref["hidden"], ref_weight=ref["weight"], ref_bias=ref["bias"],
@@ -485,8 +488,10 @@ def test_gpu_every_dlogits_config(monkeypatch):
     inputs = make_inputs(2300, 1000, 151937, torch.bfloat16, torch.device("cuda"), bias=True)
     assert tlp.tma.usable(inputs["hidden"], inputs["weight"], interpret=False), "TMA configs would not run"
     monkeypatch.setattr(tlp, "_TUNE_FROM_N_CLASS", 99)  # launch the list's first config, untuned
-    for config in list(tlp._BWD_CONFIGS_16_TMA):  # every 16-bit config, pointer and TMA loads
-        monkeypatch.setattr(tlp, "_BWD_CONFIGS_16_TMA", [config])
+    for config in tlp._BWD_CONFIGS_16_TMA:  # every 16-bit config, pointer and TMA loads
+        monkeypatch.setitem(tlp._BWD_LISTS, "16-bit TMA", (tlp._bwd_tuned_16_tma, [config]))
+        plan = tlp._plan_launch(tlp.dlogits_kernel, tlp._BWD_LISTS, {}, 2, inputs["hidden"], inputs["weight"])
+        assert plan[2] is config and plan[0] is tlp.dlogits_kernel, "the config is launched as is"
         torch.manual_seed(0)
         try:
             check_real_size(inputs, 0.7)

@@ -133,6 +133,11 @@ _BWD_KEY = ["H", "N_CLASS", "HAS_BIAS", "HAS_GRAD_ENTROPY"]
 _bwd_tuned_16 = triton.autotune(configs=_BWD_CONFIGS_16, key=_BWD_KEY)(dlogits_kernel)
 _bwd_tuned_16_tma = triton.autotune(configs=_BWD_CONFIGS_16_TMA, key=_BWD_KEY)(dlogits_kernel)
 _bwd_tuned_32 = triton.autotune(configs=_BWD_CONFIGS_32, key=_BWD_KEY)(dlogits_kernel)
+# Which (tuner, configs) a launch uses: fp32 when any operand is fp32, the TMA lists when TMA is usable.
+_FWD_LISTS = {"fp32": (_fwd_tuned_32, _FWD_CONFIGS_32), "16-bit": (_fwd_tuned_16, _FWD_CONFIGS_16),
+              "16-bit TMA": (_fwd_tuned_16_tma, _FWD_CONFIGS_16_TMA)}  # fmt: skip
+_BWD_LISTS = {"fp32": (_bwd_tuned_32, _BWD_CONFIGS_32), "16-bit": (_bwd_tuned_16, _BWD_CONFIGS_16),
+              "16-bit TMA": (_bwd_tuned_16_tma, _BWD_CONFIGS_16_TMA)}  # fmt: skip
 
 
 def config_label(config: triton.Config) -> str:
@@ -320,10 +325,8 @@ def forward(
         return zeros(), zeros(), zeros(), (zeros() if dual else None)
 
     n_class = _n_class(n_rows)
-    lists = {"fp32": (_fwd_tuned_32, _FWD_CONFIGS_32), "16-bit": (_fwd_tuned_16, _FWD_CONFIGS_16),
-             "16-bit TMA": (_fwd_tuned_16_tma, _FWD_CONFIGS_16_TMA)}  # fmt: skip
     kernel, tuned, config, meta, with_descriptors = _plan_launch(
-        linear_logprob_stats_kernel, lists, INTERPRETER_FORWARD, n_class, hidden, weight, ref_hidden, ref_weight
+        linear_logprob_stats_kernel, _FWD_LISTS, INTERPRETER_FORWARD, n_class, hidden, weight, ref_hidden, ref_weight
     )
     block_m, block_n, block_k = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     num_row_blocks = triton.cdiv(n_rows, block_m)
@@ -487,10 +490,8 @@ def backward(
         fp32_acc = torch.empty((n_rows, hidden_size), dtype=torch.float32, device=hidden.device)
 
     n_class = _n_class(n_rows)
-    lists = {"fp32": (_bwd_tuned_32, _BWD_CONFIGS_32), "16-bit": (_bwd_tuned_16, _BWD_CONFIGS_16),
-             "16-bit TMA": (_bwd_tuned_16_tma, _BWD_CONFIGS_16_TMA)}  # fmt: skip
     kernel, tuned, config, meta, with_descriptors = _plan_launch(
-        dlogits_kernel, lists, INTERPRETER_BACKWARD, n_class, hidden, weight
+        dlogits_kernel, _BWD_LISTS, INTERPRETER_BACKWARD, n_class, hidden, weight
     )
     descriptors = [None, None]
     if with_descriptors:
@@ -509,6 +510,7 @@ def backward(
     for index, col_begin in enumerate(range(0, vocab, chunk_cols)):
         n_cols = min(chunk_cols, vocab - col_begin)
         dlogits = slab[: n_rows * n_cols].view(n_rows, n_cols)
+
         def grid(launch, n_cols=n_cols):
             tiles = triton.cdiv(n_rows, launch["BLOCK_M"]) * triton.cdiv(n_cols, launch["BLOCK_N"])
             if launch["PERSISTENT"]:
