@@ -6,10 +6,13 @@ stay small. The tests marked `gpu` run the compiled kernels at real LM-head size
 
 from __future__ import annotations
 
+import contextvars
 import math
+import types
 
 import pytest
 import torch
+import triton
 
 from care_kernels.reference.naive import naive_linear_logprobs
 from care_kernels.testing import assert_error_within
@@ -169,31 +172,38 @@ def test_many_vocab_splits_and_dlogits_chunks(device, dtype, monkeypatch):
 
 
 FORWARD_VARIANTS = {
-    "flat": {"FLAT_LOOP": True, "USE_TMA": False},
-    "flat_tma": {"FLAT_LOOP": True, "USE_TMA": True},
+    "flat": {"FLAT_LOOP": True, "USE_TMA": False, "WARP_SPECIALIZE": False},
+    "flat_tma": {"FLAT_LOOP": True, "USE_TMA": True, "WARP_SPECIALIZE": False},
+    # the interpreter runs a warp-specialized config's code as one program: its nested TMA loop
+    "nested_tma_ws": {"FLAT_LOOP": False, "USE_TMA": True, "WARP_SPECIALIZE": True},
 }
 
 
 @pytest.mark.parametrize("variant", list(FORWARD_VARIANTS))
 @pytest.mark.parametrize(
-    "n,h,v,dtype,ref_dtype",
+    "n,h,v,dtype,ref_dtype,no_bias",
     [
-        (130, 100, 1000, torch.float32, None),  # H not a multiple of BLOCK_K, several tiles per split
-        (130, 96, 1000, torch.bfloat16, None),  # TMA: the K tile (128) runs past H, rows past N
-        (7, 304, 1000, torch.float16, None),  # several K steps per tile
-        (1, 16, 1, torch.bfloat16, None),
-        (130, 96, 1000, torch.float16, torch.float32),  # dual, mixed dtypes: pointer loads
-        (7, 304, 1000, torch.bfloat16, torch.bfloat16),  # dual, TMA for both models
+        (130, 100, 1000, torch.float32, None, None),  # H not a multiple of BLOCK_K, several tiles per split
+        (130, 96, 1000, torch.bfloat16, None, None),  # TMA: the K tile (128) runs past H, rows past N
+        (7, 304, 1000, torch.float16, None, None),  # several K steps per tile
+        (1, 16, 1, torch.bfloat16, None, None),
+        (130, 96, 1000, torch.float16, torch.float32, None),  # dual, mixed dtypes: pointer loads
+        (7, 304, 1000, torch.bfloat16, torch.bfloat16, None),  # dual, TMA for both models
+        (130, 96, 1000, torch.bfloat16, torch.bfloat16, "ref_bias"),  # dual, a bias on the policy only
+        (130, 96, 1000, torch.float16, torch.float16, "bias"),  # dual, a bias on the reference only
     ],
     ids=str,
 )
-def test_forward_variants(device, monkeypatch, variant, n, h, v, dtype, ref_dtype):
-    """The flat (tile, K step) loop, with pointer or TMA loads, gives what the nested one gives, single and dual."""
+def test_forward_variants(device, monkeypatch, variant, n, h, v, dtype, ref_dtype, no_bias):
+    """The flat (tile, K step) loop with pointer or TMA loads, and the nested loop with TMA loads, give what the
+    nested loop with pointer loads gives, single and dual."""
     if device.type == "cuda":
         pytest.skip("on GPU every autotuner config is checked in test_gpu_every_forward_config")
     inputs = make_inputs(n, h, v, dtype, device, ref_dtype=ref_dtype)
+    if no_bias:
+        inputs[no_bias] = None
     ref = {k: inputs.get("ref_" + k) for k in ("hidden", "weight", "bias")}
-    expect_tma = variant == "flat_tma" and dtype != torch.float32 and ref_dtype in (None, dtype)
+    expect_tma = variant.endswith(("_tma", "_tma_ws")) and dtype != torch.float32 and ref_dtype in (None, dtype)
     made = []
     monkeypatch.setattr(tlp.tma, "descriptor", lambda *a, real=tlp.tma.descriptor: made.append(a) or real(*a))
 
@@ -218,8 +228,10 @@ def test_forward_variants(device, monkeypatch, variant, n, h, v, dtype, ref_dtyp
 
 
 BACKWARD_VARIANTS = {
-    "persistent": {"PERSISTENT": True, "USE_TMA": False, "PROGRAMS_PER_SM": 1},
-    "persistent_tma": {"PERSISTENT": True, "USE_TMA": True, "PROGRAMS_PER_SM": 1},
+    "persistent": {"PERSISTENT": True, "USE_TMA": False, "PROGRAMS_PER_SM": 1, "WARP_SPECIALIZE": False},
+    "persistent_tma": {"PERSISTENT": True, "USE_TMA": True, "PROGRAMS_PER_SM": 1, "WARP_SPECIALIZE": False},
+    # a warp-specialized config's code as one program: a loop over tiles with a TMA K-loop inside
+    "persistent_tma_ws": {"PERSISTENT": True, "USE_TMA": True, "PROGRAMS_PER_SM": 1, "WARP_SPECIALIZE": True},
 }
 
 
@@ -234,7 +246,8 @@ BACKWARD_VARIANTS = {
     ids=str,
 )
 def test_backward_variants(device, monkeypatch, variant, n, h, v, dtype, grad_entropy):
-    """Persistent dlogits programs (several tiles each, flat loop), pointer or TMA loads, give the per-tile grads."""
+    """Persistent dlogits programs (several tiles each; flat loop with pointer or TMA loads, or the
+    warp-specialized tile loop) give the per-tile gradients."""
     if device.type == "cuda":
         pytest.skip("on GPU every autotuner config is checked in test_gpu_every_dlogits_config")
     monkeypatch.setattr(tlp, "_num_programs_per_wave", lambda _device: 2)  # 2 persistent programs, many tiles
@@ -247,7 +260,7 @@ def test_backward_variants(device, monkeypatch, variant, n, h, v, dtype, grad_en
     monkeypatch.setattr(tlp, "INTERPRETER_BACKWARD", BACKWARD_VARIANTS[variant])
     torch.manual_seed(1)
     variant_out = check_against_naive(inputs, 0.7, grad_entropy=grad_entropy)
-    expect_tma = variant == "persistent_tma" and dtype != torch.float32
+    expect_tma = variant.startswith("persistent_tma") and dtype != torch.float32
     assert len(made) == 2 * expect_tma, "TMA descriptors made (or not) as expected"
     for name, want, got in zip(("grad_hidden", "grad_weight", "grad_bias"), per_tile[3:], variant_out[3:]):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)  # same products, same order
@@ -448,20 +461,29 @@ def test_gpu_dual_real_sizes(n, h, v, dtype, ref_dtype):
     [
         (2304, 3584, 152064, False),  # Qwen2.5-VL-7B's head, whole tiles
         (2300, 1000, 151937, True),  # rows past N, a K tail (1000 = 15 x 64 + 40), columns past V, a bias
+        (2300, 1000, 151937, "policy"),  # the same, a bias on the policy only (dual: a run-time flag in ws)
     ],
 )
 def test_gpu_every_forward_config(monkeypatch, dual, n, h, v, bias):
-    """Each config the autotuner may pick (tiles, loop shapes, TMA) gives the same bf16 forward.
+    """Each config the autotuner may pick (tiles, loop shapes, TMA, warp specialization) gives the same bf16
+    forward.
 
     The autotuner runs one of them per shape: a config that is wrong only in its own compile would otherwise
     pass every other test on the GPU where it happens to lose.
     """
-    inputs = make_inputs(n, h, v, torch.bfloat16, torch.device("cuda"), bias=bias,
+    if bias == "policy" and not dual:
+        pytest.skip("the same as bias=True for a single model")
+    inputs = make_inputs(n, h, v, torch.bfloat16, torch.device("cuda"), bias=bool(bias),
                          ref_dtype=torch.bfloat16 if dual else None)  # fmt: skip
+    if bias == "policy":
+        inputs["ref_bias"] = None
     ref = {k: inputs.get("ref_" + k) for k in ("hidden", "weight", "bias")}
     assert tlp.tma.usable(inputs["hidden"], inputs["weight"], interpret=False), "TMA configs would not run"
     monkeypatch.setattr(tlp, "_TUNE_FROM_N_CLASS", 99)  # launch the list's first config, untuned
-    configs = tlp._FWD_CONFIGS_16_TMA  # every 16-bit config, pointer and TMA loads
+    # every 16-bit config (pointer and TMA loads) the autotuner may try for this launch
+    flags = dict(DUAL=dual, HAS_BIAS=inputs["bias"] is not None, REF_HAS_BIAS=ref["bias"] is not None)
+    configs = tlp._prune_configs(tlp._FWD_CONFIGS_16_TMA, {"h_ptr": inputs["hidden"], "ref_h_ptr": ref["hidden"]},
+                                 **flags)  # fmt: skip
     tensors = (inputs["hidden"], inputs["weight"], ref["hidden"], ref["weight"])
     results = []
     for config in configs:
@@ -483,12 +505,14 @@ def test_gpu_every_forward_config(monkeypatch, dual, n, h, v, bias):
 
 @pytest.mark.gpu
 def test_gpu_every_dlogits_config(monkeypatch):
-    """Each backward config the autotuner may pick (tiles, persistent, TMA) gives gradients within 2x of the
-    bf16 torch error, on a shape with tails (rows past N, a K tail, columns past V, several column chunks)."""
+    """Each backward config the autotuner may pick (tiles, persistent, TMA, warp specialization) gives gradients
+    within 2x of the bf16 torch error, on a shape with tails (rows past N, a K tail, columns past V, several
+    column chunks)."""
     inputs = make_inputs(2300, 1000, 151937, torch.bfloat16, torch.device("cuda"), bias=True)
     assert tlp.tma.usable(inputs["hidden"], inputs["weight"], interpret=False), "TMA configs would not run"
     monkeypatch.setattr(tlp, "_TUNE_FROM_N_CLASS", 99)  # launch the list's first config, untuned
-    for config in tlp._BWD_CONFIGS_16_TMA:  # every 16-bit config, pointer and TMA loads
+    # every 16-bit config (pointer and TMA loads) the autotuner may try here
+    for config in tlp._prune_configs(tlp._BWD_CONFIGS_16_TMA, {"h_ptr": inputs["hidden"]}, HAS_BIAS=True):
         monkeypatch.setitem(tlp._BWD_LISTS, "16-bit TMA", (tlp._bwd_tuned_16_tma, [config]))
         plan = tlp._plan_launch(tlp.dlogits_kernel, tlp._BWD_LISTS, {}, 2, inputs["hidden"], inputs["weight"])
         assert plan[2] is config and plan[0] is tlp.dlogits_kernel, "the config is launched as is"
@@ -535,6 +559,71 @@ def test_autotuned_configs_lists_the_autotuner_picks(monkeypatch):
     assert entry["config"] == {**pick.kwargs, "num_warps": 8, "num_stages": 3, "maxnreg": 128}
     assert entry["label"] == "128x128x64 w8 s3 flat r128"
     assert entry["timings_ms"] == {tlp.config_label(c): 1.0 + i for i, c in enumerate(tlp._FWD_CONFIGS_16)}
+
+
+def test_autotuner_prunes_what_cannot_run_here_or_spills(monkeypatch):
+    """The autotuner tries warp-specialized configs on sm_90 only (checked by sm90_report), and for a dual launch
+    only when both models share a dtype (one loop nest, one element type, serves both); with a bias, none of the
+    configs that spill with one."""
+    configs = tlp._FWD_CONFIGS_16_TMA
+    specialized = [c for c in configs if tlp.warp_specialized(c)]
+    assert specialized and all(c.kwargs["USE_TMA"] and not c.kwargs["FLAT_LOOP"] for c in specialized)
+
+    def tensor(dtype, kind="cuda"):  # what the prune reads of a tensor argument
+        return types.SimpleNamespace(device=torch.device(kind, 0) if kind == "cuda" else torch.device(kind),
+                                     dtype=dtype)  # fmt: skip
+
+    bf16, fp16 = torch.bfloat16, torch.float16
+    for major, want in [(9, configs), (8, None), (10, None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _device, major=major: (major, 0))
+        kept = tlp._prune_configs(configs, {"h_ptr": tensor(bf16), "ref_h_ptr": tensor(bf16)}, DUAL=False)
+        assert kept == (want or [c for c in configs if not tlp.warp_specialized(c)]), major
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _device: (9, 0))
+    same = tlp._prune_configs(configs, {"h_ptr": tensor(bf16), "ref_h_ptr": tensor(bf16)}, DUAL=True)
+    mixed = tlp._prune_configs(configs, {"h_ptr": tensor(bf16), "ref_h_ptr": tensor(fp16)}, DUAL=True)
+    on_cpu = tlp._prune_configs(configs, {"h_ptr": tensor(bf16, "cpu")}, DUAL=False)
+    assert same == configs
+    assert mixed == on_cpu == [c for c in configs if not tlp.warp_specialized(c)]
+    monkeypatch.setenv("CARE_KERNELS_WARP_SPECIALIZE", "0")
+    assert tlp._prune_configs(configs, {"h_ptr": tensor(bf16)}, DUAL=False) == mixed
+    monkeypatch.delenv("CARE_KERNELS_WARP_SPECIALIZE")
+    # a bias on either model: the configs that spill with one go (the register caps, the ws 128x256 tile)
+    for flags in [dict(HAS_BIAS=True, DUAL=False), dict(REF_HAS_BIAS=True, DUAL=True)]:
+        kept = tlp._prune_configs(configs, {"h_ptr": tensor(bf16), "ref_h_ptr": tensor(bf16)}, **flags)
+        assert kept == [c for c in configs if not tlp.spills_with_bias(c)], flags
+        assert not any(c.maxnreg for c in kept) and any(tlp.warp_specialized(c) for c in kept)
+    # keyword or positional, the flags count the same (Triton hands keyword arguments apart)
+    assert tlp._prune_configs(configs, {"h_ptr": tensor(bf16), "HAS_BIAS": True, "DUAL": False}) == kept
+    dlogits = tlp._BWD_CONFIGS_16_TMA  # the backward's prune: no DUAL, no reference
+    assert any(tlp.warp_specialized(c) for c in dlogits)
+    assert tlp._prune_configs(dlogits, {"h_ptr": tensor(bf16)}) == dlogits
+    assert tlp._prune_configs(dlogits, {"h_ptr": tensor(bf16)}, HAS_BIAS=True) == dlogits  # no dlogits config spills
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _device: (8, 0))
+    assert tlp._prune_configs(dlogits, {"h_ptr": tensor(bf16)}) == [
+        c for c in dlogits if not tlp.warp_specialized(c)
+    ]
+
+
+def test_scratch_allocator_is_set_once_and_never_replaces_the_users():
+    """Warp-specialized configs build descriptors in the kernel, which takes Triton's global-scratch allocator."""
+    from triton.runtime import _allocation
+
+    def run_in_fresh_context(fn):
+        return contextvars.Context().run(fn)  # no allocator set, as in a new process or thread
+
+    def ours_after_ensure():
+        tlp.tma.ensure_scratch_allocator()
+        return _allocation._allocator.get()
+
+    assert run_in_fresh_context(ours_after_ensure) is tlp.tma._torch_scratch
+
+    def users_after_ensure():
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        tlp.tma.ensure_scratch_allocator()
+        return _allocation._allocator.get() is mine
+
+    assert run_in_fresh_context(users_after_ensure)
 
 
 def test_tma_descriptors_take_each_configs_tile(device):

@@ -3,8 +3,9 @@
 Runs on any machine: Triton compiles for a named target with the ptxas it ships (care_kernels/triton/
 sm90_report.py, also `python -m care_kernels.triton.sm90_report`). Speed is measured on a GPU only
 (benchmarks/gpu_check.sh); this catches, on every CI run, a config that spills registers, asks for more
-shared memory than an SM has, or whose main loop is no longer software-pipelined. The compiles run in a
-subprocess: this process runs the kernels under TRITON_INTERPRET, which cannot compile them.
+shared memory than an SM has, whose main loop is no longer software-pipelined, or that asks for warp
+specialization and does not get it. The compiles run in a subprocess: this process runs the kernels under
+TRITON_INTERPRET, which cannot compile them.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on 
 # per thread in the 64x64 forward, Triton 3.8 nothing.
 FP32_SPILL_BYTES_ALLOWED = 32
 # Configs per kernel and operand dtype in the launchers' lists: a list that changes must be looked at here.
-EXPECTED_CONFIGS = {"forward bf16": 7, "forward dual bf16": 7, "forward fp32": 4, "forward dual fp32": 4,
-                    "dlogits bf16": 6, "dlogits fp32": 3, "matmul-accumulate bf16": 1}  # fmt: skip
+# With a bias, the forward's configs that spill with one are pruned (linear_logprobs.spills_with_bias): 3 of 9.
+EXPECTED_CONFIGS = {"forward bf16": 9, "forward dual bf16": 9, "forward fp32": 4, "forward dual fp32": 4,
+                    "forward bf16 bias": 6, "forward dual bf16 bias": 6, "forward fp32 bias": 4,
+                    "forward dual fp32 bias": 4, "dlogits bf16": 8, "dlogits fp32": 3,
+                    "matmul-accumulate bf16": 1}  # fmt: skip
 
 
 def _compile_in_subprocess(*args: str) -> dict:
@@ -50,9 +54,13 @@ def test_configs_compile_for_hopper_pipelined_without_spills(reports):
             problems.append(f"{label}: main loop not software-pipelined")
         if r["tma"] != (" tma" in label):
             problems.append(f"{label}: {'no ' if not r['tma'] else ''}TMA copies in the compiled kernel")
+        if r["warp_specialized"] != label.endswith(" ws"):
+            problems.append(f"{label}: {'not ' if not r['warp_specialized'] else ''}warp-specialized")
+        if r["scratch_bytes"] != (256 if label.endswith(" ws") else 0):  # two in-kernel descriptors, 128 B each
+            problems.append(f"{label}: {r['scratch_bytes']} B of global scratch per program")
         if r["shared_bytes"] > HOPPER_SHARED_BYTES:
             problems.append(f"{label}: {r['shared_bytes']} B of shared memory")
-        if r["kernel"].endswith("fp32"):
+        if " fp32" in r["kernel"]:
             if r["spill_bytes"] > FP32_SPILL_BYTES_ALLOWED:
                 problems.append(f"{label}: spills {r['spill_bytes']} B per thread")
         else:

@@ -18,7 +18,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from care_kernels.triton._forward_kernels import _k_step_operands, _mma, _tma_k_step_operands, logits_tile
+from care_kernels.triton._forward_kernels import (
+    _k_step_operands,
+    _mma,
+    _tma_k_step_operands,
+    _tma_logits_tile,
+    logits_tile,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -123,19 +129,37 @@ def dlogits_kernel(
     PERSISTENT: tl.constexpr,
     USE_TMA: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # unused in the body: the launcher sizes a PERSISTENT grid with it
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Writes the dlogits chunk into dz [N, n_cols], tile by tile (grouped order, see _grouped_tile).
 
     Grid: one program per tile, or with PERSISTENT fewer programs (a few per SM), each taking every
     num_programs-th tile in one flat loop over (tile, K step) so the next tile's loads fly during an
     epilogue (as in the forward's flat loop). USE_TMA (persistent only): operands through the descriptors
-    h_desc / w_desc (blocks [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K]; None when the launch cannot use TMA).
+    h_desc / w_desc (blocks [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K]; None when the launch cannot use TMA),
+    or, with WARP_SPECIALIZE, through descriptors the kernel builds itself.
+    WARP_SPECIALIZE (persistent, TMA; Hopper): a loop over tiles with a K-loop inside, which Triton splits into
+    a producer warp group (TMA copies, stages ahead, across tiles) and two consumer warp groups (wgmma and the
+    epilogue, 64 rows each). Its descriptors are built in the kernel: Triton's warp specialization takes those
+    (and 3.8 rejects the host ones); they need the global-scratch allocator, 128 bytes each per program.
     """
     tl.static_assert(PERSISTENT or not USE_TMA, "the TMA operand path exists in the persistent loop only")
+    tl.static_assert(not WARP_SPECIALIZE or (PERSISTENT and USE_TMA), "warp specialization: persistent TMA only")
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(N, BLOCK_M)
     num_pid_n = tl.cdiv(n_cols, BLOCK_N)
-    if PERSISTENT:
+    if WARP_SPECIALIZE:
+        h_dev = tl.make_tensor_descriptor(h_ptr, shape=[N, H], strides=[H, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_dev = tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[H, 1], block_shape=[BLOCK_N, BLOCK_K])
+        for tile in tl.range(pid, num_pid_m * num_pid_n, tl.num_programs(0), warp_specialize=True):
+            pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+            acc = _tma_logits_tile(h_dev, w_dev, pid_m * BLOCK_M, col_begin + pid_n * BLOCK_N, H, BLOCK_M, BLOCK_N,
+                                   BLOCK_K, UPCAST, IEEE)  # fmt: skip
+            _store_dlogits(
+                acc, pid_m, pid_n, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, N, V,
+                col_begin, n_cols, scale2, inv_temp, ignore_index, HAS_BIAS, HAS_GRAD_ENTROPY, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+    elif PERSISTENT:
         num_programs = tl.num_programs(0)
         k_steps = tl.cdiv(H, BLOCK_K)
         offs_k = tl.arange(0, BLOCK_K)

@@ -94,6 +94,24 @@ def logits_tile(
 
 
 @triton.jit
+def _tma_logits_tile(h_desc, w_desc, row0, col0, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """logits_tile with TMA loads: rows [row0, row0 + BLOCK_M) x columns [col0, col0 + BLOCK_N), zeros outside."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, H, BLOCK_K):
+        a, b = _tma_k_step_operands(h_desc, w_desc, row0, col0, k, UPCAST)
+        acc = _mma(a, b, acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _add_bias(acc, b_ptr, cols_ld, bias_on):
+    """acc + bias[cols_ld] along rows; bias_on: False adds nothing (a run-time flag in the warp-specialized dual
+    kernel, where one loop serves both models; elsewhere the constant True)."""
+    return acc + tl.load(b_ptr + cols_ld, mask=bias_on, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _fold_tile(acc, cols, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY: tl.constexpr):
     """Fold one fp32 logits tile (bias included) into the running (m, s, u, t); columns >= col_end drop out."""
     z = tl.where((cols < col_end)[None, :], acc * scale2, NEG_BIG)
@@ -113,6 +131,7 @@ def _split_stats(
     h_ptr,
     w_ptr,
     b_ptr,
+    bias_on,
     h_desc,
     w_desc,
     row0,
@@ -133,19 +152,27 @@ def _split_stats(
     IEEE: tl.constexpr,
     FLAT_LOOP: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Online (m, s, u, t) of z2 over columns [col_begin, col_end); target_local is -1 outside them.
+    HAS_BIAS: add b_ptr[cols] where bias_on (see _add_bias).
 
     Two loop shapes with the same arithmetic, chosen by the autotuner:
     - nested (FLAT_LOOP=False): for each BLOCK_N tile, a K-loop, then the fold. The compiler pipelines
-      the K-loop only, so every tile starts with an empty pipeline (its first loads' full latency exposed).
+      the K-loop only, so every tile starts with an empty pipeline (its first loads' full latency exposed),
+      unless warp-specialized (below: the producer runs ahead across tiles).
     - flat (FLAT_LOOP=True): one loop over (tile, K step) pairs with the fold under `if` on each tile's
       last step, so the pipeliner keeps the next tile's first loads in flight during the fold.
-    USE_TMA (flat only): operand tiles through the descriptors h_desc / w_desc (block [BLOCK_M or BLOCK_N,
-    BLOCK_K]; row0 = first row of the block) instead of per-thread pointer loads: no address registers, and
+    USE_TMA: operand tiles through the descriptors h_desc / w_desc (block [BLOCK_M or BLOCK_N, BLOCK_K];
+    row0 = first row of the block) instead of per-thread pointer loads: no address registers, and
     out-of-range rows and columns arrive as zeros.
+    WARP_SPECIALIZE (nested loop with TMA loads; Hopper): the compiler splits the program into a producer
+    warp group issuing the TMA copies stages ahead and two consumer warp groups, each multiplying and folding
+    half of the BLOCK_M rows with a raised register budget (Triton's automatic warp specialization; 4 warps
+    in the config become 12).
     """
-    tl.static_assert(FLAT_LOOP or not USE_TMA, "the TMA operand path exists in the flat loop only")
+    tl.static_assert(not WARP_SPECIALIZE or (USE_TMA and not FLAT_LOOP),
+                     "warp specialization is for the nested loop with TMA loads (pointer loads do not compile)")
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -170,19 +197,22 @@ def _split_stats(
             acc = _mma(a, b, acc, IEEE)
             if ki == k_steps - 1:
                 if HAS_BIAS:
-                    acc += tl.load(b_ptr + cols_ld).to(tl.float32)[None, :]
+                    acc = _add_bias(acc, b_ptr, cols_ld, bias_on)
                 m_i, s_i, u_i, t_i = _fold_tile(
                     acc, n + offs_n, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY
                 )
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
-        for n in range(col_begin, col_end, BLOCK_N):
+        for n in tl.range(col_begin, col_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
             cols = n + offs_n
             # Columns past V load row V - 1 instead of masking every K step; their logits are masked below.
             cols_ld = tl.minimum(cols, V - 1).to(tl.int64)
-            acc = logits_tile(h_ptr, w_ptr, rows, cols_ld, H, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE)
+            if USE_TMA:
+                acc = _tma_logits_tile(h_desc, w_desc, row0, n, H, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+            else:
+                acc = logits_tile(h_ptr, w_ptr, rows, cols_ld, H, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE)
             if HAS_BIAS:
-                acc += tl.load(b_ptr + cols_ld).to(tl.float32)[None, :]
+                acc = _add_bias(acc, b_ptr, cols_ld, bias_on)
             m_i, s_i, u_i, t_i = _fold_tile(acc, cols, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY)
     return m_i, s_i, u_i, t_i
 
@@ -192,6 +222,7 @@ def _score_split(
     h_ptr,
     w_ptr,
     b_ptr,
+    bias_on,
     part_ptr,
     h_desc,
     w_desc,
@@ -216,11 +247,12 @@ def _score_split(
     IEEE: tl.constexpr,
     FLAT_LOOP: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """_split_stats of one model on one (row block, split), stored to its planes of part at `out`."""
     m, s, u, t = _split_stats(
-        h_ptr, w_ptr, b_ptr, h_desc, w_desc, row0, rows, target_local, col_begin, col_end, H, V, scale2,
-        HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP, USE_TMA,
+        h_ptr, w_ptr, b_ptr, bias_on, h_desc, w_desc, row0, rows, target_local, col_begin, col_end, H, V, scale2,
+        HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP, USE_TMA, WARP_SPECIALIZE,
     )  # fmt: skip
     tl.store(part_ptr + PLANE_MAX * plane + out, m, mask=row_mask)
     tl.store(part_ptr + PLANE_SUMEXP * plane + out, s, mask=row_mask)
@@ -267,14 +299,18 @@ def linear_logprob_stats_kernel(
     GROUP_M: tl.constexpr,
     FLAT_LOOP: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_M) * num_splits * (2 if DUAL else 1),). Writes per-split statistics.
 
-    part [4 or 3, num_splits, N] (planes max, sumexp, target, [entropy]); ref_part [3, num_splits, N].
+    part and ref_part [4 or 3, num_splits, N] (planes max, sumexp, target, [entropy]; the reference's entropy
+    plane is unused).
     With DUAL the second half of the programs scores the reference (own hidden/weight/bias/dtype): one launch,
     and each program holds one model's tile, so the dual kernel needs no more registers than the single one.
     The *_desc arguments are TMA descriptors of hidden / weight (and the reference's; the policy's again
-    without one) whenever the launch may use TMA, and None when it cannot; only USE_TMA configs read them.
+    without one) whenever the launch may use TMA, and None when it cannot; only USE_TMA configs without
+    WARP_SPECIALIZE read them (warp-specialized programs build their own, see below: that needs Triton's global
+    scratch allocator, 128 bytes per descriptor).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(N, BLOCK_M)
@@ -302,15 +338,35 @@ def linear_logprob_stats_kernel(
     out = pid_s.to(tl.int64) * N + rows.to(tl.int64)
 
     row0 = pid_m * BLOCK_M
-    if DUAL and pid >= programs_per_model:
+    if WARP_SPECIALIZE:
+        # Triton warp-specializes one loop nest per kernel, so one nest serves both models: the program picks
+        # its model's tensors at run time and builds TMA descriptors for them here (the host descriptors name
+        # one tensor each). Both models share the dtype, EVEN_K and flags (the autotuner prunes the rest); the
+        # reference's entropy plane (ref_part has one) is computed and ignored; bias is on where its model has one.
+        tl.static_assert(not DUAL or (UPCAST == REF_UPCAST and IEEE == REF_IEEE and EVEN_K == REF_EVEN_K),
+                         "a warp-specialized dual launch needs both models in one dtype")
+        is_ref = DUAL and pid >= programs_per_model
+        hp, wp, bp, pp, bias_on = h_ptr, w_ptr, b_ptr, part_ptr, HAS_BIAS
+        if is_ref:
+            hp, wp, bp, pp, bias_on = ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_part_ptr, REF_HAS_BIAS
+        h_dev = tl.make_tensor_descriptor(hp, shape=[N, H], strides=[H, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_dev = tl.make_tensor_descriptor(wp, shape=[V, H], strides=[H, 1], block_shape=[BLOCK_N, BLOCK_K])
         _score_split(
-            ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_part_ptr, ref_h_desc, ref_w_desc, row0, rows_ld, row_mask, out,
-            plane, target_local, col_begin, col_end, H, V, scale2,
+            hp, wp, bp, bias_on, pp, h_dev, w_dev, row0, rows_ld, row_mask, out, plane, target_local, col_begin,
+            col_end, H, V, scale2,
+            HAS_BIAS or REF_HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP,
+            USE_TMA, WARP_SPECIALIZE,
+        )  # fmt: skip
+    elif DUAL and pid >= programs_per_model:
+        _score_split(
+            ref_h_ptr, ref_w_ptr, ref_b_ptr, True, ref_part_ptr, ref_h_desc, ref_w_desc, row0, rows_ld, row_mask,
+            out, plane, target_local, col_begin, col_end, H, V, scale2,
             REF_HAS_BIAS, False, BLOCK_M, BLOCK_N, BLOCK_K, REF_EVEN_K, REF_UPCAST, REF_IEEE, FLAT_LOOP, USE_TMA,
+            False,
         )  # fmt: skip
     else:
         _score_split(
-            h_ptr, w_ptr, b_ptr, part_ptr, h_desc, w_desc, row0, rows_ld, row_mask, out, plane, target_local,
+            h_ptr, w_ptr, b_ptr, True, part_ptr, h_desc, w_desc, row0, rows_ld, row_mask, out, plane, target_local,
             col_begin, col_end, H, V, scale2,
-            HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP, USE_TMA,
+            HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP, USE_TMA, False,
         )  # fmt: skip

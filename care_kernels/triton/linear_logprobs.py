@@ -47,17 +47,19 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, maxnreg: int | None
                          maxnreg=maxnreg)  # fmt: skip
 
 
-def _bwd(bm, bn, bk, warps, stages, *, persistent=0, tma_loads=False, maxnreg=None) -> triton.Config:
-    """A dlogits config: tile; persistent = programs per SM (0: one program per tile); TMA loads; register cap."""
+def _bwd(bm, bn, bk, warps, stages, *, persistent=0, tma_loads=False, maxnreg=None, ws=False) -> triton.Config:
+    """A dlogits config: tile; persistent = programs per SM (0: one program per tile); TMA loads; register cap;
+    warp specialization (persistent TMA only)."""
     config = _cfg(bm, bn, bk, warps, stages, maxnreg, PERSISTENT=persistent > 0, USE_TMA=tma_loads,
-                  PROGRAMS_PER_SM=max(persistent, 1))  # fmt: skip
+                  PROGRAMS_PER_SM=max(persistent, 1), WARP_SPECIALIZE=ws)  # fmt: skip
     config.pre_hook = tma.set_block_shapes
     return config
 
 
-def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None) -> triton.Config:
-    """A forward config: tile, loop shape (nested or flat), operand loads (pointers or TMA), register cap."""
-    config = _cfg(bm, bn, bk, warps, stages, maxnreg, FLAT_LOOP=flat, USE_TMA=tma_loads)
+def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None, ws=False) -> triton.Config:
+    """A forward config: tile, loop shape (nested or flat), operand loads (pointers or TMA), register cap,
+    warp specialization (nested TMA loop only)."""
+    config = _cfg(bm, bn, bk, warps, stages, maxnreg, FLAT_LOOP=flat, USE_TMA=tma_loads, WARP_SPECIALIZE=ws)
     config.pre_hook = tma.set_block_shapes
     return config
 
@@ -74,6 +76,12 @@ def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None
 #   same way spills 48 bytes with Triton 3.8, none with 3.6).
 # - flat, TMA loads (Hopper+, 16-byte aligned rows; no address registers): 128x128 fits a 128-register cap
 #   without spills (168 uncapped; Triton 3.8 needs 128 uncapped), two CTAs per SM; 254 at 128x256.
+# - warp-specialized (Hopper only, see _prune_warp_specialized; Triton 3.6 and 3.8 both compile them): the
+#   nested loop with TMA loads and 4 warps, which Triton splits into a producer warp group (TMA copies, stages
+#   ahead, across tiles) and two consumer warp groups of 64 rows each (wgmma + fold; 232 registers each via
+#   setmaxnreg, 168 at launch x 12 warps: one CTA per SM, no spills at 128x128 or 128x256 without a bias).
+#   Descriptors are built in the kernel (one loop nest serves both models of a dual launch), from global scratch.
+# With a bias the register-capped and the warp-specialized 128x256 configs spill: pruned (spills_with_bias).
 # Which wins is the autotuner's call on each GPU; benchmarks record its picks and every config's time.
 _FWD_CONFIGS_16 = [
     _fwd(128, 128, 64, 8, 3),
@@ -86,19 +94,25 @@ _FWD_CONFIGS_16_TMA = [
     *_FWD_CONFIGS_16,
     _fwd(128, 128, 64, 8, 3, flat=True, tma_loads=True, maxnreg=128),
     _fwd(128, 256, 64, 8, 3, flat=True, tma_loads=True),
+    _fwd(128, 128, 64, 4, 4, tma_loads=True, ws=True),
+    _fwd(128, 256, 64, 4, 3, tma_loads=True, ws=True),
 ]
 # dlogits: one tile per program (Triton 3.6: 122 registers at 128x128, two CTAs per SM; 254 at the larger
 # tiles). Where TMA is usable, also persistent programs (a fixed number per SM, each a flat loop over its
 # tiles' K steps; the epilogue's layout change takes 32 KB of shared memory more): 128x128 with 2 stages and
 # at most 128 registers (96 KB: two CTAs per SM), 128x128 and 128x256 with 3 stages, one CTA per SM.
 # Persistent programs with pointer loads were left out: 3 stages (128 KB) leave one CTA per SM, 2 stages
-# do not pipeline, and the cap of 128 registers spills with Triton 3.8 (sm90_report).
+# do not pipeline, and the cap of 128 registers spills with Triton 3.8 (sm90_report). Warp-specialized
+# persistent programs (Hopper only): a tile loop with a TMA K-loop inside, producer + two consumer warp groups
+# as in the forward; 128x128 with 3 or 4 stages (128x256 and 256x128 spill 32-48 bytes in the epilogue).
 _BWD_CONFIGS_16 = [_bwd(128, 128, 64, 8, 3), _bwd(128, 256, 64, 8, 3), _bwd(256, 128, 64, 8, 3)]
 _BWD_CONFIGS_16_TMA = [
     *_BWD_CONFIGS_16,
     _bwd(128, 128, 64, 8, 2, persistent=2, tma_loads=True, maxnreg=128),
     _bwd(128, 128, 64, 8, 3, persistent=1, tma_loads=True),
     _bwd(128, 256, 64, 8, 3, persistent=1, tma_loads=True),
+    _bwd(128, 128, 64, 4, 3, persistent=1, tma_loads=True, ws=True),
+    _bwd(128, 128, 64, 4, 4, persistent=1, tma_loads=True, ws=True),
 ]
 # fp32 (exact fp32 products, no TF32) and mixed fp32/16-bit pairs: smaller tiles for the 4-byte operands.
 _FWD_CONFIGS_32 = [_fwd(64, 64, 32, 4, 3), _fwd(64, 128, 32, 8, 3), _fwd(64, 64, 32, 4, 3, flat=True),
@@ -126,12 +140,52 @@ _check_config_lists()
 # Constexpr flags that change the work per program are part of the key (Triton keys on the listed
 # arguments and the tensors' dtypes only; EVEN_K follows from H).
 _FWD_KEY = ["H", "V", "N_CLASS", "DUAL", "WITH_ENTROPY", "HAS_BIAS", "REF_HAS_BIAS"]
-_fwd_tuned_16 = triton.autotune(configs=_FWD_CONFIGS_16, key=_FWD_KEY)(linear_logprob_stats_kernel)
-_fwd_tuned_16_tma = triton.autotune(configs=_FWD_CONFIGS_16_TMA, key=_FWD_KEY)(linear_logprob_stats_kernel)
+
+
+def warp_specialized(config: triton.Config) -> bool:
+    return bool(config.kwargs.get("WARP_SPECIALIZE"))
+
+
+def warp_specialization_enabled() -> bool:
+    """False when CARE_KERNELS_WARP_SPECIALIZE=0: the autotuner never tries warp-specialized configs (an escape
+    hatch for a Triton or driver whose warp specialization misbehaves; gpu_check.sh sets it when they fail)."""
+    return os.environ.get("CARE_KERNELS_WARP_SPECIALIZE", "1") != "0"
+
+
+def spills_with_bias(config: triton.Config) -> bool:
+    """Forward configs that spill registers when a model has a bias (sm90_report, Triton 3.6 and 3.8): the
+    128-register caps (700-1000 bytes per thread) and the warp-specialized 128x256 tile (8-24 bytes). With
+    Triton 3.6 the 128x256 pointer-load configs spill 8-24 bytes with a bias too (3.8: none); they stay, timed."""
+    return config.maxnreg is not None or (warp_specialized(config) and config.kwargs["BLOCK_N"] == 256)
+
+
+def _prune_configs(configs: list[triton.Config], named_args: dict, **launch) -> list[triton.Config]:
+    """Autotuner early prune (forward and dlogits) of the configs that cannot run here, or run badly:
+    - warp-specialized ones off Hopper (sm_90: other architectures run another warp-specialization pass that
+      nobody here has compiled or checked), under CARE_KERNELS_WARP_SPECIALIZE=0, and in a dual forward whose
+      models differ in dtype (one loop nest serves both; linear_logprob_stats_kernel);
+    - in a forward where either model has a bias, those that spill with one (spills_with_bias).
+    """
+    args = {**named_args, **launch}  # Triton passes keyword arguments (the constexpr flags) apart
+    device = args["h_ptr"].device
+    hopper = device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] == 9
+    same_dtype = not args.get("DUAL") or args["ref_h_ptr"].dtype == args["h_ptr"].dtype
+    keep_ws = hopper and same_dtype and warp_specialization_enabled()
+    biased_forward = "DUAL" in args and bool(args.get("HAS_BIAS") or args.get("REF_HAS_BIAS"))
+    return [c for c in configs if (keep_ws or not warp_specialized(c)) and not (biased_forward and spills_with_bias(c))]
+
+
+_PRUNE = {"early_config_prune": _prune_configs}
+_fwd_tuned_16 = triton.autotune(configs=_FWD_CONFIGS_16, key=_FWD_KEY, prune_configs_by=_PRUNE)(
+    linear_logprob_stats_kernel
+)
+_fwd_tuned_16_tma = triton.autotune(configs=_FWD_CONFIGS_16_TMA, key=_FWD_KEY, prune_configs_by=_PRUNE)(
+    linear_logprob_stats_kernel
+)
 _fwd_tuned_32 = triton.autotune(configs=_FWD_CONFIGS_32, key=_FWD_KEY)(linear_logprob_stats_kernel)
 _BWD_KEY = ["H", "N_CLASS", "HAS_BIAS", "HAS_GRAD_ENTROPY"]
 _bwd_tuned_16 = triton.autotune(configs=_BWD_CONFIGS_16, key=_BWD_KEY)(dlogits_kernel)
-_bwd_tuned_16_tma = triton.autotune(configs=_BWD_CONFIGS_16_TMA, key=_BWD_KEY)(dlogits_kernel)
+_bwd_tuned_16_tma = triton.autotune(configs=_BWD_CONFIGS_16_TMA, key=_BWD_KEY, prune_configs_by=_PRUNE)(dlogits_kernel)
 _bwd_tuned_32 = triton.autotune(configs=_BWD_CONFIGS_32, key=_BWD_KEY)(dlogits_kernel)
 # Which (tuner, configs) a launch uses: fp32 when any operand is fp32, the TMA lists when TMA is usable.
 _FWD_LISTS = {"fp32": (_fwd_tuned_32, _FWD_CONFIGS_32), "16-bit": (_fwd_tuned_16, _FWD_CONFIGS_16),
@@ -142,7 +196,7 @@ _BWD_LISTS = {"fp32": (_bwd_tuned_32, _BWD_CONFIGS_32), "16-bit": (_bwd_tuned_16
 
 def config_label(config: triton.Config) -> str:
     """Short name of a config, e.g. '128x128x64 w8 s3 flat tma r128' (tile, warps, stages, variant, cap);
-    'persistent x2': two persistent programs per SM."""
+    'persistent x2': two persistent programs per SM; 'ws': warp-specialized."""
     c = config.kwargs
     label = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
     if "FLAT_LOOP" in c:
@@ -150,6 +204,7 @@ def config_label(config: triton.Config) -> str:
     if c.get("PERSISTENT"):
         label += f" persistent x{c['PROGRAMS_PER_SM']}"
     label += " tma" if c.get("USE_TMA") else ""
+    label += " ws" if c.get("WARP_SPECIALIZE") else ""
     return label + (f" r{config.maxnreg}" if config.maxnreg else "")
 
 
@@ -189,8 +244,8 @@ def autotuned_configs() -> list[dict]:
 
 
 # The kernels' variants under the interpreter (tests run each): loop shape, and TMA loads where usable.
-INTERPRETER_FORWARD = {"FLAT_LOOP": False, "USE_TMA": False}
-INTERPRETER_BACKWARD = {"PERSISTENT": False, "USE_TMA": False, "PROGRAMS_PER_SM": 1}
+INTERPRETER_FORWARD = {"FLAT_LOOP": False, "USE_TMA": False, "WARP_SPECIALIZE": False}
+INTERPRETER_BACKWARD = {"PERSISTENT": False, "USE_TMA": False, "PROGRAMS_PER_SM": 1, "WARP_SPECIALIZE": False}
 
 
 def _interpreter_config(hidden_size: int) -> triton.Config:
@@ -221,9 +276,12 @@ def _plan_launch(plain, lists: dict, interpreter_variant: dict, n_class: int, *t
     tma_usable = not wide and tma.usable(*tensors, interpret=_INTERPRET)
     tuned, configs = lists["fp32" if wide else ("16-bit TMA" if tma_usable else "16-bit")]
     kernel, config, meta = _pick_kernel(plain, tuned, configs, tensors[0].shape[1], n_class)
-    if _INTERPRET:
-        meta.update(interpreter_variant, USE_TMA=interpreter_variant["USE_TMA"] and tma_usable)
+    if _INTERPRET:  # the variant's TMA loads (and warp specialization, which needs them) where TMA is usable
+        meta.update({k: v and tma_usable if k in ("USE_TMA", "WARP_SPECIALIZE") else v
+                     for k, v in interpreter_variant.items()})  # fmt: skip
     with_descriptors = meta.get("USE_TMA", False) or (kernel is tuned and tma_usable)
+    if with_descriptors and not _INTERPRET:
+        tma.ensure_scratch_allocator()  # warp-specialized configs build their descriptors in the kernel
     return kernel, tuned, config, meta, with_descriptors
 
 
@@ -337,7 +395,7 @@ def forward(
 
     planes = 4 if with_entropy else 3
     part = torch.empty((planes, splits, n_rows), dtype=torch.float32, device=device)
-    ref_part = torch.empty((3, splits, n_rows), dtype=torch.float32, device=device) if dual else part
+    ref_part = torch.empty_like(part) if dual else part  # same planes: see linear_logprob_stats_kernel
     upcast, ieee = _pair_flags(hidden, weight)
     ref_upcast, ref_ieee = _pair_flags(ref_hidden, ref_weight) if dual else (upcast, ieee)
     even_k = hidden_size % block_k == 0

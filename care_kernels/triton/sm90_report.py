@@ -6,7 +6,8 @@ Triton compiles for a named target without a GPU (ptxas ships with it). A launch
 and integer argument divisible by 16; here each compile gets the hints that a launch at the Qwen2.5-VL-7B head
 (N=16384, H=3584, V=152064, all divisible by 16) gets. It checks what no CPU test can run but GPU speed hangs
 on: no register spills, the main loop software-pipelined (asynchronous global-to-shared copies with stages
-kept in flight), and tensor-core `wgmma` for 16-bit operands. Speed itself is only measured on a GPU.
+kept in flight), tensor-core `wgmma` for 16-bit operands, and warp specialization where a config asks for it.
+Speed itself is only measured on a GPU.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Report:
     pipelined: bool  # async global->shared copies (cp.async or TMA) issued ahead of their use
     wgmma: bool  # Hopper tensor-core instructions
     tma: bool  # operand tiles through the tensor memory accelerator
+    warp_specialized: bool  # split into producer / consumer warp groups (registers: the count at launch)
+    scratch_bytes: int  # global scratch per program (descriptors built in the kernel)
 
 
 def _types(kernel, element: str, overrides: dict) -> dict:
@@ -72,16 +75,19 @@ def _types(kernel, element: str, overrides: dict) -> dict:
 
 
 def _forward_cases(element: str, configs: list[triton.Config]) -> list[Case]:
-    """Single and dual forwards; TMA configs get descriptor arguments of their tiles, the others None."""
+    """Single and dual forwards, without and with a bias; TMA configs get descriptor arguments of their tiles,
+    the others None."""
     ieee = element == "fp32"
     overrides = dict(part_ptr="*fp32", ref_part_ptr="*fp32", tgt_ptr="*i64", scale2="fp32")
     cases = []
-    for dual in (False, True):
-        flags = dict(HAS_BIAS=False, WITH_ENTROPY=True, EVEN_K=True, UPCAST=False, IEEE=ieee, DUAL=dual,
-                     REF_HAS_BIAS=False, REF_EVEN_K=True, REF_UPCAST=False, REF_IEEE=ieee,
+    for dual, bias in [(False, False), (True, False), (False, True), (True, True)]:
+        flags = dict(HAS_BIAS=bias, WITH_ENTROPY=True, EVEN_K=True, UPCAST=False, IEEE=ieee, DUAL=dual,
+                     REF_HAS_BIAS=bias, REF_EVEN_K=True, REF_UPCAST=False, REF_IEEE=ieee,
                      GROUP_M=tlp._GROUP_M)  # fmt: skip
-        name = f"forward{' dual' if dual else ''} {element}"
+        name = f"forward{' dual' if dual else ''} {element}{' bias' if bias else ''}"
         for c in configs:
+            if bias and tlp.spills_with_bias(c):
+                continue  # the autotuner prunes these when a model has a bias (linear_logprobs._prune_configs)
             bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             blocks = dict(h_desc=bm, w_desc=bn, ref_h_desc=bm, ref_w_desc=bn)
             if c.kwargs["USE_TMA"]:
@@ -98,7 +104,7 @@ def _forward_cases(element: str, configs: list[triton.Config]) -> list[Case]:
 def _dlogits_cases(element: str, configs: list[triton.Config]) -> list[Case]:
     overrides = dict(tgt_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32", glp_ptr="*fp32", gent_ptr="*fp32",
                      scale2="fp32", inv_temp="fp32")  # fmt: skip
-    flags = dict(HAS_BIAS=False, HAS_GRAD_ENTROPY=True, EVEN_K=True, UPCAST=False, IEEE=element == "fp32",
+    flags = dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True, EVEN_K=True, UPCAST=False, IEEE=element == "fp32",
                  GROUP_M=tlp._GROUP_M)  # fmt: skip
     cases = []
     for c in configs:
@@ -176,6 +182,8 @@ def compile_case(case: Case, target: GPUTarget = HOPPER) -> Report:
         pipelined=_pipelined(ttgir),
         wgmma="ttng.warp_group_dot " in ttgir,
         tma="async_tma_copy_global_to_local" in ttgir,
+        warp_specialized="ttg.warp_specialize" in ttgir,
+        scratch_bytes=compiled.metadata.global_scratch_size,
     )
 
 
@@ -200,12 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({label: {"kernel": kernels[label], **dataclasses.asdict(r)} for label, r in reports.items()}))
         return 0
     print(f"triton {triton.__version__}, target sm_{HOPPER.arch}")
-    print(f"{'kernel and config':<54} {'regs':>4} {'spill B':>7} {'shared KiB':>10} {'pipelined':>9} {'wgmma':>5} "
-          f"{'tma':>3}")  # fmt: skip
+    print(f"{'kernel and config':<57} {'regs':>4} {'spill B':>7} {'shared KiB':>10} {'pipelined':>9} {'wgmma':>5} "
+          f"{'tma':>3} {'ws':>3}")  # fmt: skip
     for label, r in reports.items():
         yes = lambda flag: "yes" if flag else "no"  # noqa: E731
-        print(f"{label:<54} {r.registers:>4} {r.spill_bytes:>7} {r.shared_bytes / 1024:>10.0f} "
-              f"{yes(r.pipelined) if r.pipelined else 'NO':>9} {yes(r.wgmma):>5} {yes(r.tma):>3}")  # fmt: skip
+        print(f"{label:<57} {r.registers:>4} {r.spill_bytes:>7} {r.shared_bytes / 1024:>10.0f} "
+              f"{yes(r.pipelined) if r.pipelined else 'NO':>9} {yes(r.wgmma):>5} {yes(r.tma):>3} "
+              f"{yes(r.warp_specialized):>3}")  # fmt: skip
     return 0
 
 

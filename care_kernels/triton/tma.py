@@ -3,12 +3,14 @@
 A descriptor names a 2-D row-major tensor and the block a kernel copies at a time; the kernel then loads a
 block with `desc.load([row, col])` in one bulk copy, with zeros for the part past the tensor's edge. The block
 shape is the autotuner config's tile, so each config's `pre_hook` (`set_block_shapes`) writes it into the
-descriptors before that config runs.
+descriptors before that config runs. Warp-specialized configs build their descriptors in the kernel instead,
+which takes Triton's global-scratch allocator (`ensure_scratch_allocator`).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
 try:  # Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -53,3 +55,23 @@ def set_block_shapes(nargs: dict) -> None:
         desc = nargs.get(name)
         if desc is not None:
             desc.block_shape = [nargs[rows], nargs["BLOCK_K"]]
+
+
+def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    del alignment, stream  # torch's caching allocator aligns to 512 bytes and orders by the current stream
+    return torch.empty(size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device()))
+
+
+def ensure_scratch_allocator() -> None:
+    """Kernels that build descriptors on the device (`tl.make_tensor_descriptor`, 128 bytes each per program)
+    take that memory from Triton's global-scratch allocator, which is unset by default: set one backed by
+    torch's caching allocator, unless this context already has one (the user's own stays; with a Triton whose
+    internals moved, where that cannot be told, ours is set)."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # pragma: no cover - a Triton whose internals moved: set ours
+        pass
+    triton.set_allocator(_torch_scratch)
