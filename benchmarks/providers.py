@@ -191,6 +191,39 @@ def _ck_logprobs(impl: str, case: str, single_x2: bool = False):
     return build
 
 
+def _ck_triton_strategy(strategy: str, case: str):
+    """impl=triton with its forward's strategy forced (`auto` times both and keeps the faster per shape): the
+    sweep records both, whichever `auto` picks."""
+
+    def build(inp: LogprobInputs, device) -> Built:
+        from care_kernels.triton import forward_strategy
+
+        built = _ck_logprobs("triton", case)(inp, device)
+        run = built.run
+
+        def forced():
+            with forward_strategy.use(strategy):
+                return run()
+
+        built.run = forced
+        built.note = f"forward strategy forced to {strategy}" + (f"; {built.note}" if built.note else "")
+        return built
+
+    return build
+
+
+def _ck_triton_strategy_available(case, device):
+    ok, why = _ck_impl_available("triton")(case, device)
+    if not ok:
+        return ok, why
+    from care_kernels.triton import cublas_forward
+
+    probe = torch.zeros(1, 1, dtype=torch.bfloat16, device=device)
+    if not cublas_forward.usable(probe):
+        return False, "this torch has no fp32-output cuBLAS GEMM for 16-bit inputs: only the fused forward runs"
+    return True, ""
+
+
 def _ck_fused_available(case, device):
     try:
         from care_kernels import FusedLinearGRPOLoss  # noqa: F401
@@ -616,6 +649,17 @@ def _register() -> dict[str, Provider]:
                 {"dual": _ck_logprobs(impl, "dual", single_x2=True)},
                 avail,
                 order=60 + rank,
+            )
+        )
+    for rank, strategy in enumerate(("fused", "cublas")):
+        reg.append(
+            Provider(
+                f"ck_triton_{strategy}",
+                f"care_kernels impl=triton, {'fused' if strategy == 'fused' else 'cuBLAS'} forward",
+                "ours",
+                {c: _ck_triton_strategy(strategy, c) for c in ("forward", "dual", "grpo_head")},
+                _ck_triton_strategy_available,
+                order=4 + rank,
             )
         )
     reg += [

@@ -16,6 +16,7 @@ import triton
 
 from care_kernels.reference.naive import naive_linear_logprobs
 from care_kernels.testing import assert_error_within
+from care_kernels.triton import forward_strategy, fp32_gemm
 from care_kernels.triton import linear_logprobs as tlp
 
 IGNORE = -100
@@ -267,21 +268,27 @@ def test_backward_variants(device, monkeypatch, variant, n, h, v, dtype, grad_en
 
 
 def test_triton_fp32_accumulating_matmul(device, monkeypatch):
-    """The Triton C (+)= A @ B used for dH when cuBLAS cannot write fp32 from 16-bit inputs."""
-    monkeypatch.setattr(tlp, "_cublas_writes_fp32", lambda _device, _dtype: False)
-    for m, k, n, dtype in [
-        (130, 300, 100, torch.float16),
-        (1, 256, 16, torch.bfloat16),
-        (7, 5, 3, torch.float16),
+    """The Triton C (+)= A @ B used when cuBLAS cannot write fp32 from 16-bit inputs, for row-major and transposed
+    operands (the fused GRPO head passes dlogits.T, the cuBLAS forward weight[cols].T)."""
+    monkeypatch.setattr(fp32_gemm, "cublas_writes_fp32", lambda _device, _dtype: False)
+    for m, k, n, dtype, transposed in [
+        (130, 300, 100, torch.float16, ""),
+        (1, 256, 16, torch.bfloat16, "a"),
+        (7, 5, 3, torch.float16, "b"),
+        (130, 100, 300, torch.bfloat16, "ab"),
     ]:
         a = torch.randn(m, k, device=device).to(dtype)
         b = torch.randn(k, n, device=device).to(dtype)
+        if "a" in transposed:
+            a = a.T.contiguous().T
+        if "b" in transposed:
+            b = b.T.contiguous().T
         acc = torch.randn(m, n, device=device)
         want = acc.double() + a.double() @ b.double()
-        tlp._addmm_fp32_(acc, a, b, accumulate=True)
+        fp32_gemm.addmm_fp32_(acc, a, b, accumulate=True)
         torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-4)
         acc.fill_(float("nan"))
-        tlp._addmm_fp32_(acc, a, b, accumulate=False)
+        fp32_gemm.addmm_fp32_(acc, a, b, accumulate=False)
         torch.testing.assert_close(acc.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-4)
 
 
@@ -486,6 +493,7 @@ def test_gpu_every_forward_config(monkeypatch, dual, n, h, v, bias):
                                  **flags)  # fmt: skip
     tensors = (inputs["hidden"], inputs["weight"], ref["hidden"], ref["weight"])
     results = []
+    monkeypatch.setenv(forward_strategy.ENV, "fused")
     for config in configs:
         monkeypatch.setitem(tlp._FWD_LISTS, "16-bit TMA", (tlp._fwd_tuned_16_tma, [config]))
         plan = tlp._plan_launch(tlp.linear_logprob_stats_kernel, tlp._FWD_LISTS, {}, 2, *tensors)
@@ -526,7 +534,7 @@ def test_gpu_every_dlogits_config(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_cublas_fp32_accumulation_probe():
     """Reports whether cuBLAS accumulates bf16 GEMMs into fp32 on this stack (both dH paths are tested)."""
-    works = tlp._cublas_writes_fp32(torch.device("cuda"), torch.bfloat16)
+    works = fp32_gemm.cublas_writes_fp32(torch.device("cuda"), torch.bfloat16)
     print(f"cuBLAS fp32-output bf16 addmm usable: {works}")
 
 
@@ -534,7 +542,7 @@ def test_gpu_cublas_fp32_accumulation_probe():
 def test_gpu_triton_dh_accumulation(monkeypatch):
     """The Triton fp32 dH accumulation (used when cuBLAS cannot write fp32 from bf16), over many chunks."""
     monkeypatch.setattr(tlp, "DLOGITS_SLAB_BYTES", 256 << 20)
-    monkeypatch.setattr(tlp, "_cublas_writes_fp32", lambda _device, _dtype: False)
+    monkeypatch.setattr(fp32_gemm, "cublas_writes_fp32", lambda _device, _dtype: False)
     check_real_size(make_inputs(4096, 896, 151936, torch.bfloat16, torch.device("cuda")), 1.0)
 
 

@@ -63,7 +63,7 @@ def _accumulate_grad_weight(grad_weight: Tensor, dlogits: Tensor, h: Tensor, fir
     if dlogits.dtype == torch.float32:
         grad_weight.addmm_(dlogits.T, h.float() if h.dtype != torch.float32 else h, beta=0 if first else 1)
     elif dlogits.is_cuda:
-        from care_kernels.triton.linear_logprobs import addmm_fp32_
+        from care_kernels.triton.fp32_gemm import addmm_fp32_
 
         addmm_fp32_(grad_weight, dlogits.T, h, accumulate=not first)
     elif first:

@@ -370,3 +370,55 @@ def linear_logprob_stats_kernel(
             col_begin, col_end, H, V, scale2,
             HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP, USE_TMA, False,
         )  # fmt: skip
+
+
+@triton.jit
+def logits_slab_stats_kernel(
+    z_ptr,
+    b_ptr,
+    part_ptr,
+    tgt_ptr,
+    N,
+    n_cols,
+    col_begin,
+    split,
+    num_splits,
+    scale2,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid: (cdiv(N, BLOCK_M),). The statistics of split `split`, vocabulary columns [col_begin, col_begin +
+    n_cols), from logits someone else multiplied out: z [N, n_cols] fp32, contiguous, bias not added.
+
+    The same fold (and the same `part` layout) as linear_logprob_stats_kernel, with loads in place of the
+    K-loop: the forward that runs the GEMM in cuBLAS (care_kernels.triton.cublas_forward) folds its slab here.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    rows_ld = tl.minimum(rows, N - 1).to(tl.int64)
+    col_end = col_begin + n_cols
+    tgt = tl.load(tgt_ptr + rows_ld)
+    target_local = tl.where((tgt >= col_begin) & (tgt < col_end), tgt, -1).to(tl.int32)
+    m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_base = z_ptr + rows_ld[:, None] * n_cols
+    for n in range(0, n_cols, BLOCK_N):
+        local = n + offs_n
+        acc = tl.load(row_base + local[None, :], mask=(local < n_cols)[None, :], other=0.0)
+        if HAS_BIAS:
+            acc = _add_bias(acc, b_ptr, (col_begin + tl.minimum(local, n_cols - 1)).to(tl.int64), True)
+        m_i, s_i, u_i, t_i = _fold_tile(acc, col_begin + local, col_end, target_local, m_i, s_i, u_i, t_i, scale2,
+                                        WITH_ENTROPY)  # fmt: skip
+    plane = tl.cast(num_splits, tl.int64) * N
+    out = tl.cast(split, tl.int64) * N + rows.to(tl.int64)
+    tl.store(part_ptr + PLANE_MAX * plane + out, m_i, mask=row_mask)
+    tl.store(part_ptr + PLANE_SUMEXP * plane + out, s_i, mask=row_mask)
+    tl.store(part_ptr + PLANE_TARGET * plane + out, t_i, mask=row_mask)
+    if WITH_ENTROPY:
+        tl.store(part_ptr + PLANE_ENTROPY * plane + out, u_i, mask=row_mask)

@@ -6,7 +6,9 @@
 Forward: one fused kernel (_forward_kernels) streams the vocabulary; programs own (row block, vocabulary
 split) pairs so that small N still fills the GPU, and write O(N * splits) fp32 partial statistics that a
 few torch ops merge. The dual variant scores a reference model (own hidden/weight/bias, possibly another
-dtype) in a second set of programs of the same launch.
+dtype) in a second set of programs of the same launch. For large 16-bit calls the same statistics may come
+instead from cuBLAS GEMMs into a bounded fp32 slab folded by a Triton kernel (cublas_forward), when timing
+on the first call of a shape says that is faster (forward_strategy).
 
 Backward: see `backward`. Inputs here are already validated by the dispatcher: 2-D, contiguous, one device.
 """
@@ -21,9 +23,10 @@ import torch
 import triton
 
 from care_kernels.triton import _forward_kernels as fk
-from care_kernels.triton import tma
-from care_kernels.triton._backward_kernels import dlogits_kernel, matmul_accumulate_kernel
+from care_kernels.triton import cublas_forward, forward_strategy, tma
+from care_kernels.triton._backward_kernels import dlogits_kernel
 from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel
+from care_kernels.triton.fp32_gemm import addmm_fp32_
 
 # The Triton interpreter (CPU) mis-handles bf16 arithmetic: every load is upcast to fp32 there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -118,7 +121,6 @@ _BWD_CONFIGS_16_TMA = [
 _FWD_CONFIGS_32 = [_fwd(64, 64, 32, 4, 3), _fwd(64, 128, 32, 8, 3), _fwd(64, 64, 32, 4, 3, flat=True),
                    _fwd(64, 128, 32, 8, 3, flat=True)]  # fmt: skip
 _BWD_CONFIGS_32 = [_bwd(64, 64, 32, 4, 3), _bwd(64, 128, 32, 8, 3), _bwd(128, 128, 32, 8, 3)]
-_MATMUL_CONFIG_16 = _cfg(128, 128, 64, 8, 3)
 _TUNE_FROM_N_CLASS = 2
 
 
@@ -198,7 +200,8 @@ def config_label(config: triton.Config) -> str:
     """Short name of a config, e.g. '128x128x64 w8 s3 flat tma r128' (tile, warps, stages, variant, cap);
     'persistent x2': two persistent programs per SM; 'ws': warp-specialized."""
     c = config.kwargs
-    label = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+    tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
+    label = f"{tile} w{config.num_warps} s{config.num_stages}"
     if "FLAT_LOOP" in c:
         label += " flat" if c["FLAT_LOOP"] else " nested"
     if c.get("PERSISTENT"):
@@ -233,6 +236,7 @@ def autotuned_configs() -> list[dict]:
 
     key: the values of the kernel's key arguments, then the tensor dtypes; config: tile sizes, loop shape,
     operand loads, warps, pipeline stages, register cap; timings_ms: every candidate config's median time.
+    Then the forward strategies `auto` picked (kernel "forward strategy", label "fused" or "cublas").
     """
     return [
         {"kernel": name, "key_args": list(tuner.keys), "key": [str(k) for k in key],
@@ -240,7 +244,7 @@ def autotuned_configs() -> list[dict]:
          "timings_ms": _TUNING_MS.get(id(tuner), {}).get(key, {})}
         for name, tuner in _tuners().items()
         for key, config in getattr(tuner, "cache", {}).items()
-    ]  # fmt: skip
+    ] + forward_strategy.picks()  # fmt: skip
 
 
 # The kernels' variants under the interpreter (tests run each): loop shape, and TMA loads where usable.
@@ -350,6 +354,61 @@ def _merge_splits(part: torch.Tensor, with_entropy: bool):
     return lse2, target2, entropy
 
 
+def _fused_partial_stats(hidden, weight, bias, targets, ref_models, scale2: float, planes: int):
+    """(part, ref_part or None): the per-split statistics [planes, splits, N] from linear_logprob_stats_kernel,
+    the reference (ref_models: [(hidden, weight, bias)] or []) scored in the same launch."""
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    dual = bool(ref_models)
+    ref_hidden, ref_weight, ref_bias = ref_models[0] if dual else (None, None, None)
+    n_class = _n_class(n_rows)
+    kernel, tuned, config, meta, with_descriptors = _plan_launch(
+        linear_logprob_stats_kernel, _FWD_LISTS, INTERPRETER_FORWARD, n_class, hidden, weight, ref_hidden, ref_weight
+    )
+    block_m, block_n, block_k = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    num_row_blocks = triton.cdiv(n_rows, block_m)
+    models = 2 if dual else 1
+    splits = _num_splits(num_row_blocks * models, vocab, _num_programs_per_wave(hidden.device))
+    split_cols = triton.cdiv(triton.cdiv(vocab, splits), _COL_ALIGN) * _COL_ALIGN
+    splits = triton.cdiv(vocab, split_cols)
+
+    part = torch.empty((planes, splits, n_rows), dtype=torch.float32, device=hidden.device)
+    ref_part = torch.empty_like(part) if dual else part  # same planes: see linear_logprob_stats_kernel
+    upcast, ieee = _pair_flags(hidden, weight)
+    ref_upcast, ref_ieee = _pair_flags(ref_hidden, ref_weight) if dual else (upcast, ieee)
+    even_k = hidden_size % block_k == 0
+    descriptors = [None] * 4
+    if with_descriptors:  # without a reference, the policy's stand in for the unused reference arguments
+        descriptors = [tma.descriptor(t, rows, block_k)
+                       for t, rows in ((hidden, block_m), (weight, block_n), (ref_hidden if dual else hidden, block_m),
+                                       (ref_weight if dual else weight, block_n))]  # fmt: skip
+    args = (
+        hidden, weight, bias if bias is not None else weight, part,
+        ref_hidden if dual else hidden, ref_weight if dual else weight,
+        ref_bias if ref_bias is not None else weight, ref_part, targets, *descriptors,
+        n_rows, hidden_size, vocab, splits, split_cols, scale2, n_class,
+    )  # fmt: skip
+    flags = dict(
+        HAS_BIAS=bias is not None, WITH_ENTROPY=planes == 4, EVEN_K=even_k, UPCAST=upcast, IEEE=ieee,
+        DUAL=dual, REF_HAS_BIAS=dual and ref_bias is not None, REF_EVEN_K=even_k, REF_UPCAST=ref_upcast,
+        REF_IEEE=ref_ieee, GROUP_M=_GROUP_M,
+    )  # fmt: skip
+    kernel[(num_row_blocks * splits * models,)](*args, **flags, **meta)
+    if kernel is tuned:
+        _note_tuning(tuned)
+    return part, (ref_part if dual else None)
+
+
+def _cublas_partial_stats(models, targets, scale2: float, planes: int):
+    """(part, ref_part or None) from cublas_forward, one chunk per split; the models [(hidden, weight, bias), ...]
+    one after the other through one slab (the reference's entropy is not needed: 3 planes)."""
+    n_rows, vocab = models[0][0].shape[0], models[0][1].shape[0]
+    slab = torch.empty(cublas_forward.slab_elements(n_rows, vocab), dtype=torch.float32, device=targets.device)
+    parts = [cublas_forward.partial_stats(h, w, b, targets, scale2=scale2, planes=planes if i == 0 else 3, slab=slab)
+             for i, (h, w, b) in enumerate(models)]  # fmt: skip
+    return parts[0], (parts[1] if len(parts) > 1 else None)
+
+
 def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -369,55 +428,31 @@ def forward(
     or == ignore_index. ref_hidden [N, H] / ref_weight [V, H] / ref_bias [V]: optional reference model (its
     dtype may differ), scored in the same launch. Returns float32 (logprobs [N], entropy [N] (zeros unless
     with_entropy), lse [N], ref_logprobs [N] or None); ignored rows have logprobs = entropy = 0.
+    The partial statistics come from the fused kernel or from cuBLAS GEMMs folded by Triton (cublas_forward),
+    whichever forward_strategy picks for the call; one merge finishes both.
     Equivalent torch (materializing):
         z = (hidden @ weight.T + bias).float() / temperature
         logprobs = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0];  lse = z.logsumexp(-1)
         entropy = lse - (z.softmax(-1) * z).sum(-1)
     """
-    n_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
+    n_rows = hidden.shape[0]
     dual = ref_weight is not None
     device = hidden.device
     zeros = lambda: torch.zeros(n_rows, dtype=torch.float32, device=device)
     if n_rows == 0:
         return zeros(), zeros(), zeros(), (zeros() if dual else None)
 
-    n_class = _n_class(n_rows)
-    kernel, tuned, config, meta, with_descriptors = _plan_launch(
-        linear_logprob_stats_kernel, _FWD_LISTS, INTERPRETER_FORWARD, n_class, hidden, weight, ref_hidden, ref_weight
-    )
-    block_m, block_n, block_k = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    num_row_blocks = triton.cdiv(n_rows, block_m)
-    models = 2 if dual else 1
-    splits = _num_splits(num_row_blocks * models, vocab, _num_programs_per_wave(device))
-    split_cols = triton.cdiv(triton.cdiv(vocab, splits), _COL_ALIGN) * _COL_ALIGN
-    splits = triton.cdiv(vocab, split_cols)
-
     planes = 4 if with_entropy else 3
-    part = torch.empty((planes, splits, n_rows), dtype=torch.float32, device=device)
-    ref_part = torch.empty_like(part) if dual else part  # same planes: see linear_logprob_stats_kernel
-    upcast, ieee = _pair_flags(hidden, weight)
-    ref_upcast, ref_ieee = _pair_flags(ref_hidden, ref_weight) if dual else (upcast, ieee)
-    even_k = hidden_size % block_k == 0
-    descriptors = [None] * 4
-    if with_descriptors:  # without a reference, the policy's stand in for the unused reference arguments
-        descriptors = [tma.descriptor(t, rows, block_k)
-                       for t, rows in ((hidden, block_m), (weight, block_n), (ref_hidden if dual else hidden, block_m),
-                                       (ref_weight if dual else weight, block_n))]  # fmt: skip
-    args = (
-        hidden, weight, bias if bias is not None else weight, part,
-        ref_hidden if dual else hidden, ref_weight if dual else weight,
-        ref_bias if ref_bias is not None else weight, ref_part, targets, *descriptors,
-        n_rows, hidden_size, vocab, splits, split_cols, _LOG2E / temperature, n_class,
-    )  # fmt: skip
-    flags = dict(
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, EVEN_K=even_k, UPCAST=upcast, IEEE=ieee,
-        DUAL=dual, REF_HAS_BIAS=dual and ref_bias is not None, REF_EVEN_K=even_k, REF_UPCAST=ref_upcast,
-        REF_IEEE=ref_ieee, GROUP_M=_GROUP_M,
-    )  # fmt: skip
-    kernel[(num_row_blocks * splits * models,)](*args, **flags, **meta)
-    if kernel is tuned:
-        _note_tuning(tuned)
+    scale2 = _LOG2E / temperature
+    models = [(hidden, weight, bias)] + ([(ref_hidden, ref_weight, ref_bias)] if dual else [])
+    candidates = {"fused": lambda: _fused_partial_stats(*models[0], targets, models[1:], scale2, planes)}
+    if cublas_forward.usable(hidden, weight, ref_hidden, ref_weight):
+        candidates["cublas"] = lambda: _cublas_partial_stats(models, targets, scale2, planes)
+    dtypes = "/".join(str(t.dtype) for t in (hidden, ref_hidden) if t is not None)
+    key = (hidden.shape[1], weight.shape[0], n_rows.bit_length(), dual, with_entropy, bias is not None,
+           ref_bias is not None, dtypes, str(device))  # fmt: skip
+    tune = not _INTERPRET and device.type == "cuda" and _n_class(n_rows) >= _TUNE_FROM_N_CLASS
+    part, ref_part = candidates[forward_strategy.choose(key, candidates, tune=tune)]()
 
     valid = targets != ignore_index
     lse2, target2, entropy = _merge_splits(part, with_entropy)
@@ -442,53 +477,6 @@ def _slab_columns(n_rows: int, vocab: int, element_size: int) -> int:
     return min(cols, vocab, MAX_SLAB_COLUMNS)
 
 
-_cublas_fp32_out: dict[tuple[int, torch.dtype], bool] = {}
-
-
-def _cublas_writes_fp32(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch's `addmm(acc, a, b, out_dtype=float32, out=acc)` accumulates 16-bit a @ b into fp32.
-
-    Checked once per (device, dtype) on small integer-valued matrices (exact in every dtype), so an old torch
-    without the overload, or one with different in-place semantics, falls back to the Triton kernel.
-    """
-    key = (device.index if device.index is not None else torch.cuda.current_device(), dtype)
-    if key not in _cublas_fp32_out:
-        a = ((torch.arange(64 * 48, device=device) % 7) - 3).reshape(64, 48).to(dtype)
-        b = ((torch.arange(48 * 32, device=device) % 5) - 2).reshape(48, 32).to(dtype)
-        want = a.double() @ b.double()
-        try:
-            acc = torch.ones(64, 32, device=device)
-            torch.addmm(acc, a, b, out_dtype=torch.float32, beta=1, out=acc)
-            fresh = torch.full((64, 32), float("nan"), device=device)
-            torch.addmm(fresh, a, b, out_dtype=torch.float32, beta=0, out=fresh)
-            works = bool(torch.equal(acc.double(), want + 1) and torch.equal(fresh.double(), want))
-        except (RuntimeError, TypeError):  # no fp32-output 16-bit GEMM in this torch
-            works = False
-        _cublas_fp32_out[key] = works
-    return _cublas_fp32_out[key]
-
-
-def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
-    """acc (fp32) = (acc if accumulate else 0) + a @ b for 16-bit a, b, with fp32 accumulation throughout.
-
-    cuBLAS when this torch can write fp32 from 16-bit inputs (`addmm(..., out_dtype=float32)`), else Triton.
-    """
-    if a.is_cuda and _cublas_writes_fp32(a.device, a.dtype):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, beta=1 if accumulate else 0, out=acc)
-        return
-    m, k = a.shape
-    n = b.shape[1]
-    config = _interpreter_config(k) if _INTERPRET else _MATMUL_CONFIG_16
-    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    matmul_accumulate_kernel[grid](
-        a, b, acc, m, n, k, a.stride(0), b.stride(0), acc.stride(0),
-        ACCUMULATE=accumulate, EVEN_K=k % bk == 0, UPCAST=_INTERPRET, GROUP_M=_GROUP_M,
-        **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-
-
-addmm_fp32_ = _addmm_fp32_  # shared with the fused GRPO head
 
 
 def backward(
@@ -597,7 +585,7 @@ def backward(
             else:
                 grad_hidden.addmm_(dlogits, weight[cols])
         else:
-            _addmm_fp32_(fp32_acc, dlogits, weight[cols], accumulate=index > 0)
+            addmm_fp32_(fp32_acc, dlogits, weight[cols], accumulate=index > 0)
     if fp32_acc is not None:
         grad_hidden.copy_(fp32_acc)
     return grad_hidden, grad_weight, grad_bias

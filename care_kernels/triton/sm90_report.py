@@ -25,9 +25,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from care_kernels.triton import cublas_forward, fp32_gemm
 from care_kernels.triton import linear_logprobs as tlp
 from care_kernels.triton._backward_kernels import dlogits_kernel, matmul_accumulate_kernel
-from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel
+from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel, logits_slab_stats_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Integer arguments that are multiples of 16 at the benchmark shape (the others, e.g. N_CLASS = 2, are not).
@@ -129,8 +130,19 @@ def shipped_cases() -> list[Case]:
         *_forward_cases("fp32", tlp._FWD_CONFIGS_32),
         *_dlogits_cases("bf16", tlp._BWD_CONFIGS_16_TMA),  # a superset of _BWD_CONFIGS_16
         *_dlogits_cases("fp32", tlp._BWD_CONFIGS_32),
-        Case("matmul-accumulate bf16", matmul_accumulate_kernel, matmul_types, matmul_flags, tlp._MATMUL_CONFIG_16),
+        Case("matmul-accumulate bf16", matmul_accumulate_kernel, matmul_types, matmul_flags,
+             fp32_gemm.MATMUL_CONFIG_16),
+        *_slab_stats_cases(),
     ]
+
+
+def _slab_stats_cases() -> list[Case]:
+    """The cuBLAS forward's fold over its fp32 slab (bf16 bias): a streaming reduction, no GEMM."""
+    types = _types(logits_slab_stats_kernel, "fp32", dict(b_ptr="*bf16", tgt_ptr="*i64", scale2="fp32"))
+    fold = cublas_forward._FOLD
+    config = triton.Config({k: fold[k] for k in ("BLOCK_M", "BLOCK_N")}, num_warps=fold["num_warps"])
+    return [Case(f"slab stats fp32{' bias' if bias else ''}", logits_slab_stats_kernel, types,
+                 dict(HAS_BIAS=bias, WITH_ENTROPY=True), config) for bias in (False, True)]  # fmt: skip
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:

@@ -1,0 +1,94 @@
+"""The forward's other strategy: the logits GEMM in cuBLAS, one vocabulary chunk at a time, folded by Triton.
+
+    for each chunk c of columns:  z = hidden @ weight[c].T     (cuBLAS, fp32 accumulate and output)
+                                  part[:, c] = statistics of (z + bias[c]) * log2(e) / T   (Triton, one read)
+
+The fused forward (linear_logprob_stats_kernel) multiplies in Triton and never writes a logit. This one lets
+cuBLAS multiply, which runs nearer the tensor cores' peak, and pays for it with 8 bytes of HBM traffic per
+logit (the fp32 slab written, then read back once) and a slab of at most SLAB_BYTES. Which is faster depends
+on the GPU and the shape, so `forward_strategy` times both on the first call of each shape and keeps the
+faster. The logits are fp32 in both (the same products, summed in another order), so the choice never
+changes the precision, and the partial statistics have the fused kernel's layout: one merge serves both.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from care_kernels.triton import fp32_gemm
+from care_kernels.triton._forward_kernels import logits_slab_stats_kernel
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Upper bound of the fp32 logits slab [N, chunk] (bytes): at N = 16k a chunk of 16k columns, 10 chunks for
+# Qwen's vocabulary; the same bound as the backward's dlogits slab, so a training step's peak does not grow.
+SLAB_BYTES = 1 << 30
+_COL_ALIGN = 256
+# The fold reads rows of the slab: BLOCK_M rows x BLOCK_N columns per step, coalesced along the columns.
+_FOLD = dict(BLOCK_M=8, BLOCK_N=512, num_warps=4)
+_FOLD_INTERPRET = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4)  # few programs: the interpreter's cost
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether this strategy can run on these operands (hidden, weight, ...; None skipped): 16-bit, on a GPU whose
+    torch has cuBLAS's fp32-output GEMM for each dtype (otherwise the logits would be rounded to 16 bits), or
+    under the interpreter (CPU tests; the GEMM then runs in Triton)."""
+    present = [t for t in tensors if t is not None]
+    if not all(t.dtype in (torch.float16, torch.bfloat16) for t in present):
+        return False
+    if _INTERPRET:
+        return True
+    return all(t.is_cuda and fp32_gemm.cublas_writes_fp32(t.device, t.dtype) for t in present)
+
+
+def chunk_columns(n_rows: int, vocab: int) -> int:
+    """Columns per chunk: equal chunks (a short last one would run its GEMM below the peak) of at most
+    SLAB_BYTES, a multiple of 256 (at least 256)."""
+    most = max(_COL_ALIGN, SLAB_BYTES // max(1, 4 * n_rows) // _COL_ALIGN * _COL_ALIGN)
+    chunks = triton.cdiv(vocab, most)
+    return min(most, triton.cdiv(triton.cdiv(vocab, chunks), _COL_ALIGN) * _COL_ALIGN)
+
+
+def partial_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    scale2: float,
+    planes: int,
+    slab: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-chunk base-2 statistics [planes, chunks, N] (planes 3: max, sumexp, target; 4: and entropy) of
+    z2 = (hidden @ weight.T + bias) * scale2, as linear_logprob_stats_kernel writes them with one split per chunk.
+
+    hidden [N, H], weight [V, H] 16-bit (usable()), bias [V] or None, targets [N] int64 (outside [0, V): no
+    target term). slab: a flat fp32 buffer of at least N * chunk_columns(N, V) elements to reuse (a dual call
+    scores its two models through one), else one is allocated.
+    """
+    n_rows = hidden.shape[0]
+    vocab = weight.shape[0]
+    cols = chunk_columns(n_rows, vocab)
+    chunks = triton.cdiv(vocab, cols)
+    if slab is None:
+        slab = torch.empty(n_rows * cols, dtype=torch.float32, device=hidden.device)
+    part = torch.empty((planes, chunks, n_rows), dtype=torch.float32, device=hidden.device)
+    fold = _FOLD_INTERPRET if _INTERPRET else _FOLD
+    grid = (triton.cdiv(n_rows, fold["BLOCK_M"]),)
+    for chunk, col_begin in enumerate(range(0, vocab, cols)):
+        n_cols = min(cols, vocab - col_begin)
+        z = slab[: n_rows * n_cols].view(n_rows, n_cols)
+        fp32_gemm.addmm_fp32_(z, hidden, weight[col_begin : col_begin + n_cols].T, accumulate=False)
+        logits_slab_stats_kernel[grid](
+            z, bias if bias is not None else z, part, targets, n_rows, n_cols, col_begin, chunk, chunks, scale2,
+            HAS_BIAS=bias is not None, WITH_ENTROPY=planes == 4, **fold,
+        )  # fmt: skip
+    return part
+
+
+def slab_elements(n_rows: int, vocab: int) -> int:
+    """Elements of the flat slab partial_stats needs for N rows and a vocabulary of V."""
+    return n_rows * chunk_columns(n_rows, vocab)
