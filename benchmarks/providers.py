@@ -212,7 +212,7 @@ def _ck_triton_strategy(strategy: str, case: str):
     return build
 
 
-def _ck_triton_strategy_available(case, device):
+def _ck_triton_cublas_available(case, device):
     ok, why = _ck_impl_available("triton")(case, device)
     if not ok:
         return ok, why
@@ -658,7 +658,7 @@ def _register() -> dict[str, Provider]:
                 f"care_kernels impl=triton, {'fused' if strategy == 'fused' else 'cuBLAS'} forward",
                 "ours",
                 {c: _ck_triton_strategy(strategy, c) for c in ("forward", "dual", "grpo_head")},
-                _ck_triton_strategy_available,
+                _ck_triton_cublas_available if strategy == "cublas" else _ck_impl_available("triton"),
                 order=4 + rank,
             )
         )

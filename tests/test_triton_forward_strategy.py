@@ -7,12 +7,15 @@ Without CUDA the strategy runs under the Triton interpreter (its GEMM in Triton:
 
 from __future__ import annotations
 
+import math
+import types
+
 import pytest
 import torch
 from test_triton_logprobs import IGNORE, check_against_naive, check_real_size, make_inputs
 
 import care_kernels as ck
-from care_kernels.triton import cublas_forward, forward_strategy
+from care_kernels.triton import cublas_forward, forward_strategy, fp32_gemm
 from care_kernels.triton import linear_logprobs as tlp
 
 
@@ -113,22 +116,48 @@ def test_cublas_strategy_ignore_index_inside_the_vocabulary(device, monkeypatch)
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_chunks_cover_the_vocabulary_in_equal_bounded_pieces(monkeypatch):
+def test_chunks_are_equal_bounded_and_aligned():
     for n_rows, vocab in [(1, 1), (1, 152064), (16384, 152064), (16384, 151936), (70000, 152064), (3, 1000)]:
         cols = cublas_forward.chunk_columns(n_rows, vocab)
-        chunks = -(-vocab // cols)
-        assert cols % 256 == 0 or cols == vocab
-        assert n_rows * cols * 4 <= max(cublas_forward.SLAB_BYTES, n_rows * 256 * 4), "the slab stays bounded"
-        # equal chunks rounded up to 256 columns: the last one is short by less than 256 per chunk
-        assert vocab - (chunks - 1) * cols > cols - 256 * chunks
+        assert cols % 256 == 0, "chunks start on 256-column boundaries"
+        assert n_rows * cols * 4 <= cublas_forward.SLAB_BYTES, "the slab stays bounded"
+        most = cublas_forward.SLAB_BYTES // (4 * n_rows) // 256 * 256
+        assert -(-vocab // cols) == -(-vocab // most), "no more chunks than the bound needs"
+        assert cols < 256 + -(-vocab // -(-vocab // most)), "equal chunks, rounded up to 256 columns"
         assert cublas_forward.slab_elements(n_rows, vocab) == n_rows * cols
     assert cublas_forward.chunk_columns(16384, 152064) == 15360  # 10 chunks of 960 MiB for Qwen2.5-VL-7B's head
 
 
-def test_usable_only_for_16bit_operands(device):
+def test_chunk_loop_multiplies_every_column_once(device, monkeypatch):
+    """The GEMMs partial_stats issues cover the vocabulary exactly, in order, each into the slab's start."""
+    monkeypatch.setattr(cublas_forward, "SLAB_BYTES", 7 * 256 * 4)
+    inputs = make_inputs(7, 16, 1000, torch.bfloat16, device)
+    columns, real = [], cublas_forward.fp32_gemm.addmm_fp32_
+    slab = torch.empty(cublas_forward.slab_elements(7, 1000), device=device)
+
+    def spy(acc, a, b, *, accumulate):
+        assert acc.data_ptr() == slab.data_ptr() and not accumulate and acc.shape == (7, b.shape[1])
+        torch.testing.assert_close(b.T, inputs["weight"][sum(columns) : sum(columns) + b.shape[1]], rtol=0, atol=0)
+        columns.append(b.shape[1])
+        real(acc, a, b, accumulate=accumulate)
+
+    monkeypatch.setattr(cublas_forward.fp32_gemm, "addmm_fp32_", spy)
+    part = cublas_forward.partial_stats(inputs["hidden"], inputs["weight"], None, inputs["targets"], scale2=1.0,
+                                        planes=3, slab=slab)  # fmt: skip
+    assert columns == [256, 256, 256, 232] and part.shape == (3, 4, 7)
+
+
+def test_usable_only_for_16bit_operands(device, monkeypatch):
     bf16 = torch.zeros(2, 2, device=device, dtype=torch.bfloat16)
-    assert cublas_forward.usable(bf16, bf16, None, None) == (device.type == "cpu" or cublas_forward.usable(bf16))
-    assert not cublas_forward.usable(bf16, bf16, torch.zeros(2, 2, device=device), bf16)
+    fp16 = bf16.half()
+    fp32 = bf16.float()
+    expect = device.type == "cpu" or fp32_gemm.cublas_writes_fp32(device, torch.bfloat16)
+    assert cublas_forward.usable(bf16, bf16, None, None) == expect
+    assert not cublas_forward.usable(bf16, bf16, fp32, bf16)
+    assert not cublas_forward.usable(fp32, fp32)
+    if device.type == "cuda":  # a torch without the fp32-output GEMM for one dtype: only the fused forward there
+        monkeypatch.setattr(fp32_gemm, "cublas_writes_fp32", lambda _device, dtype: dtype == torch.float16)
+        assert cublas_forward.usable(fp16, fp16) and not cublas_forward.usable(fp16, bf16)
 
 
 # ------------------------------------------------------------------------------------------ the choice
@@ -147,19 +176,36 @@ def _candidates(ran: list[str], names=("fused", "cublas")) -> dict:
 
 def test_auto_times_each_candidate_once_per_key_and_keeps_the_fastest(monkeypatch):
     ran = _timed(monkeypatch, {"fused": 3.0, "cublas": 2.0})
-    key = (3584, 152064, 15, False, True, False, False, "torch.bfloat16", "cuda:0")
+    key = (3584, None, 152064, 2, 15, False, True, False, False, "torch.bfloat16", "cuda:0")
+    assert len(key) == len(forward_strategy.KEY_ARGS)
     assert forward_strategy.choose(key, _candidates(ran), tune=True) == "cublas"
     assert ran == ["fused", "cublas"]
     assert forward_strategy.choose(key, _candidates(ran), tune=True) == "cublas"
     assert ran == ["fused", "cublas"], "a tuned key is not timed again"
-    other = (*key[:2], 12, *key[3:])
+    other = (*key[:4], 12, *key[5:])
     monkeypatch.setattr(forward_strategy, "_median_ms", lambda run: {"fused": 1.0, "cublas": 2.0}[run()])
     assert forward_strategy.choose(other, _candidates(ran), tune=True) == "fused"
     [first, second] = forward_strategy.picks()
     assert first["label"] == "cublas" and first["timings_ms"] == {"fused": 3.0, "cublas": 2.0}
-    assert first["key"][2] == "15" and len(first["key"]) == len(first["key_args"])
+    assert first["key"][4] == "15" and len(first["key"]) == len(first["key_args"])
     assert second["label"] == "fused"
     assert {e["label"] for e in tlp.autotuned_configs() if e["kernel"] == "forward strategy"} == {"cublas", "fused"}
+
+
+def test_a_candidate_out_of_gpu_memory_is_never_picked(monkeypatch):
+    """The cuBLAS strategy's slab may not fit where the fused kernel's buffers do: timing drops it for the key."""
+
+    def run_cublas():
+        raise torch.OutOfMemoryError("CUDA out of memory (the slab)")
+
+    candidates = {"fused": lambda: "fused", "cublas": run_cublas}
+    monkeypatch.setattr(torch.cuda, "Event", lambda **_: types.SimpleNamespace(
+        record=lambda: None, synchronize=lambda: None, elapsed_time=lambda _end: 1.0))  # fmt: skip
+    assert forward_strategy.choose(("k",), candidates, tune=True) == "fused"
+    assert forward_strategy.picks()[0]["timings_ms"] == {"fused": 1.0, "cublas": math.inf}
+    with pytest.raises(torch.OutOfMemoryError):  # nothing fits: the caller gets the error, nothing is cached
+        forward_strategy.choose(("k2",), {"cublas": run_cublas, "other": run_cublas}, tune=True)
+    assert len(forward_strategy.picks()) == 1
 
 
 def test_untuned_calls_take_the_first_candidate_unless_the_key_was_tuned(monkeypatch):
@@ -183,7 +229,7 @@ def test_forced_strategy_from_the_environment_or_a_block(monkeypatch):
     ran = _timed(monkeypatch, {"fused": 3.0, "cublas": 2.0})
     monkeypatch.setenv(forward_strategy.ENV, "Fused ")
     assert forward_strategy.choose(("k",), _candidates(ran), tune=True) == "fused"
-    with forward_strategy.use("cublas"):
+    with forward_strategy.use(" CUBLAS"):
         assert forward_strategy.choose(("k",), _candidates(ran), tune=True) == "cublas"
         # cannot run here (fp32 operands): the fused kernel
         assert forward_strategy.choose(("k",), _candidates(ran, ("fused",)), tune=True) == "fused"

@@ -33,6 +33,8 @@ def cublas_writes_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cuda":
         return False
     key = (device.index if device.index is not None else torch.cuda.current_device(), dtype)
+    if key not in _cublas_fp32_out and torch.cuda.is_current_stream_capturing():
+        return False  # the probe syncs, which a CUDA graph capture forbids: ask again after the capture
     if key not in _cublas_fp32_out:
         a = ((torch.arange(64 * 48, device=device) % 7) - 3).reshape(64, 48).to(dtype)
         b = ((torch.arange(48 * 32, device=device) % 5) - 2).reshape(48, 32).to(dtype)

@@ -449,10 +449,11 @@ def forward(
     if cublas_forward.usable(hidden, weight, ref_hidden, ref_weight):
         candidates["cublas"] = lambda: _cublas_partial_stats(models, targets, scale2, planes)
     dtypes = "/".join(str(t.dtype) for t in (hidden, ref_hidden) if t is not None)
-    key = (hidden.shape[1], weight.shape[0], n_rows.bit_length(), dual, with_entropy, bias is not None,
-           ref_bias is not None, dtypes, str(device))  # fmt: skip
-    tune = not _INTERPRET and device.type == "cuda" and _n_class(n_rows) >= _TUNE_FROM_N_CLASS
-    part, ref_part = candidates[forward_strategy.choose(key, candidates, tune=tune)]()
+    n_class = _n_class(n_rows)
+    key = (hidden.shape[1], ref_hidden.shape[1] if dual else None, weight.shape[0], n_class, n_rows.bit_length(),
+           dual, with_entropy, bias is not None, ref_bias is not None, dtypes, str(device))  # fmt: skip
+    tune = not _INTERPRET and device.type == "cuda" and n_class >= _TUNE_FROM_N_CLASS
+    part, ref_part = candidates[forward_strategy.choose(key, candidates, tune=tune, device=device)]()
 
     valid = targets != ignore_index
     lse2, target2, entropy = _merge_splits(part, with_entropy)
