@@ -191,22 +191,22 @@ def _ck_logprobs(impl: str, case: str, single_x2: bool = False):
     return build
 
 
-def _ck_triton_strategy(strategy: str, case: str):
-    """impl=triton with its forward's strategy forced (`auto` times both and keeps the faster per shape): the
-    sweep records both, whichever `auto` picks."""
+def _ck_triton_strategy(name: str, case: str):
+    """impl=triton with its logits GEMM forced to `name` (fused or cublas; `auto` times both and keeps the faster
+    per shape and pass): the sweep records both, whichever `auto` picks."""
 
     def build(inp: LogprobInputs, device) -> Built:
-        from care_kernels.triton import forward_strategy
+        from care_kernels.triton import logits_gemm
 
         built = _ck_logprobs("triton", case)(inp, device)
         run = built.run
 
         def forced():
-            with forward_strategy.use(strategy):
+            with logits_gemm.use(name):
                 return run()
 
         built.run = forced
-        built.note = f"forward strategy forced to {strategy}" + (f"; {built.note}" if built.note else "")
+        built.note = f"logits GEMM forced to {name}" + (f"; {built.note}" if built.note else "")
         return built
 
     return build
@@ -216,10 +216,10 @@ def _ck_triton_cublas_available(case, device):
     ok, why = _ck_impl_available("triton")(case, device)
     if not ok:
         return ok, why
-    from care_kernels.triton import cublas_forward
+    from care_kernels.triton import cublas_logits
 
     probe = torch.zeros(1, 1, dtype=torch.bfloat16, device=device)
-    if not cublas_forward.usable(probe):
+    if not cublas_logits.usable(probe):
         return False, "this torch has no fp32-output cuBLAS GEMM for 16-bit inputs: only the fused forward runs"
     return True, ""
 
@@ -651,14 +651,14 @@ def _register() -> dict[str, Provider]:
                 order=60 + rank,
             )
         )
-    for rank, strategy in enumerate(("fused", "cublas")):
+    for rank, name in enumerate(("fused", "cublas")):
         reg.append(
             Provider(
-                f"ck_triton_{strategy}",
-                f"care_kernels impl=triton, {'fused' if strategy == 'fused' else 'cuBLAS'} forward",
+                f"ck_triton_{name}",
+                f"care_kernels impl=triton, logits GEMM {'fused' if name == 'fused' else 'in cuBLAS'}",
                 "ours",
-                {c: _ck_triton_strategy(strategy, c) for c in ("forward", "dual", "grpo_head")},
-                _ck_triton_cublas_available if strategy == "cublas" else _ck_impl_available("triton"),
+                {c: _ck_triton_strategy(name, c) for c in ("forward", "dual", "grpo_head")},
+                _ck_triton_cublas_available if name == "cublas" else _ck_impl_available("triton"),
                 order=4 + rank,
             )
         )

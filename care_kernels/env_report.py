@@ -67,7 +67,7 @@ def report() -> str:
     for name, (live, why) in backend_status().items():
         lines.append(f"  {name:<7} {'live' if live else 'off'}" + ("" if live else f"  ({why})"))
     lines.append("knobs:")
-    for env, default in (("CARE_KERNELS_FORWARD_STRATEGY", "auto"), ("CARE_KERNELS_WARP_SPECIALIZE", "1")):
+    for env, default in (("CARE_KERNELS_LOGITS_GEMM", "auto"), ("CARE_KERNELS_WARP_SPECIALIZE", "1")):
         lines.append(f"  {env}={os.environ.get(env, default)}" + ("" if env in os.environ else " (default)"))
     return "\n".join(lines)
 

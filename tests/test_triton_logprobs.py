@@ -16,7 +16,7 @@ import triton
 
 from care_kernels.reference.naive import naive_linear_logprobs
 from care_kernels.testing import assert_error_within
-from care_kernels.triton import forward_strategy, fp32_gemm
+from care_kernels.triton import fp32_gemm, logits_gemm
 from care_kernels.triton import linear_logprobs as tlp
 
 IGNORE = -100
@@ -493,7 +493,7 @@ def test_gpu_every_forward_config(monkeypatch, dual, n, h, v, bias):
                                  **flags)  # fmt: skip
     tensors = (inputs["hidden"], inputs["weight"], ref["hidden"], ref["weight"])
     results = []
-    monkeypatch.setenv(forward_strategy.ENV, "fused")
+    monkeypatch.setenv(logits_gemm.ENV, "fused")
     for config in configs:
         monkeypatch.setitem(tlp._FWD_LISTS, "16-bit TMA", (tlp._fwd_tuned_16_tma, [config]))
         plan = tlp._plan_launch(tlp.linear_logprob_stats_kernel, tlp._FWD_LISTS, {}, 2, *tensors)
@@ -519,6 +519,7 @@ def test_gpu_every_dlogits_config(monkeypatch):
     inputs = make_inputs(2300, 1000, 151937, torch.bfloat16, torch.device("cuda"), bias=True)
     assert tlp.tma.usable(inputs["hidden"], inputs["weight"], interpret=False), "TMA configs would not run"
     monkeypatch.setattr(tlp, "_TUNE_FROM_N_CLASS", 99)  # launch the list's first config, untuned
+    monkeypatch.setenv(logits_gemm.ENV, "fused")
     # every 16-bit config (pointer and TMA loads) the autotuner may try here
     for config in tlp._prune_configs(tlp._BWD_CONFIGS_16_TMA, {"h_ptr": inputs["hidden"]}, HAS_BIAS=True):
         monkeypatch.setitem(tlp._BWD_LISTS, "16-bit TMA", (tlp._bwd_tuned_16_tma, [config]))

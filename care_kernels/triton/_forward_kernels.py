@@ -393,7 +393,7 @@ def logits_slab_stats_kernel(
     n_cols), from logits someone else multiplied out: z [N, n_cols] fp32, contiguous, bias not added.
 
     The same fold (and the same `part` layout) as linear_logprob_stats_kernel, with loads in place of the
-    K-loop: the forward that runs the GEMM in cuBLAS (care_kernels.triton.cublas_forward) folds its slab here.
+    K-loop: the forward that runs the GEMM in cuBLAS (care_kernels.triton.cublas_logits) folds its slab here.
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)

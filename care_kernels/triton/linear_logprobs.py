@@ -7,8 +7,8 @@ Forward: one fused kernel (_forward_kernels) streams the vocabulary; programs ow
 split) pairs so that small N still fills the GPU, and write O(N * splits) fp32 partial statistics that a
 few torch ops merge. The dual variant scores a reference model (own hidden/weight/bias, possibly another
 dtype) in a second set of programs of the same launch. For large 16-bit calls the same statistics may come
-instead from cuBLAS GEMMs into a bounded fp32 slab folded by a Triton kernel (cublas_forward), when timing
-on the first call of a shape says that is faster (forward_strategy).
+instead from cuBLAS GEMMs into a bounded fp32 slab folded by a Triton kernel (cublas_logits), when timing
+on the first call of a shape says that is faster (logits_gemm).
 
 Backward: see `backward`. Inputs here are already validated by the dispatcher: 2-D, contiguous, one device.
 """
@@ -23,7 +23,7 @@ import torch
 import triton
 
 from care_kernels.triton import _forward_kernels as fk
-from care_kernels.triton import cublas_forward, forward_strategy, tma
+from care_kernels.triton import cublas_logits, logits_gemm, tma
 from care_kernels.triton._backward_kernels import dlogits_kernel
 from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel
 from care_kernels.triton.fp32_gemm import addmm_fp32_
@@ -236,7 +236,8 @@ def autotuned_configs() -> list[dict]:
 
     key: the values of the kernel's key arguments, then the tensor dtypes; config: tile sizes, loop shape,
     operand loads, warps, pipeline stages, register cap; timings_ms: every candidate config's median time.
-    Then the forward strategies `auto` picked (kernel "forward strategy", label "fused" or "cublas").
+    Then the strategies logits_gemm `auto` picked (kernel "forward strategy" / "backward strategy", label
+    "fused" or "cublas").
     """
     return [
         {"kernel": name, "key_args": list(tuner.keys), "key": [str(k) for k in key],
@@ -244,7 +245,7 @@ def autotuned_configs() -> list[dict]:
          "timings_ms": _TUNING_MS.get(id(tuner), {}).get(key, {})}
         for name, tuner in _tuners().items()
         for key, config in getattr(tuner, "cache", {}).items()
-    ] + forward_strategy.picks()  # fmt: skip
+    ] + logits_gemm.picks()  # fmt: skip
 
 
 # The kernels' variants under the interpreter (tests run each): loop shape, and TMA loads where usable.
@@ -400,11 +401,11 @@ def _fused_partial_stats(hidden, weight, bias, targets, ref_models, scale2: floa
 
 
 def _cublas_partial_stats(models, targets, scale2: float, planes: int):
-    """(part, ref_part or None) from cublas_forward, one chunk per split; the models [(hidden, weight, bias), ...]
+    """(part, ref_part or None) from cublas_logits, one chunk per split; the models [(hidden, weight, bias), ...]
     one after the other through one slab (the reference's entropy is not needed: 3 planes)."""
     n_rows, vocab = models[0][0].shape[0], models[0][1].shape[0]
-    slab = torch.empty(cublas_forward.slab_elements(n_rows, vocab), dtype=torch.float32, device=targets.device)
-    parts = [cublas_forward.partial_stats(h, w, b, targets, scale2=scale2, planes=planes if i == 0 else 3, slab=slab)
+    slab = torch.empty(cublas_logits.slab_elements(n_rows, vocab), dtype=torch.float32, device=targets.device)
+    parts = [cublas_logits.partial_stats(h, w, b, targets, scale2=scale2, planes=planes if i == 0 else 3, slab=slab)
              for i, (h, w, b) in enumerate(models)]  # fmt: skip
     return parts[0], (parts[1] if len(parts) > 1 else None)
 
@@ -428,8 +429,8 @@ def forward(
     or == ignore_index. ref_hidden [N, H] / ref_weight [V, H] / ref_bias [V]: optional reference model (its
     dtype may differ), scored in the same launch. Returns float32 (logprobs [N], entropy [N] (zeros unless
     with_entropy), lse [N], ref_logprobs [N] or None); ignored rows have logprobs = entropy = 0.
-    The partial statistics come from the fused kernel or from cuBLAS GEMMs folded by Triton (cublas_forward),
-    whichever forward_strategy picks for the call; one merge finishes both.
+    The partial statistics come from the fused kernel or from cuBLAS GEMMs folded by Triton (cublas_logits),
+    whichever logits_gemm picks for the call; one merge finishes both.
     Equivalent torch (materializing):
         z = (hidden @ weight.T + bias).float() / temperature
         logprobs = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0];  lse = z.logsumexp(-1)
@@ -446,14 +447,15 @@ def forward(
     scale2 = _LOG2E / temperature
     models = [(hidden, weight, bias)] + ([(ref_hidden, ref_weight, ref_bias)] if dual else [])
     candidates = {"fused": lambda: _fused_partial_stats(*models[0], targets, models[1:], scale2, planes)}
-    if cublas_forward.usable(hidden, weight, ref_hidden, ref_weight):
+    if cublas_logits.usable(hidden, weight, ref_hidden, ref_weight):
         candidates["cublas"] = lambda: _cublas_partial_stats(models, targets, scale2, planes)
     dtypes = "/".join(str(t.dtype) for t in (hidden, ref_hidden) if t is not None)
     n_class = _n_class(n_rows)
-    key = (hidden.shape[1], ref_hidden.shape[1] if dual else None, weight.shape[0], n_class, n_rows.bit_length(),
-           dual, with_entropy, bias is not None, ref_bias is not None, dtypes, str(device))  # fmt: skip
+    key = ("forward", hidden.shape[1], ref_hidden.shape[1] if dual else None, weight.shape[0], n_class,
+           n_rows.bit_length(), dual, with_entropy, bias is not None, ref_bias is not None, dtypes,
+           str(device))  # fmt: skip
     tune = not _INTERPRET and device.type == "cuda" and n_class >= _TUNE_FROM_N_CLASS
-    part, ref_part = candidates[forward_strategy.choose(key, candidates, tune=tune, device=device)]()
+    part, ref_part = candidates[logits_gemm.choose(key, candidates, tune=tune, device=device)]()
 
     valid = targets != ignore_index
     lse2, target2, entropy = _merge_splits(part, with_entropy)
@@ -514,23 +516,41 @@ def backward(
       - grad_hidden += slab @ weight[chunk]: fp32 accumulator across chunks (none when one chunk covers V).
     The slab is rounded to the input dtype before the GEMMs, exactly as autograd rounds the logits' gradient.
     Workspace: the slab, the fp32 dH accumulator [N, H] when V needs several chunks, O(N) otherwise.
+    For large 16-bit calls the recompute GEMM may instead run in cuBLAS into an fp32 slab that a Triton pass
+    turns into the dlogits slab (cublas_logits; the two slabs share DLOGITS_SLAB_BYTES), when timing on the
+    first call of a shape says that is faster (logits_gemm).
     """
+    n_rows = hidden.shape[0]
+    if n_rows == 0:
+        grad_bias = torch.zeros_like(bias) if bias is not None else None
+        return torch.empty_like(hidden), torch.zeros_like(weight), grad_bias
+    inputs = (grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index)
+    candidates = {"fused": lambda: _backward(*inputs, cublas=False)}
+    if cublas_logits.usable(hidden, weight):
+        candidates["cublas"] = lambda: _backward(*inputs, cublas=True)
+    n_class = _n_class(n_rows)
+    key = ("backward", hidden.shape[1], weight.shape[0], n_class, n_rows.bit_length(), bias is not None,
+           grad_entropy is not None, str(hidden.dtype), str(hidden.device))  # fmt: skip
+    tune = not _INTERPRET and hidden.is_cuda and n_class >= _TUNE_FROM_N_CLASS
+    return candidates[logits_gemm.choose(key, candidates, tune=tune, device=hidden.device)]()
+
+
+def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature: float,
+              ignore_index: int, *, cublas: bool):  # fmt: skip
+    """`backward` for N > 0, its recompute GEMM fused with the gradient in Triton, or in cuBLAS (cublas)."""
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = hidden.dtype
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.empty_like(weight)
     grad_bias = torch.empty_like(bias) if bias is not None else None
-    if n_rows == 0:
-        grad_weight.zero_()
-        if grad_bias is not None:
-            grad_bias.zero_()
-        return grad_hidden, grad_weight, grad_bias
 
     # Under the interpreter a bf16 store truncates; the slab is kept in fp32 there and rounded by torch.
     slab_dtype = torch.float32 if (_INTERPRET and dtype == torch.bfloat16) else dtype
-    chunk_cols = _slab_columns(n_rows, vocab, torch.finfo(slab_dtype).bits // 8)
+    element_bytes = torch.finfo(slab_dtype).bits // 8 + (4 if cublas else 0)  # + the fp32 logits slab
+    chunk_cols = _slab_columns(n_rows, vocab, element_bytes)
     slab = torch.empty(n_rows * chunk_cols, dtype=slab_dtype, device=hidden.device)
+    logits_slab = torch.empty(n_rows * chunk_cols, dtype=torch.float32, device=hidden.device) if cublas else None
     single_chunk = chunk_cols >= vocab
     fp32_acc = None
     if not single_chunk and dtype != torch.float32:
@@ -541,7 +561,7 @@ def backward(
         dlogits_kernel, _BWD_LISTS, INTERPRETER_BACKWARD, n_class, hidden, weight
     )
     descriptors = [None, None]
-    if with_descriptors:
+    if with_descriptors and not cublas:
         k = config.kwargs["BLOCK_K"]
         descriptors = [tma.descriptor(hidden, config.kwargs["BLOCK_M"], k),
                        tma.descriptor(weight, config.kwargs["BLOCK_N"], k)]  # fmt: skip
@@ -564,14 +584,21 @@ def backward(
                 return (min(tiles, programs_per_wave * launch["PROGRAMS_PER_SM"]),)
             return (tiles,)
 
-        kernel[grid](
-            hidden, weight, bias if bias is not None else weight, targets, lse, entropy, grad_logprobs,
-            grad_entropy if has_grad_entropy else grad_logprobs, dlogits, *descriptors,
-            n_rows, hidden_size, vocab, col_begin, n_cols, _LOG2E / temperature, 1.0 / temperature,
-            ignore_index, n_class, **flags,
-        )  # fmt: skip
-        if kernel is tuned:
-            _note_tuning(tuned)
+        if cublas:
+            cublas_logits.dlogits_(
+                dlogits, logits_slab[: n_rows * n_cols].view(n_rows, n_cols), hidden, weight, bias, targets, lse,
+                entropy, grad_logprobs, grad_entropy, col_begin=col_begin, scale2=_LOG2E / temperature,
+                inv_temp=1.0 / temperature, ignore_index=ignore_index,
+            )  # fmt: skip
+        else:
+            kernel[grid](
+                hidden, weight, bias if bias is not None else weight, targets, lse, entropy, grad_logprobs,
+                grad_entropy if has_grad_entropy else grad_logprobs, dlogits, *descriptors,
+                n_rows, hidden_size, vocab, col_begin, n_cols, _LOG2E / temperature, 1.0 / temperature,
+                ignore_index, n_class, **flags,
+            )  # fmt: skip
+            if kernel is tuned:
+                _note_tuning(tuned)
         if dlogits.dtype != dtype:
             dlogits = dlogits.to(dtype)
         cols = slice(col_begin, col_begin + n_cols)

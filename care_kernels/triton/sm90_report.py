@@ -25,9 +25,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from care_kernels.triton import cublas_forward, fp32_gemm
+from care_kernels.triton import cublas_logits, fp32_gemm
 from care_kernels.triton import linear_logprobs as tlp
-from care_kernels.triton._backward_kernels import dlogits_kernel, matmul_accumulate_kernel
+from care_kernels.triton._backward_kernels import dlogits_kernel, logits_slab_grad_kernel, matmul_accumulate_kernel
 from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel, logits_slab_stats_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -137,12 +137,20 @@ def shipped_cases() -> list[Case]:
 
 
 def _slab_stats_cases() -> list[Case]:
-    """The cuBLAS forward's fold over its fp32 slab (bf16 bias): a streaming reduction, no GEMM."""
+    """The cuBLAS strategy's passes over its fp32 slab (bf16 bias): the forward's fold (a streaming reduction)
+    and the backward's dlogits (elementwise, bf16 out); no GEMM."""
     types = _types(logits_slab_stats_kernel, "fp32", dict(b_ptr="*bf16", tgt_ptr="*i64", scale2="fp32"))
-    fold = cublas_forward._FOLD
+    fold = cublas_logits._FOLD
     config = triton.Config({k: fold[k] for k in ("BLOCK_M", "BLOCK_N")}, num_warps=fold["num_warps"])
-    return [Case(f"slab stats fp32{' bias' if bias else ''}", logits_slab_stats_kernel, types,
-                 dict(HAS_BIAS=bias, WITH_ENTROPY=True), config) for bias in (False, True)]  # fmt: skip
+    cases = [Case(f"slab stats fp32{' bias' if bias else ''}", logits_slab_stats_kernel, types,
+                  dict(HAS_BIAS=bias, WITH_ENTROPY=True), config) for bias in (False, True)]  # fmt: skip
+    grad = cublas_logits._GRAD
+    grad_types = _types(logits_slab_grad_kernel, "fp32", dict(b_ptr="*bf16", tgt_ptr="*i64", dz_ptr="*bf16",
+                                                               scale2="fp32", inv_temp="fp32"))  # fmt: skip
+    grad_config = triton.Config({k: grad[k] for k in ("BLOCK_M", "BLOCK_N")}, num_warps=grad["num_warps"])
+    cases.append(Case("slab dlogits fp32", logits_slab_grad_kernel, grad_types,
+                      dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True), grad_config))  # fmt: skip
+    return cases
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:

@@ -1,14 +1,16 @@
-"""The forward's other strategy: the logits GEMM in cuBLAS, one vocabulary chunk at a time, folded by Triton.
+"""The `cublas` strategy (see logits_gemm): the logits GEMM in cuBLAS, one vocabulary chunk at a time, into an
+fp32 slab that a Triton pass reads back once.
 
-    for each chunk c of columns:  z = hidden @ weight[c].T     (cuBLAS, fp32 accumulate and output)
-                                  part[:, c] = statistics of (z + bias[c]) * log2(e) / T   (Triton, one read)
+    forward,  each chunk c:  z = hidden @ weight[c].T     (cuBLAS, fp32 accumulate and output)
+                             part[:, c] = statistics of (z + bias[c]) * log2(e) / T      (logits_slab_stats_kernel)
+    backward, each chunk c:  z = hidden @ weight[c].T;  dlogits[:, c] = f(z + bias[c], lse, entropy, g)
+                                                                                          (logits_slab_grad_kernel)
 
-The fused forward (linear_logprob_stats_kernel) multiplies in Triton and never writes a logit. This one lets
-cuBLAS multiply, which runs nearer the tensor cores' peak, and pays for it with 8 bytes of HBM traffic per
-logit (the fp32 slab written, then read back once) and a slab of at most SLAB_BYTES. Which is faster depends
-on the GPU and the shape, so `forward_strategy` times both on the first call of each shape and keeps the
-faster. The logits are fp32 in both (the same products, summed in another order), so the choice never
-changes the precision, and the partial statistics have the fused kernel's layout: one merge serves both.
+The fused kernels multiply in Triton and consume each logits tile on chip. This strategy lets cuBLAS multiply,
+which runs nearer the tensor cores' peak, and pays 8 bytes of HBM traffic per logit (the fp32 slab written,
+then read back) and the slab itself (bounded). The logits are fp32 in both strategies (the same products,
+summed in another order), so the choice never changes the precision; the forward's partial statistics have
+the fused kernel's layout (one merge serves both), the backward's dlogits the fused kernel's values.
 """
 
 from __future__ import annotations
@@ -19,17 +21,22 @@ import torch
 import triton
 
 from care_kernels.triton import fp32_gemm
+from care_kernels.triton._backward_kernels import logits_slab_grad_kernel
 from care_kernels.triton._forward_kernels import logits_slab_stats_kernel
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Upper bound of the fp32 logits slab [N, chunk] (bytes): at N = 16k a chunk of 16k columns, 10 chunks for
-# Qwen's vocabulary; the same bound as the backward's dlogits slab, so a training step's peak does not grow.
+# Upper bound of the forward's fp32 logits slab [N, chunk] (bytes): at N = 16k chunks of 15k columns, 10 for
+# Qwen's vocabulary; the same bound as the backward's slabs (linear_logprobs.DLOGITS_SLAB_BYTES), so a training
+# step's peak does not grow.
 SLAB_BYTES = 1 << 30
 _COL_ALIGN = 256
 # The fold reads rows of the slab: BLOCK_M rows x BLOCK_N columns per step, coalesced along the columns.
 _FOLD = dict(BLOCK_M=8, BLOCK_N=512, num_warps=4)
 _FOLD_INTERPRET = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4)  # few programs: the interpreter's cost
+# The backward's elementwise pass: one [BLOCK_M, BLOCK_N] tile per program.
+_GRAD = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4)
+_GRAD_INTERPRET = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4)
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:
@@ -92,3 +99,36 @@ def partial_stats(
 def slab_elements(n_rows: int, vocab: int) -> int:
     """Elements of the flat slab partial_stats needs for N rows and a vocabulary of V."""
     return n_rows * chunk_columns(n_rows, vocab)
+
+
+def dlogits_(
+    out: torch.Tensor,
+    z: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    *,
+    col_begin: int,
+    scale2: float,
+    inv_temp: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """out [N, n_cols] (any float dtype) = the dlogits of vocabulary columns [col_begin, col_begin + n_cols), the
+    values linear_logprobs' dlogits_kernel writes (see linear_logprobs.backward); z: an fp32 [N, n_cols]
+    scratch (contiguous) for the logits. hidden [N, H], weight [V, H] 16-bit (usable()). Returns out."""
+    n_rows, n_cols = out.shape
+    fp32_gemm.addmm_fp32_(z, hidden, weight[col_begin : col_begin + n_cols].T, accumulate=False)
+    tile = _GRAD_INTERPRET if _INTERPRET else _GRAD
+    grid = (triton.cdiv(n_rows, tile["BLOCK_M"]), triton.cdiv(n_cols, tile["BLOCK_N"]))
+    logits_slab_grad_kernel[grid](
+        z, bias if bias is not None else z, targets, lse, entropy, grad_logprobs,
+        grad_entropy if grad_entropy is not None else grad_logprobs, out, n_rows, weight.shape[0], col_begin,
+        n_cols, scale2, inv_temp, ignore_index,
+        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, **tile,
+    )  # fmt: skip
+    return out

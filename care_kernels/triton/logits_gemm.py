@@ -1,0 +1,136 @@
+"""Where the logits GEMM of a large 16-bit call runs: fused with its epilogue in Triton, or in cuBLAS.
+
+    CARE_KERNELS_LOGITS_GEMM=auto (default) | fused | cublas     # for a process
+    with logits_gemm.use("fused"): ...                          # for a block of code (this thread / task)
+
+- fused: the Triton kernels multiply hidden by weight tiles and consume each logits tile on chip (the forward
+  folds it into softmax statistics, the backward turns it into dlogits).
+- cublas: cuBLAS multiplies into a bounded fp32 slab, a vocabulary chunk at a time, and a Triton pass reads
+  it back (cublas_logits): cuBLAS runs nearer the tensor cores' peak, at 8 bytes of HBM traffic per logit.
+
+`auto` times every strategy that can run, on the first call of each shape key of each pass (forward,
+backward; CUDA, more than 2048 rows), and keeps the fastest for that key, as Triton's autotuner keeps a
+config. Both keep fp32 logits, so the choice changes speed, not precision (results agree to fp32 rounding).
+Calls made while a CUDA graph is captured are never timed: they take the fused kernels until the key has
+been tuned outside a capture. A forced strategy that cannot run on a call (cublas on fp32 operands, or a
+torch without cuBLAS's fp32-output GEMM) falls back to the fused kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+import statistics
+from collections.abc import Callable, Iterator
+
+import torch
+
+ENV = "CARE_KERNELS_LOGITS_GEMM"
+STRATEGIES = ("fused", "cublas")
+# Shape keys, per pass (the first element of a key names its pass).
+KEY_ARGS = {
+    "forward": ["H", "REF_H", "V", "N_CLASS", "N_BITS", "DUAL", "WITH_ENTROPY", "HAS_BIAS", "REF_HAS_BIAS",
+                "dtypes", "device"],
+    "backward": ["H", "V", "N_CLASS", "N_BITS", "HAS_BIAS", "HAS_GRAD_ENTROPY", "dtype", "device"],
+}  # fmt: skip
+# Timed calls per candidate after an untimed first one (fewer for slow calls: noise matters less there).
+TIMED_RUNS, TIMED_RUNS_SLOW, SLOW_MS = 5, 3, 50.0
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("care_kernels_logits_gemm", default=None)
+_picks: dict[tuple, str] = {}
+_timings: dict[tuple, dict[str, float]] = {}
+
+
+def _check(name: str, source: str) -> str:
+    name = name.strip().lower() or "auto"
+    if name not in ("auto", *STRATEGIES):
+        raise ValueError(f"{source}={name!r}: pass one of 'auto', 'fused', 'cublas'")
+    return name
+
+
+def requested() -> str:
+    """The strategy asked for: `use(...)`'s, else the environment variable's, else 'auto'."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    return _check(os.environ.get(ENV, "auto"), ENV)
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Run the calls in this block with strategy `name` ('auto', 'fused' or 'cublas'), whatever the environment."""
+    token = _forced.set(_check(name, "logits_gemm.use"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _elapsed_ms(run: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _median_ms(run: Callable[[], object]) -> float:
+    """Median time of `run` after one untimed call; inf if it runs out of GPU memory (the cuBLAS strategy's
+    slab may not fit where the fused kernels' buffers do)."""
+    try:
+        run()  # the first call compiles (and, for the fused kernels, autotunes): not timed
+        times = [_elapsed_ms(run)]
+        while len(times) < (TIMED_RUNS_SLOW if times[0] > SLOW_MS else TIMED_RUNS):
+            times.append(_elapsed_ms(run))
+    except torch.OutOfMemoryError:
+        return math.inf
+    return statistics.median(times)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def choose(key: tuple, candidates: dict[str, Callable[[], object]], *, tune: bool,
+           device: torch.device | None = None) -> str:  # fmt: skip
+    """The strategy to run for a call with this key (key[0]: "forward" or "backward", then KEY_ARGS[key[0]]).
+
+    candidates: {name: a thunk running that strategy on the call's inputs}, those that can run here, the fused
+    one first. tune: whether timing is allowed for this call (large, on CUDA); otherwise the first candidate
+    runs unless the key was tuned before or a strategy is forced. device: the inputs' CUDA device (timed there).
+    A candidate that runs out of memory while timed is never picked for the key; if all do, the error is raised.
+    """
+    first = next(iter(candidates))
+    want = requested()
+    if want != "auto":
+        return want if want in candidates else first
+    if _picks.get(key) in candidates:
+        return _picks[key]
+    if len(candidates) == 1 or not tune or _capturing():
+        return first
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        timings = {name: _median_ms(run) for name, run in candidates.items()}
+    if all(math.isinf(ms) for ms in timings.values()):
+        candidates[first]()  # raises the out-of-memory error the caller would have had
+    _timings[key] = timings
+    _picks[key] = min(timings, key=timings.__getitem__)
+    return _picks[key]
+
+
+def picks() -> list[dict]:
+    """The strategies `auto` picked in this process, in autotuned_configs' format (benchmarks record them):
+    kernel "forward strategy" / "backward strategy", label the pick, timings_ms every candidate's median."""
+    return [
+        {"kernel": f"{key[0]} strategy", "key_args": KEY_ARGS.get(key[0], []), "key": [str(k) for k in key[1:]],
+         "config": {}, "label": pick, "timings_ms": dict(_timings.get(key, {}))}
+        for key, pick in _picks.items()
+    ]  # fmt: skip
+
+
+def reset() -> None:
+    """Forget every pick (the next call of each key is timed again)."""
+    _picks.clear()
+    _timings.clear()
