@@ -657,7 +657,7 @@ def _register() -> dict[str, Provider]:
                 f"ck_triton_{name}",
                 f"care_kernels impl=triton, logits GEMM {'fused' if name == 'fused' else 'in cuBLAS'}",
                 "ours",
-                {c: _ck_triton_strategy(name, c) for c in ("forward", "dual", "grpo_head")},
+                {c: _ck_triton_strategy(name, c) for c in ("forward", "fwd_bwd", "dual", "grpo_head")},
                 _ck_triton_cublas_available if name == "cublas" else _ck_impl_available("triton"),
                 order=4 + rank,
             )

@@ -147,6 +147,21 @@ def test_chunks_are_equal_bounded_and_aligned():
     assert cublas_logits.chunk_columns(16384, 152064) == 15360  # 10 chunks of 960 MiB for Qwen2.5-VL-7B's head
 
 
+@pytest.mark.parametrize("element_bytes", [2, 4, 6])
+def test_backward_chunks_are_equal_and_bounded(element_bytes):
+    """The backward's chunks (dlogits slab, + the fp32 logits slab for cuBLAS: 6 bytes per element)."""
+    for n_rows, vocab in [(1, 5), (16384, 152064), (4096, 151936), (70000, 152064), (300000, 152064)]:
+        cols = tlp._slab_columns(n_rows, vocab, element_bytes)
+        chunks = -(-vocab // cols)
+        if chunks > 1:
+            assert cols % 256 == 0 and cols <= tlp.MAX_SLAB_COLUMNS
+            assert n_rows * cols * element_bytes <= max(tlp.DLOGITS_SLAB_BYTES, n_rows * 256 * element_bytes)
+            assert vocab - (chunks - 1) * cols > cols - 256 * chunks, "equal chunks, rounded up to 256 columns"
+        else:
+            assert cols == vocab
+    assert tlp._slab_columns(16384, 152064, 6) == 10240  # 15 chunks of 960 MiB (both slabs), the last 8704 columns
+
+
 def test_chunk_loop_multiplies_every_column_once(device, monkeypatch):
     """The GEMMs partial_stats issues cover the vocabulary exactly, in order, each into the slab's start."""
     monkeypatch.setattr(cublas_logits, "SLAB_BYTES", 7 * 256 * 4)
@@ -301,6 +316,7 @@ def test_the_environment_reaches_the_public_op_with_gradients(monkeypatch, devic
         (4096, 3584, 152064, False, False),  # Qwen2.5-VL-7B's head
         (2300, 1000, 151937, True, False),  # rows past a fold block, a K tail, an odd vocabulary, a bias
         (4096, 3584, 152064, False, True),
+        (70000, 896, 151936, False, False),  # > 65535 rows, several backward chunks
     ],
 )
 def test_gpu_cublas_strategy_real_sizes(monkeypatch, n, h, v, bias, dual):

@@ -443,7 +443,9 @@ GPU_CASES = [
 @pytest.mark.parametrize(
     "n,h,v,dtype,temperature,bias", GPU_CASES, ids=lambda p: str(p).replace("torch.", "")
 )
-def test_gpu_real_sizes(n, h, v, dtype, temperature, bias):
+def test_gpu_real_sizes(monkeypatch, n, h, v, dtype, temperature, bias):
+    """The fused kernels (auto would run whichever strategy is faster here; test_triton_logits_gemm checks cuBLAS)."""
+    monkeypatch.setenv(logits_gemm.ENV, "fused")
     check_real_size(make_inputs(n, h, v, dtype, torch.device("cuda"), bias=bias), temperature)
 
 
@@ -456,7 +458,8 @@ def test_gpu_real_sizes(n, h, v, dtype, temperature, bias):
     ],
     ids=lambda p: str(p).replace("torch.", ""),
 )
-def test_gpu_dual_real_sizes(n, h, v, dtype, ref_dtype):
+def test_gpu_dual_real_sizes(monkeypatch, n, h, v, dtype, ref_dtype):
+    monkeypatch.setenv(logits_gemm.ENV, "fused")
     inputs = make_inputs(n, h, v, dtype, torch.device("cuda"), bias=False, ref_dtype=ref_dtype)
     check_real_size(inputs, 1.0, dual=True)
 

@@ -2,8 +2,8 @@
 
     acc = (acc if accumulate else 0) + a.float() @ b.float()     # with the products' fp32 accumulation, no copy
 
-Used for the backward's fp32 dH accumulator, the fused GRPO head's fp32 dW, and the cuBLAS forward's fp32
-logits slab.
+Used for the backward's fp32 dH accumulator, the fused GRPO head's fp32 dW, and the fp32 logits slabs of the
+cuBLAS strategy (cublas_logits: forward and backward).
 """
 
 from __future__ import annotations

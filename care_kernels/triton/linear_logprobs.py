@@ -474,10 +474,15 @@ MAX_SLAB_COLUMNS = 32768
 
 
 def _slab_columns(n_rows: int, vocab: int, element_size: int) -> int:
-    """Columns of one dlogits chunk: as many as DLOGITS_SLAB_BYTES allows, a multiple of _COL_ALIGN."""
-    cols = DLOGITS_SLAB_BYTES // max(1, n_rows * element_size)
-    cols = max(_COL_ALIGN, cols // _COL_ALIGN * _COL_ALIGN)
-    return min(cols, vocab, MAX_SLAB_COLUMNS)
+    """Columns of one backward chunk: equal chunks (a short last one would run its GEMMs below the peak), each
+    a multiple of _COL_ALIGN, of at most MAX_SLAB_COLUMNS and of what DLOGITS_SLAB_BYTES allows at
+    element_size bytes per (row, column) (at least _COL_ALIGN columns)."""
+    most = DLOGITS_SLAB_BYTES // max(1, n_rows * element_size)
+    most = min(MAX_SLAB_COLUMNS, max(_COL_ALIGN, most // _COL_ALIGN * _COL_ALIGN))
+    if most >= vocab:
+        return vocab
+    chunks = triton.cdiv(vocab, most)
+    return min(most, triton.cdiv(triton.cdiv(vocab, chunks), _COL_ALIGN) * _COL_ALIGN)
 
 
 
@@ -535,6 +540,64 @@ def backward(
     return candidates[logits_gemm.choose(key, candidates, tune=tune, device=hidden.device)]()
 
 
+def _fused_dlogits_filler(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
+                          ignore_index):  # fmt: skip
+    """fill(dlogits [N, n_cols], col_begin): dlogits_kernel (recompute GEMM + gradient, autotuned) into the slab."""
+    n_rows, hidden_size = hidden.shape
+    n_class = _n_class(n_rows)
+    kernel, tuned, config, meta, with_descriptors = _plan_launch(
+        dlogits_kernel, _BWD_LISTS, INTERPRETER_BACKWARD, n_class, hidden, weight
+    )
+    descriptors = [None, None]
+    if with_descriptors:
+        k = config.kwargs["BLOCK_K"]
+        descriptors = [tma.descriptor(hidden, config.kwargs["BLOCK_M"], k),
+                       tma.descriptor(weight, config.kwargs["BLOCK_N"], k)]  # fmt: skip
+    programs_per_wave = _num_programs_per_wave(hidden.device)
+    upcast, ieee = _pair_flags(hidden, weight)
+    has_grad_entropy = grad_entropy is not None
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy,
+        EVEN_K=hidden_size % config.kwargs["BLOCK_K"] == 0, UPCAST=upcast, IEEE=ieee, GROUP_M=_GROUP_M,
+        **meta,
+    )  # fmt: skip
+
+    def fill(dlogits: torch.Tensor, col_begin: int) -> None:
+        n_cols = dlogits.shape[1]
+
+        def grid(launch):
+            tiles = triton.cdiv(n_rows, launch["BLOCK_M"]) * triton.cdiv(n_cols, launch["BLOCK_N"])
+            if launch["PERSISTENT"]:
+                return (min(tiles, programs_per_wave * launch["PROGRAMS_PER_SM"]),)
+            return (tiles,)
+
+        kernel[grid](
+            hidden, weight, bias if bias is not None else weight, targets, lse, entropy, grad_logprobs,
+            grad_entropy if has_grad_entropy else grad_logprobs, dlogits, *descriptors,
+            n_rows, hidden_size, weight.shape[0], col_begin, n_cols, _LOG2E / temperature, 1.0 / temperature,
+            ignore_index, n_class, **flags,
+        )  # fmt: skip
+        if kernel is tuned:
+            _note_tuning(tuned)
+
+    return fill
+
+
+def _cublas_dlogits_filler(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
+                           ignore_index, *, logits_slab: torch.Tensor):  # fmt: skip
+    """fill(dlogits [N, n_cols], col_begin): the chunk's logits by cuBLAS into logits_slab (fp32, as many elements
+    as the dlogits slab), then the gradient by a Triton pass (cublas_logits.dlogits_)."""
+
+    def fill(dlogits: torch.Tensor, col_begin: int) -> None:
+        z = logits_slab[: dlogits.numel()].view(dlogits.shape)
+        cublas_logits.dlogits_(
+            dlogits, z, hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+            col_begin=col_begin, scale2=_LOG2E / temperature, inv_temp=1.0 / temperature, ignore_index=ignore_index,
+        )  # fmt: skip
+
+    return fill
+
+
 def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature: float,
               ignore_index: int, *, cublas: bool):  # fmt: skip
     """`backward` for N > 0, its recompute GEMM fused with the gradient in Triton, or in cuBLAS (cublas)."""
@@ -550,55 +613,21 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
     element_bytes = torch.finfo(slab_dtype).bits // 8 + (4 if cublas else 0)  # + the fp32 logits slab
     chunk_cols = _slab_columns(n_rows, vocab, element_bytes)
     slab = torch.empty(n_rows * chunk_cols, dtype=slab_dtype, device=hidden.device)
-    logits_slab = torch.empty(n_rows * chunk_cols, dtype=torch.float32, device=hidden.device) if cublas else None
     single_chunk = chunk_cols >= vocab
     fp32_acc = None
     if not single_chunk and dtype != torch.float32:
         fp32_acc = torch.empty((n_rows, hidden_size), dtype=torch.float32, device=hidden.device)
 
-    n_class = _n_class(n_rows)
-    kernel, tuned, config, meta, with_descriptors = _plan_launch(
-        dlogits_kernel, _BWD_LISTS, INTERPRETER_BACKWARD, n_class, hidden, weight
-    )
-    descriptors = [None, None]
-    if with_descriptors and not cublas:
-        k = config.kwargs["BLOCK_K"]
-        descriptors = [tma.descriptor(hidden, config.kwargs["BLOCK_M"], k),
-                       tma.descriptor(weight, config.kwargs["BLOCK_N"], k)]  # fmt: skip
-    programs_per_wave = _num_programs_per_wave(hidden.device)
-    upcast, ieee = _pair_flags(hidden, weight)
-    has_grad_entropy = grad_entropy is not None
-    flags = dict(
-        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy,
-        EVEN_K=hidden_size % config.kwargs["BLOCK_K"] == 0, UPCAST=upcast, IEEE=ieee, GROUP_M=_GROUP_M,
-        **meta,
-    )  # fmt: skip
+    inputs = (grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index)
+    if cublas:
+        fill_dlogits = _cublas_dlogits_filler(*inputs, logits_slab=torch.empty_like(slab, dtype=torch.float32))
+    else:
+        fill_dlogits = _fused_dlogits_filler(*inputs)
 
     for index, col_begin in enumerate(range(0, vocab, chunk_cols)):
         n_cols = min(chunk_cols, vocab - col_begin)
         dlogits = slab[: n_rows * n_cols].view(n_rows, n_cols)
-
-        def grid(launch, n_cols=n_cols):
-            tiles = triton.cdiv(n_rows, launch["BLOCK_M"]) * triton.cdiv(n_cols, launch["BLOCK_N"])
-            if launch["PERSISTENT"]:
-                return (min(tiles, programs_per_wave * launch["PROGRAMS_PER_SM"]),)
-            return (tiles,)
-
-        if cublas:
-            cublas_logits.dlogits_(
-                dlogits, logits_slab[: n_rows * n_cols].view(n_rows, n_cols), hidden, weight, bias, targets, lse,
-                entropy, grad_logprobs, grad_entropy, col_begin=col_begin, scale2=_LOG2E / temperature,
-                inv_temp=1.0 / temperature, ignore_index=ignore_index,
-            )  # fmt: skip
-        else:
-            kernel[grid](
-                hidden, weight, bias if bias is not None else weight, targets, lse, entropy, grad_logprobs,
-                grad_entropy if has_grad_entropy else grad_logprobs, dlogits, *descriptors,
-                n_rows, hidden_size, vocab, col_begin, n_cols, _LOG2E / temperature, 1.0 / temperature,
-                ignore_index, n_class, **flags,
-            )  # fmt: skip
-            if kernel is tuned:
-                _note_tuning(tuned)
+        fill_dlogits(dlogits, col_begin)
         if dlogits.dtype != dtype:
             dlogits = dlogits.to(dtype)
         cols = slice(col_begin, col_begin + n_cols)
