@@ -138,7 +138,7 @@ def test_cublas_strategy_ignore_index_inside_the_vocabulary(device, monkeypatch)
 def test_chunks_are_equal_bounded_and_aligned():
     for n_rows, vocab in [(1, 1), (1, 152064), (16384, 152064), (16384, 151936), (70000, 152064), (3, 1000)]:
         cols = cublas_logits.chunk_columns(n_rows, vocab)
-        assert cols % 256 == 0, "chunks start on 256-column boundaries"
+        assert cols % 256 == 0 or cols == vocab, "chunks start on 256-column boundaries"
         assert n_rows * cols * 4 <= cublas_logits.SLAB_BYTES, "the slab stays bounded"
         most = cublas_logits.SLAB_BYTES // (4 * n_rows) // 256 * 256
         assert -(-vocab // cols) == -(-vocab // most), "no more chunks than the bound needs"

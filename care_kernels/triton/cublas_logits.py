@@ -51,12 +51,18 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     return all(t.is_cuda and fp32_gemm.cublas_writes_fp32(t.device, t.dtype) for t in present)
 
 
-def chunk_columns(n_rows: int, vocab: int) -> int:
-    """Columns per chunk: equal chunks (a short last one would run its GEMM below the peak) of at most
-    SLAB_BYTES, a multiple of 256 (at least 256)."""
-    most = max(_COL_ALIGN, SLAB_BYTES // max(1, 4 * n_rows) // _COL_ALIGN * _COL_ALIGN)
+def equal_chunks(vocab: int, most: int) -> int:
+    """Columns per chunk to cover [0, vocab) in as few chunks of at most `most` (a multiple of 256) columns as
+    possible, all of one width rounded up to 256 (a short last chunk would run its GEMM below the peak)."""
+    if most >= vocab:
+        return vocab
     chunks = triton.cdiv(vocab, most)
     return min(most, triton.cdiv(triton.cdiv(vocab, chunks), _COL_ALIGN) * _COL_ALIGN)
+
+
+def chunk_columns(n_rows: int, vocab: int) -> int:
+    """Columns per forward chunk: equal chunks whose fp32 slab fits SLAB_BYTES (at least 256 columns)."""
+    return equal_chunks(vocab, max(_COL_ALIGN, SLAB_BYTES // max(1, 4 * n_rows) // _COL_ALIGN * _COL_ALIGN))
 
 
 def partial_stats(

@@ -478,11 +478,7 @@ def _slab_columns(n_rows: int, vocab: int, element_size: int) -> int:
     a multiple of _COL_ALIGN, of at most MAX_SLAB_COLUMNS and of what DLOGITS_SLAB_BYTES allows at
     element_size bytes per (row, column) (at least _COL_ALIGN columns)."""
     most = DLOGITS_SLAB_BYTES // max(1, n_rows * element_size)
-    most = min(MAX_SLAB_COLUMNS, max(_COL_ALIGN, most // _COL_ALIGN * _COL_ALIGN))
-    if most >= vocab:
-        return vocab
-    chunks = triton.cdiv(vocab, most)
-    return min(most, triton.cdiv(triton.cdiv(vocab, chunks), _COL_ALIGN) * _COL_ALIGN)
+    return cublas_logits.equal_chunks(vocab, min(MAX_SLAB_COLUMNS, max(_COL_ALIGN, most // _COL_ALIGN * _COL_ALIGN)))
 
 
 
