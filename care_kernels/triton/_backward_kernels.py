@@ -9,8 +9,11 @@ registers into
 for a column chunk [col_begin, col_begin + n_cols) of the vocabulary, stored into a [N, n_cols] slab that the
 launcher hands to two GEMMs (see linear_logprobs.backward for why the slab exists).
 
-`matmul_accumulate_kernel` is C (+)= A @ B with an fp32 C: the dH accumulation across column chunks when
-cuBLAS cannot write fp32 from 16-bit inputs.
+`logits_slab_grad_kernel` is the same epilogue over logits that cuBLAS computed (the `cublas` strategy, see
+logits_gemm).
+
+`matmul_accumulate_kernel` is C (+)= A @ B with an fp32 C, for when cuBLAS cannot write fp32 from 16-bit
+inputs (fp32_gemm): the dH accumulation across column chunks, and the fp32 logits slabs.
 """
 
 from __future__ import annotations

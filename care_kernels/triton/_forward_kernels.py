@@ -9,7 +9,8 @@ tempered logits `z2 = (hidden @ weight.T + bias) * log2(e) / temperature`:
 
 `u` is kept relative to the running max (not as `sum p * z`) so the entropy `ln2 * (log2 s - u / s)` never
 subtracts two large numbers. The per-split statistics go to a small [planes, splits, N] fp32 buffer that
-the launcher merges. Nothing of size [N, V] exists.
+the launcher merges. Nothing of size [N, V] exists. `logits_slab_stats_kernel` folds the same way logits that
+cuBLAS computed into a bounded slab (the `cublas` strategy, see logits_gemm).
 
 Offsets are int64 (N*H and V*H can exceed 2^31); the big dimension is on grid axis 0 only.
 """
