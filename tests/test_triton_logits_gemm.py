@@ -361,3 +361,31 @@ def test_gpu_auto_times_both_strategies_once_per_pass():
     for got, want in zip((*again, *grads_again), (*first, *grads)):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_every_slab_config(monkeypatch):
+    """Each config the autotuner may pick for the two slab passes gives the same statistics and dlogits (rows and
+    columns past a tile, a bias): a config wrong only in its own compile would pass wherever it loses."""
+    import triton
+
+    inputs = make_inputs(2300, 1000, 151937, torch.bfloat16, torch.device("cuda"), bias=True)
+    if not cublas_logits.usable(inputs["hidden"]):
+        pytest.skip("this torch has no fp32-output cuBLAS GEMM for bf16: the slab passes never run here")
+    monkeypatch.setenv(logits_gemm.ENV, "cublas")
+    g = torch.randn(2300, device="cuda")
+    forwards, backwards, stats = [], [], None
+    for fold, grad in zip(cublas_logits.FOLD_CONFIGS, cublas_logits.GRAD_CONFIGS):
+        monkeypatch.setattr(cublas_logits, "_fold_tuned", triton.autotune(
+            configs=[fold], key=["HAS_BIAS", "WITH_ENTROPY"])(cublas_logits.logits_slab_stats_kernel))  # fmt: skip
+        monkeypatch.setattr(cublas_logits, "_grad_tuned", triton.autotune(
+            configs=[grad], key=["HAS_BIAS", "HAS_GRAD_ENTROPY"])(cublas_logits.logits_slab_grad_kernel))  # fmt: skip
+        forwards.append(_forward(inputs, 0.7)[:3])
+        lse, ent = stats = stats or (forwards[0][2], forwards[0][1])  # one forward's: the backwards compare exactly
+        backwards.append(tlp.backward(g, g, inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"],
+                                      lse, ent, temperature=0.7, ignore_index=IGNORE))  # fmt: skip
+    for config_forward, config_backward in zip(forwards[1:], backwards[1:]):
+        for got, want in zip(config_forward, forwards[0]):  # the fold sums each row in its own tile order
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for got, want in zip(config_backward, backwards[0]):  # elementwise: the same arithmetic, the same GEMMs
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -31,12 +31,35 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # step's peak does not grow.
 SLAB_BYTES = 1 << 30
 _COL_ALIGN = 256
-# The fold reads rows of the slab: BLOCK_M rows x BLOCK_N columns per step, coalesced along the columns.
-_FOLD = dict(BLOCK_M=8, BLOCK_N=512, num_warps=4)
-_FOLD_INTERPRET = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4)  # few programs: the interpreter's cost
-# The backward's elementwise pass: one [BLOCK_M, BLOCK_N] tile per program.
-_GRAD = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4)
-_GRAD_INTERPRET = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4)
+
+
+def _tile(bm: int, bn: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps)
+
+
+# Both passes stream the slab once (memory-bound): the autotuner picks, once per process and flags, how many
+# elements each thread holds (8 to 32: registers against loads in flight; sm90_report: no spills, 32-161
+# registers with Triton 3.8). The forward's fold reads BLOCK_M rows x BLOCK_N columns per step, coalesced
+# along the columns; the backward's pass owns one [BLOCK_M, BLOCK_N] tile per program.
+FOLD_CONFIGS = [_tile(8, 512, 4), _tile(4, 1024, 8), _tile(2, 1024, 4), _tile(1, 2048, 8)]
+GRAD_CONFIGS = [_tile(16, 256, 4), _tile(8, 256, 4), _tile(32, 256, 8), _tile(16, 512, 8)]
+_fold_tuned = triton.autotune(configs=FOLD_CONFIGS, key=["HAS_BIAS", "WITH_ENTROPY"])(logits_slab_stats_kernel)
+_grad_tuned = triton.autotune(configs=GRAD_CONFIGS, key=["HAS_BIAS", "HAS_GRAD_ENTROPY"])(logits_slab_grad_kernel)
+# Under the interpreter: one config with few programs (each costs ~ms there, whatever its size).
+_INTERPRET_TILE = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4)
+
+
+def tuners() -> dict:
+    """The autotuned slab passes by name (benchmarks record their picks)."""
+    return {"slab stats": _fold_tuned, "slab dlogits": _grad_tuned}
+
+
+def _launch(tuned, plain, grid, *args, **flags) -> None:
+    """`plain` with the interpreter's tile, or the autotuner; grid(meta) -> launch grid."""
+    if _INTERPRET:
+        plain[grid(_INTERPRET_TILE)](*args, **flags, **_INTERPRET_TILE)
+    else:
+        tuned[grid](*args, **flags)
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:
@@ -89,15 +112,14 @@ def partial_stats(
     if slab is None:
         slab = torch.empty(n_rows * cols, dtype=torch.float32, device=hidden.device)
     part = torch.empty((planes, chunks, n_rows), dtype=torch.float32, device=hidden.device)
-    fold = _FOLD_INTERPRET if _INTERPRET else _FOLD
-    grid = (triton.cdiv(n_rows, fold["BLOCK_M"]),)
     for chunk, col_begin in enumerate(range(0, vocab, cols)):
         n_cols = min(cols, vocab - col_begin)
         z = slab[: n_rows * n_cols].view(n_rows, n_cols)
         fp32_gemm.addmm_fp32_(z, hidden, weight[col_begin : col_begin + n_cols].T, accumulate=False)
-        logits_slab_stats_kernel[grid](
+        _launch(
+            _fold_tuned, logits_slab_stats_kernel, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),),
             z, bias if bias is not None else z, part, targets, n_rows, n_cols, col_begin, chunk, chunks, scale2,
-            HAS_BIAS=bias is not None, WITH_ENTROPY=planes == 4, **fold,
+            HAS_BIAS=bias is not None, WITH_ENTROPY=planes == 4,
         )  # fmt: skip
     return part
 
@@ -129,12 +151,12 @@ def dlogits_(
     scratch (contiguous) for the logits. hidden [N, H], weight [V, H] 16-bit (usable()). Returns out."""
     n_rows, n_cols = out.shape
     fp32_gemm.addmm_fp32_(z, hidden, weight[col_begin : col_begin + n_cols].T, accumulate=False)
-    tile = _GRAD_INTERPRET if _INTERPRET else _GRAD
-    grid = (triton.cdiv(n_rows, tile["BLOCK_M"]), triton.cdiv(n_cols, tile["BLOCK_N"]))
-    logits_slab_grad_kernel[grid](
+    _launch(
+        _grad_tuned, logits_slab_grad_kernel,
+        lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"])),
         z, bias if bias is not None else z, targets, lse, entropy, grad_logprobs,
         grad_entropy if grad_entropy is not None else grad_logprobs, out, n_rows, weight.shape[0], col_begin,
         n_cols, scale2, inv_temp, ignore_index,
-        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, **tile,
+        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
     )  # fmt: skip
     return out

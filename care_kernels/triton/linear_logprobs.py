@@ -214,7 +214,8 @@ def config_label(config: triton.Config) -> str:
 def _tuners() -> dict:
     return {"forward 16-bit": _fwd_tuned_16, "forward 16-bit TMA-capable": _fwd_tuned_16_tma,
             "forward fp32": _fwd_tuned_32, "dlogits 16-bit": _bwd_tuned_16,
-            "dlogits 16-bit TMA-capable": _bwd_tuned_16_tma, "dlogits fp32": _bwd_tuned_32}  # fmt: skip
+            "dlogits 16-bit TMA-capable": _bwd_tuned_16_tma, "dlogits fp32": _bwd_tuned_32,
+            **cublas_logits.tuners()}  # fmt: skip
 
 
 # Every config's time when the autotuner tuned a key in this process: {id(tuner): {key: {config: ms}}}.

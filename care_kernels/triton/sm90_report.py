@@ -137,19 +137,16 @@ def shipped_cases() -> list[Case]:
 
 
 def _slab_stats_cases() -> list[Case]:
-    """The cuBLAS strategy's passes over its fp32 slab (bf16 bias): the forward's fold (a streaming reduction)
-    and the backward's dlogits (elementwise, bf16 out); no GEMM."""
+    """The cuBLAS strategy's passes over its fp32 slab (bf16 bias), every autotuner config: the forward's fold
+    (a streaming reduction) and the backward's dlogits (elementwise, bf16 out); no GEMM."""
     types = _types(logits_slab_stats_kernel, "fp32", dict(b_ptr="*bf16", tgt_ptr="*i64", scale2="fp32"))
-    fold = cublas_logits._FOLD
-    config = triton.Config({k: fold[k] for k in ("BLOCK_M", "BLOCK_N")}, num_warps=fold["num_warps"])
-    cases = [Case(f"slab stats fp32{' bias' if bias else ''}", logits_slab_stats_kernel, types,
-                  dict(HAS_BIAS=bias, WITH_ENTROPY=True), config) for bias in (False, True)]  # fmt: skip
-    grad = cublas_logits._GRAD
     grad_types = _types(logits_slab_grad_kernel, "fp32", dict(b_ptr="*bf16", tgt_ptr="*i64", dz_ptr="*bf16",
                                                                scale2="fp32", inv_temp="fp32"))  # fmt: skip
-    grad_config = triton.Config({k: grad[k] for k in ("BLOCK_M", "BLOCK_N")}, num_warps=grad["num_warps"])
-    cases.append(Case("slab dlogits fp32", logits_slab_grad_kernel, grad_types,
-                      dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True), grad_config))  # fmt: skip
+    cases = [Case(f"slab stats fp32{' bias' if bias else ''}", logits_slab_stats_kernel, types,
+                  dict(HAS_BIAS=bias, WITH_ENTROPY=True), c)
+             for bias in (False, True) for c in cublas_logits.FOLD_CONFIGS]  # fmt: skip
+    cases += [Case("slab dlogits fp32", logits_slab_grad_kernel, grad_types,
+                   dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True), c) for c in cublas_logits.GRAD_CONFIGS]  # fmt: skip
     return cases
 
 
