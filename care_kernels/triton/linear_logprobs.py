@@ -356,6 +356,13 @@ def _merge_splits(part: torch.Tensor, with_entropy: bool):
     return lse2, target2, entropy
 
 
+def _run_chosen(key: tuple, candidates: dict, n_rows: int, device: torch.device):
+    """Run the candidate logits_gemm picks for `key` (timed on first sight only for large calls on CUDA, the
+    calls the Triton autotuner tunes too)."""
+    tune = not _INTERPRET and device.type == "cuda" and _n_class(n_rows) >= _TUNE_FROM_N_CLASS
+    return candidates[logits_gemm.choose(key, candidates, tune=tune, device=device)]()
+
+
 def _fused_partial_stats(hidden, weight, bias, targets, ref_models, scale2: float, planes: int):
     """(part, ref_part or None): the per-split statistics [planes, splits, N] from linear_logprob_stats_kernel,
     the reference (ref_models: [(hidden, weight, bias)] or []) scored in the same launch."""
@@ -451,12 +458,10 @@ def forward(
     if cublas_logits.usable(hidden, weight, ref_hidden, ref_weight):
         candidates["cublas"] = lambda: _cublas_partial_stats(models, targets, scale2, planes)
     dtypes = "/".join(str(t.dtype) for t in (hidden, ref_hidden) if t is not None)
-    n_class = _n_class(n_rows)
-    key = ("forward", hidden.shape[1], ref_hidden.shape[1] if dual else None, weight.shape[0], n_class,
+    key = ("forward", hidden.shape[1], ref_hidden.shape[1] if dual else None, weight.shape[0], _n_class(n_rows),
            n_rows.bit_length(), dual, with_entropy, bias is not None, ref_bias is not None, dtypes,
            str(device))  # fmt: skip
-    tune = not _INTERPRET and device.type == "cuda" and n_class >= _TUNE_FROM_N_CLASS
-    part, ref_part = candidates[logits_gemm.choose(key, candidates, tune=tune, device=device)]()
+    part, ref_part = _run_chosen(key, candidates, n_rows, device)
 
     valid = targets != ignore_index
     lse2, target2, entropy = _merge_splits(part, with_entropy)
@@ -530,11 +535,9 @@ def backward(
     candidates = {"fused": lambda: _backward(*inputs, cublas=False)}
     if cublas_logits.usable(hidden, weight):
         candidates["cublas"] = lambda: _backward(*inputs, cublas=True)
-    n_class = _n_class(n_rows)
-    key = ("backward", hidden.shape[1], weight.shape[0], n_class, n_rows.bit_length(), bias is not None,
+    key = ("backward", hidden.shape[1], weight.shape[0], _n_class(n_rows), n_rows.bit_length(), bias is not None,
            grad_entropy is not None, str(hidden.dtype), str(hidden.device))  # fmt: skip
-    tune = not _INTERPRET and hidden.is_cuda and n_class >= _TUNE_FROM_N_CLASS
-    return candidates[logits_gemm.choose(key, candidates, tune=tune, device=hidden.device)]()
+    return _run_chosen(key, candidates, n_rows, hidden.device)
 
 
 def _fused_dlogits_filler(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
