@@ -83,6 +83,27 @@ def test_equals_linear_logprobs_then_policy_loss():
     _close_runs(fused, _run(composed, x, w, b, ids, mask, adv))
 
 
+def test_kl_clamp_reaches_the_loss():
+    """kl_clamp goes into the per-token gradient formed in the forward, as policy_loss applies it."""
+    x, w, b, ids, mask, adv, old, ref = _inputs(bias=True)
+    ref = ref.clone()
+    ref[0, :2] += 15.0  # two tokens the clamp binds on
+    kw = dict(beta=0.5, loss_type="bnpo", kl_clamp=10.0)
+    fused = _run(ck.FusedLinearGRPOLoss(**kw), x, w, b, ids, mask, adv, ref_per_token_logps=ref)
+
+    def composed(xx, ww, ids, mask, adv, bias):
+        logp = ck.linear_logprobs(xx, ww, ids, bias)
+        loss, m = ck.policy_loss(logp, adv, mask, ref_logprobs=ref, epsilon_high=0.2, **kw)
+        return loss, [m["kl"], m["clip_ratio"]]
+
+    _close_runs(fused, _run(composed, x, w, b, ids, mask, adv))
+    unclamped = _run(ck.FusedLinearGRPOLoss(beta=0.5, loss_type="bnpo"), x, w, b, ids, mask, adv,
+                     ref_per_token_logps=ref)
+    assert unclamped[0] > fused[0] * 100
+    with pytest.raises(ValueError, match="kl_clamp"):
+        ck.FusedLinearGRPOLoss(kl_clamp=-1.0)
+
+
 def test_head_costs_eight_nhv():
     """Policy forward + backward + reference forward: 8NHV matmul flops (10NHV for log-prob op + loss)."""
     x, w, _, ids, _, adv, _, _ = _inputs()

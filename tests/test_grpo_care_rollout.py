@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
     }
 
 
-def _prompts(setup, multimodal, n=3):
+def _prompts(setup, multimodal, n=3, max_prompt_length=0):
     items = [load_visuals(s, VisualBudget.from_config(CONFIG), multimodal) for s in setup["samples"][:n]]
     messages = [build_messages(it.sample, multimodal) for it in items]
     longer = " (a longer prompt, so the batch is left padded)"
@@ -64,7 +64,19 @@ def _prompts(setup, multimodal, n=3):
         [v for it in items for v in it.videos],
         setup["processor"] if multimodal else setup["tok"],
         multimodal=multimodal,
+        max_prompt_length=max_prompt_length,
     )
+
+
+def test_prompts_over_max_prompt_length_are_named(setup):
+    """Text prompts are left-truncated, multimodal ones kept whole: both with a warning that says so."""
+    full = _prompts(setup, multimodal=False)["input_ids"]
+    with pytest.warns(UserWarning, match=f"a prompt of {full.shape[1]} tokens exceeds max_prompt_length=32: left"):
+        cut = _prompts(setup, multimodal=False, max_prompt_length=32)["input_ids"]
+    assert torch.equal(cut, full[:, -32:])
+    with pytest.warns(UserWarning, match="multimodal prompt of .* tokens exceeds max_prompt_length=32; it is not cut"):
+        whole = _prompts(setup, multimodal=True, max_prompt_length=32)["input_ids"]
+    assert torch.equal(whole, _prompts(setup, multimodal=True)["input_ids"])
 
 
 def test_completion_mask_includes_the_first_eos():

@@ -2,6 +2,7 @@
 no [B, T, V] logits in a step, bad media skipped and counted, exact resume, logs and checkpoints."""
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ from grpo_care import checkpoint as ckpt
 from grpo_care.config import GRPOCareConfig
 from grpo_care.trainer import train
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("av", reason="the synthetic clips are written with PyAV (pip install av)")
 
@@ -88,15 +90,50 @@ def _read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def test_care_on_tiny_qwen2_5_vl_with_video_never_builds_full_logits(assets, tmp_path):
+class FullLogitsWatcher(TorchDispatchMode):
+    """Records every tensor an op returns that holds logits for `rows` or more positions: last dimension V and
+    at least `rows` rows. The [H, V] transpose of the head weight is no such tensor. Whatever computes them (the
+    LM head, `hidden @ weight.T`, an einsum), the op's output passes through here."""
+
+    def __init__(self, vocab: int, rows: int, hidden: int):
+        super().__init__()
+        self.vocab, self.rows, self.hidden, self.seen = vocab, rows, hidden, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dim() >= 2
+                and t.shape[-1] == self.vocab
+                and t.numel() // self.vocab >= self.rows
+                and tuple(t.shape) != (self.hidden, self.vocab)
+            ):
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_care_on_tiny_qwen2_5_vl_with_video_never_builds_full_logits(assets, tmp_path, monkeypatch):
+    from care_kernels.losses import fused_linear_grpo
+
     model = _tiny_vl(assets)
     before = [p.detach().clone() for p in model.parameters()]
     head_calls = []
     model.lm_head.register_forward_hook(lambda m, args, out: head_calls.append(tuple(out.shape)))
-    summary = train(_config(assets, tmp_path), model=model, processor=assets["processor"])
+    vocab, hidden = model.lm_head.weight.shape
+    config = _config(assets, tmp_path)
+    rows = config.per_device_train_batch_size * config.num_generations * config.max_completion_length
+    # the fused head's logits chunk holds 16 rows here (at these sizes its default budget would fit them all)
+    monkeypatch.setattr(fused_linear_grpo, "_default_buffer_bytes", lambda device: 16 * vocab * 4)
+    watcher = FullLogitsWatcher(vocab, rows, hidden)
+    assert rows > 16 and hidden < rows
+    with watcher:
+        summary = train(config, model=model, processor=assets["processor"])
 
     assert summary["global_step"] == 3 and len(summary["losses"]) == 3
-    # the LM head ran only inside generate, one position per row: no [B, T, V] logits in any training step
+    # no op of a step returned logits for all N x L scored positions (or more): no [B, T, V] tensor ever
+    assert watcher.seen == []
+    # and the LM head module ran only inside generate, one position per row
     assert head_calls and all(shape[1] == 1 for shape in head_calls)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -122,6 +159,81 @@ def test_care_on_tiny_qwen2_5_vl_with_video_never_builds_full_logits(assets, tmp
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+def gold_is_a(completions, **columns):
+    """The accuracy reward against gold A, whatever the sample's own answer."""
+    from grpo_care.rewards import accuracy_reward
+
+    return accuracy_reward(completions, ["<answer>A</answer>"] * len(completions), columns["problem_type"])
+
+
+HAND_WRITTEN = (
+    "<think>it is a</think><answer>A</answer>",  # correct
+    "<think>surely the first</think><answer> A</answer>",  # correct, another answer span
+    "<think>b</think><answer>B</answer>",  # wrong
+    "<think>no answer tag</think>",  # no span: likelihood 1, accuracy 0
+)
+
+
+def test_care_bonus_on_hand_written_completions_through_the_trainer(assets, tmp_path, monkeypatch):
+    """The CARE path of a real step on completions with answer spans: the reference likelihood of each span
+    (against the reference's full logits), the bonus to the correct rollout whose span the reference finds more
+    likely than its high-accuracy peer's, and the metrics that report them."""
+    import copy
+
+    from grpo_care import trainer as trainer_module
+    from grpo_care.rollout import completion_mask
+    from grpo_care.spans import answer_token_mask
+    from grpo_care.trainer import Trainer
+
+    import care_kernels as ck
+
+    tok, seen = assets["tok"], {}
+    real_generate = trainer_module.generate_rollouts
+
+    def hand_written(model, prompts, generation_config, group_size, eos_token_id=None):
+        rollout = real_generate(model, prompts, generation_config, group_size)  # the real prompts and media
+        rows = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in HAND_WRITTEN]
+        ids = torch.full((len(rows), max(map(len, rows)) + 2), generation_config.pad_token_id)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        rollout.completion_ids, rollout.completion_mask = ids, completion_mask(ids, tok.eos_token_id)
+        rollout.finished = torch.ones(len(rows), dtype=torch.bool)
+        seen["rollout"] = rollout
+        return rollout
+
+    monkeypatch.setattr(trainer_module, "generate_rollouts", hand_written)
+    config = _config(assets, tmp_path, max_steps=1, num_generations=4, per_device_train_batch_size=1,
+                     ref_ema_update_every=100, max_completion_length=64, report_to=["none"],
+                     reward_funcs=[f"{__name__}.gold_is_a", "format"])
+    trainer = Trainer(config, model=_tiny_vl(assets), processor=assets["processor"])
+    reference = copy.deepcopy(trainer.reference.module)  # what scores the step (the EMA moves after it)
+    real_micro_step = trainer._micro_step
+    monkeypatch.setattr(trainer, "_micro_step", lambda: seen.setdefault("result", real_micro_step()))
+    summary = trainer.train()
+    result, rollout = seen["result"], seen["rollout"]
+
+    prompt_len, length = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    with torch.no_grad():
+        logits = reference(**rollout.model_inputs(), use_cache=False).logits
+    logits = logits[:, prompt_len - 1 : prompt_len - 1 + length]
+    logp = logits.double().log_softmax(-1).gather(-1, rollout.completion_ids[..., None])[..., 0]
+    span = answer_token_mask(rollout.completion_ids, rollout.completion_mask, tok)
+    assert span.any(1).tolist() == [True, True, True, False] == result.span_found.tolist()
+    want = torch.exp((logp * span).sum(1) / span.sum(1).clamp(min=1)).where(span.any(1), torch.ones(()))
+    torch.testing.assert_close(result.likelihood.double(), want, rtol=1e-4, atol=1e-6)
+    assert result.rewards_per_func[:, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+
+    likelier = int(want[1] > want[0])  # of the two correct rollouts, the one above the pair's mean gets it
+    bonus = [0.0] * 4
+    bonus[likelier] = 0.5
+    assert result.bonus.tolist() == bonus
+    torch.testing.assert_close(result.bonus, ck.care_bonus(result.rewards_per_func[:, 0], result.likelihood, 4))
+    metrics = summary["metrics"]
+    assert metrics["care/answer_span_rate"] == pytest.approx(0.75)
+    assert metrics["care/ref_likelihood"] == pytest.approx(float(want[:3].mean()), rel=1e-4)
+    assert metrics["rewards/bonus_rewards"] == pytest.approx(0.5 / 4)
+
+
 def test_grpo_baseline_on_tiny_qwen2_with_frozen_kl_reference(assets, tmp_path):
     from grpo_care.tiny import tiny_qwen2
 
@@ -142,6 +254,21 @@ def test_grpo_baseline_on_tiny_qwen2_with_frozen_kl_reference(assets, tmp_path):
     assert len(metrics) == 3 and "kl" in metrics[-1] and "rewards/bonus_rewards" not in metrics[-1]
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6) and metrics[-1]["kl"] > 0  # frozen reference
     assert ckpt.load_trainer_state(summary["checkpoint"])["ema"]["num_updates"] == 0
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_gradient_checkpointing_recomputes_the_decoder_layers_in_backward(assets, enabled):
+    from grpo_care.modeling import backbone_hidden, prepare_for_training
+    from grpo_care.tiny import tiny_qwen2
+
+    config = GRPOCareConfig(gradient_checkpointing=enabled, device="cpu")
+    model = prepare_for_training(tiny_qwen2(assets["tok"]), config, torch.device("cpu"))
+    mlp, calls = model.model.layers[0].mlp, []
+    forward = mlp.forward
+    mlp.forward = lambda x: calls.append(1) or forward(x)  # (module hooks do not fire in the recomputation)
+    ids = torch.randint(0, 256, (2, 7))
+    backbone_hidden(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}).square().sum().backward()
+    assert len(calls) == (2 if enabled else 1)  # forward, and with checkpointing once more inside backward
 
 
 def test_missing_and_corrupt_videos_are_skipped_and_counted(assets, tmp_path):
@@ -230,11 +357,87 @@ def test_checkpoint_is_atomic(assets, tmp_path, monkeypatch):
         ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
     leftovers = list(tmp_path.glob("checkpoint-2.tmp-*"))
     assert len(leftovers) == 1
-    # what the trainer does at start (with a warning): this process still runs, so its own directory stays
-    assert ckpt.remove_unfinished(tmp_path) == [] and leftovers[0].exists()
-    crashed = leftovers[0].rename(tmp_path / "checkpoint-2.tmp-999999999")  # no such process
-    assert ckpt.remove_unfinished(tmp_path) == [crashed]
+    # what the trainer does at start (with a warning): another live process's directory stays (it may be
+    # writing it); a dead process's, and this process's own (an earlier run in it raised), go
+    alive = leftovers[0].rename(tmp_path / "checkpoint-2.tmp-1")  # pid 1: always running
+    crashed = shutil.copytree(alive, tmp_path / "checkpoint-3.tmp-999999999")  # no such process
+    own = shutil.copytree(alive, tmp_path / f"checkpoint-4.tmp-{os.getpid()}")
+    assert ckpt.remove_unfinished(tmp_path) == [crashed, own] and alive.exists()
+    shutil.rmtree(alive)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+
+
+def test_replacing_a_checkpoint_never_loses_it(assets, tmp_path, monkeypatch):
+    """Saving a step that is already on disk renames the old one aside first; a crash before the new one is in
+    place leaves `.old-<pid>`, which restore_replaced puts back."""
+    from grpo_care.tiny import tiny_qwen2
+
+    model = tiny_qwen2(assets["tok"])
+    ckpt.save_checkpoint(tmp_path, 2, model, {"global_step": 2, "tag": "first"})
+    ckpt.save_checkpoint(tmp_path, 2, model, {"global_step": 2, "tag": "second"})
+    assert ckpt.load_trainer_state(tmp_path / "checkpoint-2")["tag"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+    real_replace, calls = os.replace, []
+
+    def crash_on_second_rename(src, dst):
+        calls.append(Path(src).name)
+        if len(calls) == 2:  # the old one is aside, the new one not yet in place
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, model, {"global_step": 2, "tag": "third"})
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert ckpt.latest_checkpoint(tmp_path) is None  # nothing named checkpoint-2 right now ...
+    assert ckpt.restore_replaced(tmp_path) == [tmp_path / "checkpoint-2"]  # ... until start-up puts it back
+    assert ckpt.load_trainer_state(tmp_path / "checkpoint-2")["tag"] == "second"
+    ckpt.remove_unfinished(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
+def test_output_dir_of_an_earlier_run(assets, tmp_path):
+    """A fresh run into an earlier run's checkpoints is refused (or deletes them with overwrite_output_dir); a
+    resumed run at its last step trains and saves nothing, its checkpoint untouched."""
+    base = dict(max_steps=2, save_steps=2, report_to=["none"], log_completions=False, per_device_train_batch_size=1)
+    first = train(_config(assets, tmp_path, **base), model=_tiny_vl(assets), processor=assets["processor"])
+    saved = Path(first["checkpoint"])
+    stamp = (saved / "trainer_state.pt").stat().st_mtime_ns
+
+    again = train(_config(assets, tmp_path, resume_from_checkpoint="latest", **base), model=_tiny_vl(assets),
+                  processor=assets["processor"])
+    assert again["global_step"] == 2 and again["checkpoint"] == str(saved)
+    assert (saved / "trainer_state.pt").stat().st_mtime_ns == stamp
+
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run .checkpoint-2.*resume_from_checkpoint"):
+        train(_config(assets, tmp_path, **base), model=_tiny_vl(assets), processor=assets["processor"])
+    assert ckpt.latest_checkpoint(tmp_path) == saved
+    with pytest.warns(UserWarning, match="deleted 1 checkpoint"):
+        fresh = train(_config(assets, tmp_path, overwrite_output_dir=True, **{**base, "max_steps": 1}),
+                      model=_tiny_vl(assets), processor=assets["processor"])
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"] == [Path(fresh["checkpoint"]).name]
+
+
+def test_resume_under_a_changed_config(assets, tmp_path):
+    """The resumed run trains under its own hyperparameters (named in a warning); another seed or other data
+    is refused before any weight is loaded."""
+    base = dict(max_steps=4, save_steps=2, report_to=["none"], log_completions=False, per_device_train_batch_size=1,
+                lr_scheduler_type="constant")
+    train(_config(assets, tmp_path / "a", **{**base, "max_steps": 2}), model=_tiny_vl(assets),
+          processor=assets["processor"])
+    with pytest.warns(UserWarning, match=r"changed config \(learning_rate: 0.001 -> 0.0005; max_steps: 2 -> 4\)"):
+        resumed = train(_config(assets, tmp_path / "a", resume_from_checkpoint="latest", **{**base,
+                                "learning_rate": 5e-4}), model=_tiny_vl(assets), processor=assets["processor"])
+    logged = [(m["step"], m["learning_rate"]) for m in _read_jsonl(resumed["metrics_file"])]
+    assert logged == [(1, 1e-3), (2, 1e-3), (3, 5e-4), (4, 5e-4)]
+
+    with pytest.raises(ValueError, match=r"written with seed: 42 -> 7.*model_name_or_path="):
+        train(_config(assets, tmp_path / "a", resume_from_checkpoint="latest", seed=7, **base),
+              model=_tiny_vl(assets), processor=assets["processor"])
+    fewer = _config(assets, tmp_path / "a", resume_from_checkpoint="latest", max_train_samples=4, **base)
+    with pytest.raises(ValueError, match="training data differs from the checkpoint's .6 samples then, 4 now"):
+        train(fewer, model=_tiny_vl(assets), processor=assets["processor"])
 
 
 @pytest.mark.gpu

@@ -59,6 +59,16 @@ def test_read_video_with_decord_and_pyav_agree(tmp_path, monkeypatch):
     assert fallback.shape == frames.shape
     assert np.abs(fallback.astype(int) - frames.astype(int)).mean() < 2.0
 
+    # the fallback keeps only the sampled frames; a container that states no count, or a wrong one, still
+    # gets the frames that the true count samples
+    decoded, kept = video._decode_pyav(path, keep={0, 5})
+    assert decoded == 12 and sorted(kept) == [0, 5]
+    import av
+
+    for stated in (0, 30, 7):
+        monkeypatch.setattr(av.video.stream.VideoStream, "frames", property(lambda self, n=stated: n))
+        assert np.array_equal(read_video(path, budget), fallback), stated
+
 
 def test_missing_or_corrupt_media_raise_video_read_error(tmp_path):
     with pytest.raises(VideoReadError, match="video not found"):

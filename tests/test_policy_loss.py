@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 from collections import defaultdict
 
@@ -284,6 +285,26 @@ def test_register_new_loss_type():
         loss_registry._REGISTRY.pop("test_seq_sum", None)
 
 
+def test_kl_clamp_bounds_the_log_ratio_as_the_authors_trainer():
+    """kl_clamp=c: k3 of clamp(ref - logp, -c, c), zero gradient where the clamp binds; None is TRL's k3."""
+    logp = torch.tensor([[-1.0, -2.0, -30.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -1.0, -20.0]])  # x = ref - logp: -0.5, 1, 29 (clamped), -19.5 (clamped)
+    mask, adv = torch.ones(1, 4), torch.zeros(1)
+    loss, metrics = policy_loss(logp, adv, mask, ref_logprobs=ref, beta=1.0, kl_clamp=10.0)
+    loss.backward()
+    x = torch.tensor([-0.5, 1.0, 10.0, -10.0])
+    want = (x.exp() - x - 1).mean()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(metrics["kl"], want)
+    # d/dlogp of exp(x) - x - 1 with x = ref - logp is 1 - exp(x) where unclamped, 0 where clamped
+    torch.testing.assert_close(logp.grad, torch.tensor([[1 - math.exp(-0.5), 1 - math.e, 0.0, 0.0]]) / 4)
+
+    unclamped, m = policy_loss(logp.detach(), adv, mask, ref_logprobs=ref, beta=1.0)
+    x = ref[0] - logp.detach()[0]
+    torch.testing.assert_close(m["kl"], (x.exp() - x - 1).mean())
+    assert unclamped > 1e11  # exp(29): what one far-off token costs without the clamp
+
+
 # ----------------------------------------------------------------------------------------------------------
 # validation
 
@@ -299,6 +320,8 @@ def test_register_new_loss_type():
         (dict(max_completion_length=0), "max_completion_length"),
         (dict(num_items_in_batch="10"), "num_items_in_batch"),
         (dict(beta=torch.tensor(0.1)), "beta must be a finite float"),
+        (dict(kl_clamp=0.0), "kl_clamp must be a float > 0"),
+        (dict(kl_clamp=float("nan")), "kl_clamp must be a float > 0"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):

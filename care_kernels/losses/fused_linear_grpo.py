@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from care_kernels import _validate
-from care_kernels.losses.policy_loss import policy_loss
+from care_kernels.losses.policy_loss import check_kl_clamp, policy_loss
 from care_kernels.row_epilogue import row_grad_, row_stats
 
 Tensor = torch.Tensor
@@ -162,7 +162,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     elementwise ops), use_ref_model, chunk_size (accepted for compatibility: the buffer here is bounded by
     `max_buffer_bytes` instead), epsilon_low/epsilon_high (PPO clip), loss_type ("grpo", "bnpo", "dr_grpo",
     "dapo" or any registered type), max_completion_length (dr_grpo), temperature.
-    Extra: max_buffer_bytes, the size of the float32 logits chunk (default 1 GiB on GPU, 512 MiB on CPU).
+    Extra: max_buffer_bytes, the size of the float32 logits chunk (default 1 GiB on GPU, 512 MiB on CPU);
+    kl_clamp, the bound on |ref - logp| inside the k3 KL (None, as Liger and TRL: unclamped; see policy_loss).
 
     forward(_input [B, T, H], lin_weight [V, H], selected_token_ids [B, T], attention_mask [B, T] (the loss
     mask), advantages [B], bias=None, ref_per_token_logps=None [B, T], old_per_token_logps=None [B, T],
@@ -173,7 +174,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
                  chunk_size: int = 1, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
                  loss_type: str = "dapo", max_completion_length: Optional[int] = None,
-                 temperature: float = 1.0, max_buffer_bytes: Optional[int] = None):
+                 temperature: float = 1.0, max_buffer_bytes: Optional[int] = None,
+                 kl_clamp: Optional[float] = None):
         super().__init__()
         self.beta = beta
         self.compiled = compiled
@@ -185,6 +187,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.max_completion_length = max_completion_length
         self.temperature = _validate.check_temperature(temperature)
         self.max_buffer_bytes = max_buffer_bytes
+        self.kl_clamp = check_kl_clamp(kl_clamp)
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None,
@@ -214,7 +217,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 use_ref_pass = True
         loss_kwargs = dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
                            loss_type=self.loss_type, max_completion_length=self.max_completion_length,
-                           num_items_in_batch=num_items_in_batch)
+                           num_items_in_batch=num_items_in_batch, kl_clamp=self.kl_clamp)
         mask = attention_mask.to(torch.float32)
         buffer_bytes = self.max_buffer_bytes or _default_buffer_bytes(_input.device)
         outs = _FusedGRPOHead.apply(

@@ -83,6 +83,14 @@ def _epsilon(value, name: str) -> float:
     return float(value)
 
 
+def check_kl_clamp(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"kl_clamp must be a float > 0 (the bound on |ref - logprobs|) or None, got {value!r}")
+    return float(value)
+
+
 def _check_args(
     logprobs, advantages, mask, old_logprobs, ref_logprobs, beta, max_completion_length, num_items_in_batch
 ) -> None:
@@ -164,6 +172,7 @@ def policy_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items_in_batch=None,
+    kl_clamp: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO surrogate (+ k3 KL) over per-token log-probs -> (loss 0-dim float32, metrics).
 
@@ -175,7 +184,10 @@ def policy_loss(
         ptl = ptl + beta * (exp(ref - logprobs) - (ref - logprobs) - 1)      # only when beta != 0
         loss = LOSS_TYPES[loss_type](ptl, mask, max_completion_length=..., num_items_in_batch=...)
 
-    (TRL 1.16 does not clamp `ref - logprobs` in the KL; neither does this.) Normalizers:
+    TRL 1.16 does not clamp `ref - logprobs` in the KL, and neither does this by default. `kl_clamp=c` clamps
+    it to [-c, c] first (`x = clamp(ref - logprobs, -c, c)`, zero gradient outside), as the GRPO-CARE
+    authors' trainer does with c = 10: one token far from the reference then costs at most `exp(c) - c - 1`.
+    Normalizers:
     "grpo": `((ptl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()`; "bnpo": `(ptl * mask).sum() /
     mask.sum().clamp(min=1)`; "dr_grpo": `(ptl * mask).sum() / (B * max_completion_length)`; "dapo":
     `(ptl * mask).sum() / num_items_in_batch` (or the mask sum when None; TRL passes its window's token
@@ -203,6 +215,7 @@ def policy_loss(
         max_completion_length,
         num_items_in_batch,
     )
+    kl_clamp = check_kl_clamp(kl_clamp)
     epsilon_low = _epsilon(epsilon_low, "epsilon_low")
     epsilon_high = epsilon_low if epsilon_high is None else _epsilon(epsilon_high, "epsilon_high")
     normalizer = get_loss_type(loss_type)
@@ -224,7 +237,8 @@ def policy_loss(
     per_token_kl = None
     if beta != 0.0:
         ref = torch.where(keep, ref_logprobs.detach().float(), zero)
-        per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
+        diff = ref - logp if kl_clamp is None else torch.clamp(ref - logp, -kl_clamp, kl_clamp)
+        per_token_kl = torch.exp(diff) - diff - 1
         per_token_loss = per_token_loss + beta * per_token_kl
 
     loss = normalizer(

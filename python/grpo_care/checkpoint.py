@@ -7,7 +7,9 @@
                              EMA shadow, written by torch.distributed.checkpoint (see sharded_state.py)
 
 A checkpoint is written into `checkpoint-500.tmp-<pid>` and renamed into place, so a crash never leaves a
-half-written `checkpoint-500`; `latest_checkpoint` ignores temporary directories.
+half-written `checkpoint-500`; `latest_checkpoint` ignores temporary directories. A `checkpoint-500` that is
+already there (a resumed run saving the same step again) is first renamed aside to `checkpoint-500.old-<pid>`
+and deleted only once the new one is in place; `restore_replaced` puts it back if a crash came in between.
 """
 
 from __future__ import annotations
@@ -91,9 +93,15 @@ def write_checkpoint(tmp: Path, model, trainer_state: dict, processor=None, stat
 def commit_checkpoint(tmp: Path, save_total_limit: int = 0) -> Path:
     """Rename the finished temporary directory into `checkpoint-<step>`; keep the newest `save_total_limit`."""
     final = tmp.with_name(tmp.name.split(".tmp-")[0])
-    if final.exists():
-        shutil.rmtree(final)
+    replaced = None
+    if final.exists():  # never delete the old one before the new one is in place
+        replaced = final.with_name(f"{final.name}.old-{os.getpid()}")
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.replace(final, replaced)
     os.replace(tmp, final)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     if save_total_limit and save_total_limit > 0:
         for old in list_checkpoints(final.parent)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -104,18 +112,41 @@ def remove_unfinished(output_dir: str | Path) -> list[Path]:
     """Delete the `checkpoint-<step>.tmp-<pid>` directories a crashed run left behind (under FSDP they hold
     every rank's optimizer shards: gigabytes); return what was deleted. One whose <pid> is a live process on
     this machine is left alone (another run may be writing it). Call it before training starts."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
     removed = []
-    for path in sorted(p for p in output_dir.glob("checkpoint-*.tmp-*") if p.is_dir()):
-        pid = path.name.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and _is_running(int(pid)):
-            continue
+    for path in _left_behind(output_dir, ".tmp-"):
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():
             removed.append(path)
     return removed
+
+
+def restore_replaced(output_dir: str | Path) -> list[Path]:
+    """Put back each `checkpoint-<step>.old-<pid>` whose replacement never arrived (a crash between the two
+    renames of `commit_checkpoint`), delete those whose replacement did; return the restored checkpoints.
+    Call it before looking for checkpoints."""
+    restored = []
+    for path in _left_behind(output_dir, ".old-"):
+        final = path.with_name(path.name.rsplit(".old-", 1)[0])
+        if final.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.replace(path, final)
+            restored.append(final)
+    return restored
+
+
+def _left_behind(output_dir: str | Path, marker: str) -> list[Path]:
+    """`checkpoint-<step><marker><pid>` directories whose <pid> is not another live process on this machine
+    (this process's own are left over from an earlier run in it that raised)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(p for p in output_dir.glob(f"checkpoint-*{marker}*") if p.is_dir()):
+        pid = path.name.rsplit(marker, 1)[1]
+        if not (pid.isdigit() and int(pid) != os.getpid() and _is_running(int(pid))):
+            found.append(path)
+    return found
 
 
 def _is_running(pid: int) -> bool:

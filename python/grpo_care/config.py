@@ -24,6 +24,16 @@ from typing import Any, Optional
 import yaml
 
 _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# The saved data position (epoch, cursor into an order seeded by `seed`) means nothing under another seed. That
+# the samples are the same ones is checked on the data itself (PromptStream's fingerprint), not on their path.
+RESUME_MUST_MATCH = frozenset({"seed"})
+# Where and how a run reports, not what it trains: never worth a warning when they change on resume.
+RESUME_BOOKKEEPING = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "report_to", "log_completions",
+    "log_completions_steps", "num_completions_to_print", "save_steps", "save_total_limit", "disable_tqdm",
+    "dist_timeout", "eval_files", "eval_temperature", "eval_top_p", "eval_max_new_tokens", "eval_batch_size",
+    "eval_video_max_frames", "eval_judge", "eval_judge_timeout", "eval_judge_max_retries", "eval_judge_workers",
+})
 _SCALES = ("group", "batch", "none")
 
 
@@ -112,6 +122,11 @@ class GRPOCareConfig:
 
     # --- loss -----------------------------------------------------------------------------------------------
     beta: float = _f(0.0, "k3 KL weight against the reference (GRPO-CARE: 0; TRL's default for GRPO: 0.04).")
+    kl_clamp: Optional[float] = _f(
+        10.0,
+        "bound on |ref_logp - logp| inside the k3 KL when beta > 0 (the authors' trainer clamps at 10, "
+        "grpo_care.md 6; None: unclamped, as TRL).",
+    )
     epsilon: float = _f(0.2, "PPO clip epsilon (lower; never active with one update per rollout batch).")
     epsilon_high: Optional[float] = _f(None, "upper clip epsilon (None: same as epsilon).")
     loss_type: str = _f(
@@ -210,7 +225,13 @@ class GRPOCareConfig:
     save_steps: int = _f(500, "checkpoint every N optimizer steps (0: only at the end).")
     save_total_limit: int = _f(0, "keep only the newest N checkpoints (0: keep all).")
     resume_from_checkpoint: str = _f(
-        "", "'' (fresh run), 'latest' (newest checkpoint in output_dir) or a checkpoint directory."
+        "",
+        "'' (fresh run), 'latest' (newest checkpoint in output_dir) or a checkpoint directory. The resumed run "
+        "takes its hyperparameters from this config; the data fields (seed, train_file, ...) must match.",
+    )
+    overwrite_output_dir: bool = _f(
+        False,
+        "a fresh run into an output_dir holding an earlier run's checkpoints deletes them (False: refuse).",
     )
     disable_tqdm: bool = _f(False, "no progress bar.")
 
@@ -247,6 +268,10 @@ class GRPOCareConfig:
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(0.0 <= self.ref_ema_decay <= 1.0, f"ref_ema_decay must be in [0, 1], got {self.ref_ema_decay}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(
+            self.kl_clamp is None or self.kl_clamp > 0,
+            f"kl_clamp must be > 0 or null (unclamped), got {self.kl_clamp}",
+        )
         need(len(self.reward_funcs) >= 1, "reward_funcs must name at least one reward function")
         need(
             self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
@@ -280,6 +305,24 @@ class GRPOCareConfig:
         )
 
     # --------------------------------------------------------------------------------------------------------
+    def resume_changes(self, saved: dict, where: str) -> list[str]:
+        """The fields this config changes against a checkpoint's (`saved`, its `to_dict()`), as "name: old ->
+        new" lines; a ValueError if one of them defines the saved data position (RESUME_MUST_MATCH)."""
+        changes, refused = [], []
+        for name in self.field_names():
+            if name in RESUME_BOOKKEEPING or name not in saved:
+                continue
+            old, new = saved[name], getattr(self, name)
+            if old != new:
+                (refused if name in RESUME_MUST_MATCH else changes).append(f"{name}: {old!r} -> {new!r}")
+        if refused:
+            raise ValueError(
+                f"{where} was written with {'; '.join(refused)}: its data position means nothing under another "
+                "value. Resume with the checkpoint's value, or start a fresh run from its weights "
+                f"(model_name_or_path={where}, a new output_dir)"
+            )
+        return changes
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -33,9 +33,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * mask).sum() / mask.sum().clamp(min=1))
 
 
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
-    """Token mean of the k3 estimator exp(ref - logp) - (ref - logp) - 1 (TRL's `kl`)."""
+def k3_kl(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, clamp: float | None = None
+) -> float:
+    """Token mean of the k3 estimator exp(x) - x - 1, x = ref - logp (TRL's `kl`), x clamped to [-clamp, clamp]
+    when given (the loss's `kl_clamp`)."""
     x = ref_logprobs - logprobs
+    if clamp is not None:
+        x = x.clamp(-clamp, clamp)
     return masked_mean(x.exp() - x - 1, mask)
 
 

@@ -2,16 +2,18 @@
 
     stream = PromptStream(samples, batch_size=1, seed=42, budget=VisualBudget(), multimodal=True)
     batch = stream.next_batch()          # [PromptItem(sample, images, videos)]
-    stream.state_dict()                  # {"epoch", "cursor", "skipped"}: the data position of a checkpoint
+    stream.state_dict()                  # {"epoch", "cursor", "skipped", "bad", "fingerprint"}: a checkpoint's
 
 Each epoch visits the samples in `torch.randperm(n, generator=seed + epoch)` order, so a position (epoch,
 cursor) is enough to continue exactly after a restart. A sample whose video or image is missing or cannot be
 decoded is skipped with a warning (once) and counted in `skipped` each time it comes up (logged as
-`data/skipped_samples`).
+`data/skipped_samples`). A position is restored only onto the same samples (their ids, texts and solutions,
+in order: the `fingerprint`), wherever the files now are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -50,6 +52,7 @@ class PromptStream:
         self.budget, self.multimodal = budget, multimodal
         self.epoch, self.cursor, self.skipped = 0, 0, 0
         self.bad: set[int] = set()
+        self.fingerprint = _fingerprint(samples)
         self._order = self._permutation(0)
         self._warned_text_only = False
 
@@ -87,12 +90,37 @@ class PromptStream:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "skipped": self.skipped, "bad": sorted(self.bad)}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "skipped": self.skipped,
+            "bad": sorted(self.bad),
+            "fingerprint": self.fingerprint,
+            "num_samples": len(self.samples),
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("fingerprint")
+        if saved is not None and saved != self.fingerprint:
+            raise ValueError(
+                f"the training data differs from the checkpoint's ({state.get('num_samples')} samples then, "
+                f"{len(self.samples)} now, or other ids, texts or order): resume with the checkpoint's train_file, "
+                "max_train_samples and seed"
+            )
         self.epoch, self.cursor, self.skipped = (
             int(state["epoch"]),
             int(state["cursor"]),
             int(state["skipped"]),
         )
+        self.bad = {int(i) for i in state.get("bad", [])}  # known bad media stay skipped without a re-read
         self._order = self._permutation(self.epoch)
+
+
+def _fingerprint(samples: list[Sample]) -> str:
+    """sha256 over each sample's id, text and solution, in order: what makes a saved position meaningful."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        for part in (sample.sample_id, sample.text, sample.solution):
+            digest.update(part.encode())
+            digest.update(b"\0")
+    return digest.hexdigest()

@@ -13,6 +13,7 @@ the policy and reference forwards. The completion mask runs up to and including 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,14 @@ def encode_prompts(
         )
         out = dict(out)
         out.pop("second_per_grid_ts", None)
+        length = out["input_ids"].shape[1]
+        if max_prompt_length and length > max_prompt_length:
+            warnings.warn(
+                f"a multimodal prompt of {length} tokens exceeds max_prompt_length={max_prompt_length}; it is not "
+                "cut (that would split its visual tokens): lower the frame or pixel budget, or raise "
+                "max_prompt_length",
+                stacklevel=2,
+            )
         return out
     if getattr(tokenizer, "chat_template", None):
         texts = [
@@ -99,7 +108,13 @@ def encode_prompts(
     out = dict(
         tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
     )
-    if max_prompt_length and out["input_ids"].shape[1] > max_prompt_length:
+    length = out["input_ids"].shape[1]
+    if max_prompt_length and length > max_prompt_length:
+        warnings.warn(
+            f"a prompt of {length} tokens exceeds max_prompt_length={max_prompt_length}: left-truncated to its "
+            f"last {max_prompt_length} tokens (raise max_prompt_length to keep its start)",
+            stacklevel=2,
+        )
         out = {k: v[:, -max_prompt_length:] for k, v in out.items()}
     return out
 

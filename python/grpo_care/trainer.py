@@ -22,6 +22,7 @@ the fp32 EMA update of the reference (ema.py). Plain GRPO (`use_care: false`) ke
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -75,6 +76,8 @@ class Trainer:
         self.config = config
         self.dist = distributed.setup(config)  # one process: a no-op env, device from config.device
         self.device = self.dist.device
+        self.output_dir = Path(config.output_dir)
+        self._prepare_output_dir()
         source = None  # FSDP start-up from files: rank 0's loaded weights, which fill the sharded skeleton
         self._weights_from = None  # ... read from this checkpoint when resuming (so not read a second time)
         if model is None and self.dist.mode == "fsdp":
@@ -157,6 +160,7 @@ class Trainer:
             loss_type=config.loss_type,
             max_completion_length=config.max_completion_length,
             temperature=config.temperature,
+            kl_clamp=config.kl_clamp,
         )
         self.optimizer = self._build_optimizer()
         from transformers import get_scheduler
@@ -170,10 +174,36 @@ class Trainer:
         self.global_step = 0
         self.losses: list[float] = []
         self.last_checkpoint = None
-        self.output_dir = Path(config.output_dir)
 
     # --------------------------------------------------------------------------------------------------------
     # setup helpers
+
+    def _prepare_output_dir(self) -> None:
+        """Before anything looks for checkpoints (rank 0 does it, the others wait): put back a checkpoint that a
+        crash left renamed aside, delete unfinished ones, and refuse a fresh run into a directory that holds an
+        earlier run's checkpoints (rotation and `latest` would mix the two runs) unless overwrite_output_dir."""
+        c, problem = self.config, None
+        if self.dist.is_main:
+            for path in ckpt.restore_replaced(self.output_dir):
+                warnings.warn(f"restored {path}: a crash interrupted its replacement", stacklevel=3)
+            for path in ckpt.remove_unfinished(self.output_dir):
+                warnings.warn(f"removed {path}: an unfinished checkpoint of an interrupted run", stacklevel=3)
+            earlier = ckpt.list_checkpoints(self.output_dir)
+            if earlier and not c.resume_from_checkpoint and c.overwrite_output_dir:
+                for path in earlier:
+                    shutil.rmtree(path)
+                warnings.warn(f"overwrite_output_dir: deleted {len(earlier)} checkpoint(s) of an earlier run in "
+                              f"{self.output_dir}", stacklevel=3)
+            elif earlier and not c.resume_from_checkpoint:
+                names = ", ".join(p.name for p in earlier)
+                problem = (
+                    f"output_dir {self.output_dir} holds checkpoints of an earlier run ({names}): pass "
+                    "--resume_from_checkpoint latest to continue it, --overwrite_output_dir true to delete them "
+                    "and start over, or another --output_dir"
+                )
+        problem = distributed.broadcast_object(problem, self.dist)
+        if problem:
+            raise ValueError(problem)
 
     def _reference_dtype(self) -> torch.dtype:
         if self.device.type == "cuda" and self.config.bf16:
@@ -238,8 +268,18 @@ class Trainer:
         return self.last_checkpoint
 
     def resume(self, path: Path) -> None:
+        """Continue from checkpoint `path`: its weights, optimizer, EMA, data position and RNG states, under this
+        config's hyperparameters (a changed one is named in a warning; a changed seed is refused)."""
         state = ckpt.load_trainer_state(path)
         own = distributed.own_rank_state(state, self.dist, path)
+        changes = self.config.resume_changes(state.get("config", {}), str(path))
+        if changes and self.dist.is_main:
+            warnings.warn(
+                f"resuming {path} under a changed config ({'; '.join(changes)}): the new values apply from step "
+                f"{int(state['global_step']) + 1} on",
+                stacklevel=3,
+            )
+        self.stream.load_state_dict(own["data"])  # refuses other samples before the heavy loads below
         if self.reference is not None and state["ema"] is None:
             raise ValueError(f"{path} has no reference state, but this run needs one (use_care or beta > 0)")
         if path != self._weights_from:  # else the FSDP start-up filled the model from this checkpoint already
@@ -253,10 +293,27 @@ class Trainer:
             if self.reference is not None:
                 distributed.load_ema_state(self.reference, state["ema"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(own["data"])
+        self._apply_optimizer_config()
         self.global_step = int(state["global_step"])
         self.losses = list(state.get("losses", []))
         ckpt.set_rng_state(own["rng"])
+
+    def _apply_optimizer_config(self) -> None:
+        """After loading a checkpoint's optimizer and scheduler states (which carry the old run's lr, betas,
+        eps and weight decay): this config's values, and the learning rate its schedule gives the current step.
+        With an unchanged config every value is the one saved, bit for bit."""
+        c = self.config
+        decay, no_decay = self.optimizer.param_groups  # as _build_optimizer made them
+        for group in (decay, no_decay):
+            group.update(betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, initial_lr=c.learning_rate)
+        decay["weight_decay"] = c.weight_decay
+        scheduler = self.scheduler
+        scheduler.base_lrs = [c.learning_rate] * len(self.optimizer.param_groups)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # every transformers schedule but plateau
+            lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
 
     # --------------------------------------------------------------------------------------------------------
     # the loop
@@ -268,14 +325,14 @@ class Trainer:
         resume_from = ckpt.resolve_resume(c.resume_from_checkpoint, self.output_dir)
         if resume_from is not None:
             self.resume(resume_from)
+            if resume_from.parent.resolve() == self.output_dir.resolve():
+                self.last_checkpoint = resume_from  # a run resumed at its end saves nothing again
         else:
             torch.manual_seed(c.seed + self.dist.rank)  # ranks sample their rollouts independently
         main = self.dist.is_main
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             c.save_yaml(self.output_dir / "config.yaml")
-            for path in ckpt.remove_unfinished(self.output_dir):
-                warnings.warn(f"removed {path}: an unfinished checkpoint of an interrupted run", stacklevel=2)
         logger = (
             MetricsLogger(self.output_dir, c.report_to, start_step=self.global_step)
             if main
@@ -430,7 +487,7 @@ class Trainer:
             truncated=(~rollout.finished).cpu(),
             loss=float(loss.detach()),
             clip_ratio=float(loss_metrics[-1]),
-            kl=k3_kl(logp, ref_logp, mask) if ref_logp is not None else math.nan,
+            kl=k3_kl(logp, ref_logp, mask, c.kl_clamp) if ref_logp is not None else math.nan,
             entropy=masked_mean(entropy, mask),
             texts=texts,
             samples=group_samples,

@@ -120,16 +120,38 @@ def _read_decord(path: str, budget: VisualBudget) -> np.ndarray:
 
 
 def _read_pyav(path: str, budget: VisualBudget) -> np.ndarray:
+    """Keeps only the sampled frames in memory (a long clip's decoded frames would not fit). The count comes from
+    the container when it states one, else from a first decoding pass; a count that proves wrong is redone."""
     import av
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        total = int(stream.frames or 0)
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-    if not frames:
+    if total <= 0:
+        total = _decode_pyav(path, keep=set())[0]
+    if total <= 0:
         raise VideoReadError(f"no decodable frames in {path}")
-    picked = frame_indices(len(frames), num_frames(len(frames), fps, budget))
-    return np.stack([frames[i] for i in picked])
+    picked = frame_indices(total, num_frames(total, fps, budget))
+    decoded, kept = _decode_pyav(path, keep=set(picked))
+    if decoded != total:  # the container's count was off: sample from the true one
+        if decoded <= 0:
+            raise VideoReadError(f"no decodable frames in {path}")
+        picked = frame_indices(decoded, num_frames(decoded, fps, budget))
+        kept = _decode_pyav(path, keep=set(picked))[1]
+    return np.stack([kept[i] for i in picked])
+
+
+def _decode_pyav(path: str, keep: set[int]) -> tuple[int, dict[int, np.ndarray]]:
+    """(frames decoded, {index: RGB uint8 [H, W, 3]} for the indices in `keep`)."""
+    import av
+
+    kept, count = {}, 0
+    with av.open(path) as container:
+        for count, frame in enumerate(container.decode(container.streams.video[0]), start=1):
+            if count - 1 in keep:
+                kept[count - 1] = frame.to_ndarray(format="rgb24")
+    return count, kept
 
 
 def read_video(path: str, budget: VisualBudget) -> np.ndarray:

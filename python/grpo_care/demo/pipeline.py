@@ -106,6 +106,7 @@ def rl_config(plan: DemoPlan, files, out_dir: Path, seed: int, care: bool):
         eval_batch_size=16,
         eval_video_max_frames=4,
         output_dir=str(out_dir),
+        overwrite_output_dir=True,  # a rerun of the demo starts over
         report_to=[],
         log_completions_steps=1,
         num_completions_to_print=0,
