@@ -21,13 +21,15 @@ def check_float(x: torch.Tensor, name: str) -> None:
 
 
 def check_temperature(temperature) -> float:
+    """A positive finite Python float. Comparisons only: under torch.compile a float argument that changes
+    between calls is symbolic, and `math.isfinite` on it would break the graph."""
     if isinstance(temperature, torch.Tensor) or isinstance(temperature, bool):
         raise ValueError(f"temperature must be a Python float, got {type(temperature).__name__}")
     try:
         t = float(temperature)
     except (TypeError, ValueError):
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}") from None
-    if not math.isfinite(t) or t <= 0:
+    if not 0.0 < t < math.inf:  # False for NaN too
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
     return t
 
@@ -81,6 +83,28 @@ def check_targets(targets, hidden: torch.Tensor, name: str = "targets") -> None:
         raise ValueError(f"{name} is on {targets.device} but hidden on {hidden.device}")
 
 
+def check_target_range(targets, vocab_size: int, ignore_index: int) -> None:
+    """The target check that stays on with check_finite=False: a target outside [0, V) would read out of bounds.
+    On CPU it is the same ValueError as check_values (no sync to save there); on a GPU a device-side assert that
+    costs no host sync and fails the next synchronizing call, as torch's own indexing ops do."""
+    bad_target = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    if targets.device.type == "cpu":
+        if bad_target.any():
+            _raise_bad_targets(targets, bad_target, vocab_size, ignore_index)
+        return
+    torch._assert_async(
+        ~bad_target.any(), f"care_kernels: targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}"
+    )
+
+
+def _raise_bad_targets(targets, bad_target, vocab_size: int, ignore_index: int):
+    pos = bad_target.nonzero()[:5].tolist()
+    vals = targets[bad_target][:5].tolist()
+    raise ValueError(
+        f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {vals} at positions {pos}"
+    )
+
+
 def check_values(hidden, targets, vocab_size: int, ignore_index: int, ref_hidden=None) -> None:
     """Value checks that need the data: one host sync for all of them.
 
@@ -93,12 +117,7 @@ def check_values(hidden, targets, vocab_size: int, ignore_index: int, ref_hidden
         flags.append(~torch.isfinite(ref_hidden).all())
     found = torch.stack(flags).tolist()
     if found[0]:
-        pos = bad_target.nonzero()[:5].tolist()
-        vals = targets[bad_target][:5].tolist()
-        raise ValueError(
-            f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"found {vals} at positions {pos}"
-        )
+        _raise_bad_targets(targets, bad_target, vocab_size, ignore_index)
     for flag, name, x in zip(found[1:], ("hidden", "ref_hidden"), (hidden, ref_hidden)):
         if flag:
             rows = (~torch.isfinite(x)).reshape(-1, x.shape[-1]).any(-1).nonzero()[:5, 0].tolist()

@@ -41,12 +41,13 @@ def cpp_status() -> tuple[bool, str]:
     return True, ""
 
 
-def resolve(impl: str, device: torch.device) -> str:
-    """The concrete implementation for `impl` on `device`, or a ValueError saying what to pass."""
+def resolve(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete implementation for `impl` on `device` (for inputs of `dtype`), or a ValueError saying what to
+    pass. Triton computes in float32 at most, so float64 inputs (gradcheck) go to torch on CUDA under "auto"."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        if device.type == "cuda" and triton_status()[0]:
+        if device.type == "cuda" and triton_status()[0] and dtype != torch.float64:
             return "triton"
         if device.type == "cpu" and cpp_status()[0]:
             return "cpp"
@@ -63,6 +64,11 @@ def resolve(impl: str, device: torch.device) -> str:
             raise ValueError(f"impl='triton' is not available: {why}; pass impl='auto' or impl='torch'")
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1; pass impl='auto'")
+        if dtype == torch.float64:
+            raise ValueError(
+                "impl='triton' computes in float32 at most: for float64 inputs pass impl='torch' (or 'cpp' on CPU), "
+                "or impl='auto'"
+            )
     return impl
 
 

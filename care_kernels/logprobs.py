@@ -20,7 +20,8 @@ Tensor = torch.Tensor
 
 
 def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0, dtype=torch.float32)
+    """The [0] placeholder for an absent output (ref_logprobs, grad_bias), in the outputs' dtype."""
+    return like.new_empty(0, dtype=_out_dtype(like))
 
 
 def _out_dtype(hidden: Tensor) -> torch.dtype:
@@ -46,6 +47,8 @@ def _fwd_op(
     n = hidden.shape[0]
     if check_values and n > 0:
         _validate.check_values(hidden, targets, weight.shape[0], ignore_index, ref_hidden)
+    elif n > 0:
+        _validate.check_target_range(targets, weight.shape[0], ignore_index)
     if n == 0:
         e = hidden.new_zeros(0, dtype=_out_dtype(hidden))
         return e, e.clone(), e.clone(), e.clone() if ref_weight is not None else _empty(hidden)
@@ -63,7 +66,7 @@ def _(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperatu
       with_entropy, check_values, impl):
     n = hidden.shape[0]
     out = hidden.new_empty(n, dtype=_out_dtype(hidden))
-    ref = hidden.new_empty(n if ref_weight is not None else 0, dtype=_out_dtype(hidden))
+    ref = hidden.new_empty(n, dtype=_out_dtype(hidden)) if ref_weight is not None else _empty(hidden)
     return out, out.new_empty(n), out.new_empty(n), ref
 
 
@@ -96,7 +99,7 @@ def _bwd_op(
 @_bwd_op.register_fake
 def _(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
       impl):
-    gb = torch.empty_like(bias) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
+    gb = torch.empty_like(bias) if bias is not None else _empty(hidden)
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
 
@@ -139,7 +142,7 @@ def _run(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temper
     if not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     temperature = _validate.check_temperature(temperature)
-    impl = backends.resolve(impl, hidden.device)
+    impl = backends.resolve(impl, hidden.device, hidden.dtype)
     lead_shape = hidden.shape[:-1]
     flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
     contig = lambda x: None if x is None else x.contiguous()
@@ -177,14 +180,18 @@ def linear_logprobs(
         return_entropy: also return the entropy of the tempered distribution, differentiable.
         impl: "auto" (Triton on CUDA, the C++ kernel on CPU when built, else torch), "triton", "cpp", "torch".
         check_finite: validate targets' range and that hidden is finite (one host sync); pass False
-            in a hot loop whose inputs you trust.
+            in a hot loop whose inputs you trust. Without it, non-finite hidden rows give NaN in their own
+            outputs only, and the targets' range is still checked: a ValueError on CPU, a device-side assert
+            (no host sync) on GPU.
 
     Returns:
         logprobs float32 [...] (0.0 at ignored targets), and entropy float32 [...] when return_entropy.
         Equivalent to
         `log_softmax((hidden @ weight.T + bias).float() / temperature, -1).gather(-1, targets[..., None])[..., 0]`
-        without ever building the [N, V] logits: workspace is O(N) plus a bounded tile buffer.
-        Gradients w.r.t. hidden, weight and bias flow through both outputs and come back in their dtypes.
+        without ever building the [N, V] logits: workspace is O(N) plus a tile buffer whose size is bounded
+        whatever N x V is (at most 1 GiB on GPU; it covers all of N x V only when that is below the bound).
+        Gradients w.r.t. hidden, weight and bias flow through both outputs and come back in their dtypes
+        (once: the op is not twice differentiable).
     """
     logprobs, entropy, _ = _run(hidden, weight, bias, targets, None, None, None, temperature, ignore_index,
                                 return_entropy, impl, check_finite)

@@ -54,22 +54,23 @@ def _score(hidden, weight, bias, targets, temperature: float, with_entropy: bool
         rows = slice(r0, min(r0 + ROWS, n))
         m = torch.full((rows.stop - r0,), float("-inf"), dtype=dt, device=hidden.device)
         s = torch.zeros_like(m)  # sum exp(z - m)
-        t = torch.zeros_like(m)  # sum exp(z - m) * z
+        t = torch.zeros_like(m)  # sum exp(z - m) * (z - m): relative to the max, so large logits cancel nothing
         for c0 in range(0, v, COLS):
             cols = slice(c0, min(c0 + COLS, v))
             z = _logits_tile(hidden, weight, bias, rows, cols, temperature)
             m_new = torch.maximum(m, z.amax(dim=1))
             rescale = torch.exp(m - m_new)  # exp(-inf) = 0 on the first tile
             e = torch.exp(z - m_new[:, None])
+            if with_entropy:  # the old terms move to the new max: (z - m) -> (z - m_new) = (z - m) + (m - m_new)
+                shift = torch.where(s > 0, m - m_new, torch.zeros_like(m))
+                t = (t + s * shift) * rescale + (e * (z - m_new[:, None])).sum(dim=1)
             s = s * rescale + e.sum(dim=1)
-            if with_entropy:
-                t = t * rescale + (e * z).sum(dim=1)
             m = m_new
             hit, local = _target_in_tile(targets[rows], cols)
             target_z[rows] += torch.where(hit, z.gather(1, local[:, None])[:, 0], torch.zeros_like(m))
         lse[rows] = m + torch.log(s)
         if with_entropy:
-            entropy[rows] = lse[rows] - t / s
+            entropy[rows] = torch.log(s) - t / s  # lse - sum p z, with lse = m + log s and sum p z = m + t / s
     return target_z, lse, entropy
 
 

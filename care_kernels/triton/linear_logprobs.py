@@ -475,7 +475,8 @@ def forward(
     return logprobs, entropy, lse2 * _LN2, ref_logprobs
 
 
-# A chunk never spans a real vocabulary: the slab stays a bounded [N, <= 32768] tile, never [N, V].
+# The backward's dlogits slab is [N, <= 32768] and within DLOGITS_SLAB_BYTES: bounded whatever N x V is. It holds
+# a whole vocabulary only when that vocabulary (a small one, at few rows) fits the bound anyway.
 MAX_SLAB_COLUMNS = 32768
 
 

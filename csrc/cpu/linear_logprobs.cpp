@@ -419,13 +419,21 @@ void for_each_item(int64_t n_items, int n_threads, const Body& body) {
 // One LM head (policy or reference) and the per-thread buffer its logits tiles are computed into.
 
 struct Head {
-  Tensor hidden;  // [n, H] scored rows, contiguous, GEMM dtype
-  Tensor weight;  // [V, H] contiguous, GEMM dtype
-  Tensor bias;    // [V] in the accumulation dtype, or undefined
+  Tensor hidden;     // [n, H] scored rows, contiguous, GEMM dtype
+  Tensor weight;     // [V, H] contiguous, GEMM dtype
+  Tensor bias;       // [V] in the accumulation dtype, added by the row epilogues; or undefined
+  Tensor tile_bias;  // [V] in the GEMM dtype when that is 16-bit, added to the tile before it is widened
 
+  // A 16-bit head rounds as the same-dtype torch computation does, (hidden @ weight.T) rounded, then + bias
+  // rounded again, so the bias goes into the tile in that dtype; an fp32 or fp64 head adds it in the epilogue.
   Head(const Tensor& h, const Tensor& w, const std::optional<Tensor>& b, at::ScalarType acc)
       : hidden(h.contiguous()), weight(w.contiguous()) {
-    if (b.has_value()) bias = b->to(acc).contiguous();
+    if (!b.has_value()) return;
+    if (weight.scalar_type() == acc) {
+      bias = b->to(acc).contiguous();
+    } else {
+      tile_bias = b->to(weight.scalar_type()).contiguous();
+    }
   }
 };
 
@@ -438,11 +446,12 @@ struct TileBuffer {
         acc(head.weight.scalar_type() == acc_dtype ? raw
                                                    : at::empty({numel}, head.weight.options().dtype(acc_dtype))) {}
 
-  // logits[r0:r0+n, c0:c0+v] = hidden[r0:r0+n] @ weight[c0:c0+v].T in the GEMM dtype (rounded exactly as the
-  // same-dtype naive computation rounds), returned as a contiguous [n, v] in the accumulation dtype.
+  // logits[r0:r0+n, c0:c0+v] = hidden[r0:r0+n] @ weight[c0:c0+v].T (+ the tile bias) in the GEMM dtype (rounded
+  // exactly as the same-dtype naive computation rounds), returned as a contiguous [n, v] in the accumulation dtype.
   Tensor logits(const Head& head, int64_t r0, int64_t n, int64_t c0, int64_t v) {
     Tensor out = raw.narrow(0, 0, n * v).view({n, v});
     at::mm_out(out, head.hidden.narrow(0, r0, n), head.weight.narrow(0, c0, v).t());
+    if (head.tile_bias.defined()) out.add_(head.tile_bias.narrow(0, c0, v));
     if (acc.is_same(raw)) return out;
     return acc.narrow(0, 0, n * v).view({n, v}).copy_(out);
   }
