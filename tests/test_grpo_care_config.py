@@ -112,3 +112,16 @@ def test_yaml_round_trip(tmp_path):
     c = GRPOCareConfig(max_steps=3, reward_funcs=["format"], epsilon_high=0.28)
     c.save_yaml(tmp_path / "c.yaml")
     assert GRPOCareConfig.from_yaml(tmp_path / "c.yaml") == c
+
+
+def test_resume_changes_names_every_change_and_refuses_another_seed():
+    saved = GRPOCareConfig(learning_rate=1e-6, max_steps=10).to_dict()
+    now = GRPOCareConfig(learning_rate=2e-6, max_steps=10, output_dir="elsewhere", save_steps=7)
+    assert now.resume_changes(saved, "ckpt") == ["learning_rate: 1e-06 -> 2e-06"]  # bookkeeping fields not named
+    older = {k: v for k, v in saved.items() if k != "kl_clamp"}  # a checkpoint written before kl_clamp existed
+    assert GRPOCareConfig(max_steps=10).resume_changes(older, "ckpt") == [
+        "kl_clamp: (not in the checkpoint's config) -> 10.0"
+    ]
+    with pytest.raises(ValueError, match="ckpt was written with seed: 42 -> 1: .*model_name_or_path=ckpt"):
+        GRPOCareConfig(seed=1, max_steps=10).resume_changes(saved, "ckpt")
+    assert GRPOCareConfig().resume_changes({}, "ckpt") == []  # a checkpoint without a config: nothing to compare

@@ -413,10 +413,43 @@ def test_output_dir_of_an_earlier_run(assets, tmp_path):
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run .checkpoint-2.*resume_from_checkpoint"):
         train(_config(assets, tmp_path, **base), model=_tiny_vl(assets), processor=assets["processor"])
     assert ckpt.latest_checkpoint(tmp_path) == saved
-    with pytest.warns(UserWarning, match="deleted 1 checkpoint"):
+    with pytest.warns(UserWarning, match="overwrite_output_dir: deleted checkpoint-2"):
         fresh = train(_config(assets, tmp_path, overwrite_output_dir=True, **{**base, "max_steps": 1}),
                       model=_tiny_vl(assets), processor=assets["processor"])
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"] == [Path(fresh["checkpoint"]).name]
+    assert not (tmp_path / "tensorboard").exists() or not any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resuming_an_older_step_never_mixes_with_the_later_checkpoints(assets, tmp_path):
+    """Resuming step 2 beside checkpoint-4 is refused (the rotation and `latest` would mix the two futures);
+    overwrite_output_dir deletes the later one."""
+    base = dict(max_steps=4, save_steps=2, report_to=["none"], log_completions=False, per_device_train_batch_size=1,
+                save_total_limit=2)
+    train(_config(assets, tmp_path, **base), model=_tiny_vl(assets), processor=assets["processor"])
+    older = str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"holds checkpoints past checkpoint-2 \(checkpoint-4\)"):
+        train(_config(assets, tmp_path, resume_from_checkpoint=older, **{**base, "max_steps": 3}),
+              model=_tiny_vl(assets), processor=assets["processor"])
+    with pytest.warns(UserWarning, match="deleted checkpoint-4"):
+        again = train(_config(assets, tmp_path, resume_from_checkpoint=older, overwrite_output_dir=True,
+                              **{**base, "max_steps": 3}), model=_tiny_vl(assets), processor=assets["processor"])
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert again["checkpoint"] == str(tmp_path / "checkpoint-3")
+
+
+def test_every_rank_fingerprints_the_whole_data_set(assets):
+    """Each rank streams its own share, but the fingerprint covers all samples: ranks agree on a resume's verdict."""
+    from grpo_care.data import load_samples
+    from grpo_care.prompts import PromptStream, fingerprint
+    from grpo_care.video import VisualBudget
+
+    samples = load_samples(assets["paths"]["training"], seed=42, template="train")
+    shares = [PromptStream(samples[r::2], 1, 42, VisualBudget(), False, all_samples=samples) for r in range(2)]
+    assert shares[0].fingerprint == shares[1].fingerprint == fingerprint(samples)
+    assert shares[0].state_dict()["num_samples"] == len(samples)
+    changed = PromptStream(samples[1::2], 1, 42, VisualBudget(), False, all_samples=samples[:-1])
+    with pytest.raises(ValueError, match=f"{len(samples)} samples then, {len(samples) - 1} now"):
+        changed.load_state_dict(shares[1].state_dict())
 
 
 def test_resume_under_a_changed_config(assets, tmp_path):

@@ -8,7 +8,8 @@ For one token with hidden state h and target y (z are the tempered logits):
     z_j       = (h . w_j + b_j) / T
     lse       = log sum_j exp(z_j)                 (online: running max m, running sum s = sum exp(z - m))
     logprob   = z_y - lse
-    entropy   = lse - sum_j p_j z_j                (p = softmax(z); online: t = sum exp(z - m) z)
+    entropy   = lse - sum_j p_j z_j                (p = softmax(z); online: t = sum exp(z - m) (z - m),
+                                                    entropy = log s - t / s, so large logits cancel nothing)
 
 and, for upstream gradients g_lp (of the log-prob) and g_ent (of the entropy),
 

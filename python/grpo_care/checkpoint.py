@@ -104,7 +104,8 @@ def commit_checkpoint(tmp: Path, save_total_limit: int = 0) -> Path:
         shutil.rmtree(replaced, ignore_errors=True)
     if save_total_limit and save_total_limit > 0:
         for old in list_checkpoints(final.parent)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:  # the one just written stays, whatever else is there
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -170,6 +171,12 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         if p.is_dir() and (m := _NAME.match(p.name)) and (p / "trainer_state.pt").is_file()
     ]
     return [p for _, p in sorted(found)]
+
+
+def step_of(path: str | Path) -> int | None:
+    """N of a `checkpoint-N` directory, None for a directory named otherwise."""
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

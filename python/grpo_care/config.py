@@ -227,11 +227,13 @@ class GRPOCareConfig:
     resume_from_checkpoint: str = _f(
         "",
         "'' (fresh run), 'latest' (newest checkpoint in output_dir) or a checkpoint directory. The resumed run "
-        "takes its hyperparameters from this config; the data fields (seed, train_file, ...) must match.",
+        "takes its hyperparameters from this config; the seed and the samples (wherever the files now are) must "
+        "match.",
     )
     overwrite_output_dir: bool = _f(
         False,
-        "a fresh run into an output_dir holding an earlier run's checkpoints deletes them (False: refuse).",
+        "delete the checkpoints in output_dir that this run's would mix with: all of them for a fresh run (and "
+        "the earlier run's tensorboard/), those past the resumed step otherwise (False: refuse to start).",
     )
     disable_tqdm: bool = _f(False, "no progress bar.")
 
@@ -310,9 +312,13 @@ class GRPOCareConfig:
         new" lines; a ValueError if one of them defines the saved data position (RESUME_MUST_MATCH)."""
         changes, refused = [], []
         for name in self.field_names():
-            if name in RESUME_BOOKKEEPING or name not in saved:
+            if name in RESUME_BOOKKEEPING or not saved:
                 continue
-            old, new = saved[name], getattr(self, name)
+            new = getattr(self, name)
+            if name not in saved:  # a field added since the checkpoint was written: what it ran under is unknown
+                changes.append(f"{name}: (not in the checkpoint's config) -> {new!r}")
+                continue
+            old = saved[name]
             if old != new:
                 (refused if name in RESUME_MUST_MATCH else changes).append(f"{name}: {old!r} -> {new!r}")
         if refused:

@@ -44,15 +44,24 @@ def load_visuals(sample: Sample, budget: VisualBudget, multimodal: bool) -> Prom
 
 class PromptStream:
     def __init__(
-        self, samples: list[Sample], batch_size: int, seed: int, budget: VisualBudget, multimodal: bool
+        self,
+        samples: list[Sample],
+        batch_size: int,
+        seed: int,
+        budget: VisualBudget,
+        multimodal: bool,
+        all_samples: list[Sample] | None = None,
     ):
+        """`all_samples`: the whole data set when `samples` is one rank's share of it; the fingerprint covers the
+        whole set, so every rank reaches the same verdict on resume."""
         if not samples:
             raise ValueError("the training data is empty")
         self.samples, self.batch_size, self.seed = samples, batch_size, seed
         self.budget, self.multimodal = budget, multimodal
         self.epoch, self.cursor, self.skipped = 0, 0, 0
         self.bad: set[int] = set()
-        self.fingerprint = _fingerprint(samples)
+        whole = samples if all_samples is None else all_samples
+        self.fingerprint, self.num_samples = fingerprint(whole), len(whole)
         self._order = self._permutation(0)
         self._warned_text_only = False
 
@@ -96,7 +105,7 @@ class PromptStream:
             "skipped": self.skipped,
             "bad": sorted(self.bad),
             "fingerprint": self.fingerprint,
-            "num_samples": len(self.samples),
+            "num_samples": self.num_samples,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -104,7 +113,7 @@ class PromptStream:
         if saved is not None and saved != self.fingerprint:
             raise ValueError(
                 f"the training data differs from the checkpoint's ({state.get('num_samples')} samples then, "
-                f"{len(self.samples)} now, or other ids, texts or order): resume with the checkpoint's train_file, "
+                f"{self.num_samples} now, or other ids, texts or order): resume with the checkpoint's train_file, "
                 "max_train_samples and seed"
             )
         self.epoch, self.cursor, self.skipped = (
@@ -116,7 +125,7 @@ class PromptStream:
         self._order = self._permutation(self.epoch)
 
 
-def _fingerprint(samples: list[Sample]) -> str:
+def fingerprint(samples: list[Sample]) -> str:
     """sha256 over each sample's id, text and solution, in order: what makes a saved position meaningful."""
     digest = hashlib.sha256()
     for sample in samples:

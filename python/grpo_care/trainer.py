@@ -124,6 +124,7 @@ class Trainer:
             config.seed,
             VisualBudget.from_config(config),
             self.multimodal,
+            all_samples=all_samples,
         )
         per_step = (
             config.per_device_train_batch_size * config.gradient_accumulation_steps * self.dist.world_size
@@ -179,31 +180,49 @@ class Trainer:
     # setup helpers
 
     def _prepare_output_dir(self) -> None:
-        """Before anything looks for checkpoints (rank 0 does it, the others wait): put back a checkpoint that a
-        crash left renamed aside, delete unfinished ones, and refuse a fresh run into a directory that holds an
-        earlier run's checkpoints (rotation and `latest` would mix the two runs) unless overwrite_output_dir."""
-        c, problem = self.config, None
+        """Before anything looks for checkpoints (rank 0 does it, the others wait for its verdict): put back a
+        checkpoint that a crash left renamed aside, delete unfinished ones, and refuse to mix two runs in one
+        directory (rotation and `latest` go by step number): a fresh run into an earlier run's checkpoints, or a
+        resume from step N while checkpoints past N are there. overwrite_output_dir deletes those instead."""
+        problem, error = None, None
         if self.dist.is_main:
-            for path in ckpt.restore_replaced(self.output_dir):
-                warnings.warn(f"restored {path}: a crash interrupted its replacement", stacklevel=3)
-            for path in ckpt.remove_unfinished(self.output_dir):
-                warnings.warn(f"removed {path}: an unfinished checkpoint of an interrupted run", stacklevel=3)
-            earlier = ckpt.list_checkpoints(self.output_dir)
-            if earlier and not c.resume_from_checkpoint and c.overwrite_output_dir:
-                for path in earlier:
-                    shutil.rmtree(path)
-                warnings.warn(f"overwrite_output_dir: deleted {len(earlier)} checkpoint(s) of an earlier run in "
-                              f"{self.output_dir}", stacklevel=3)
-            elif earlier and not c.resume_from_checkpoint:
-                names = ", ".join(p.name for p in earlier)
-                problem = (
-                    f"output_dir {self.output_dir} holds checkpoints of an earlier run ({names}): pass "
-                    "--resume_from_checkpoint latest to continue it, --overwrite_output_dir true to delete them "
-                    "and start over, or another --output_dir"
-                )
+            try:
+                problem = self._clean_output_dir()
+            except Exception as e:  # noqa: BLE001 - the other ranks must hear of it, not wait for dist_timeout
+                error, problem = e, f"rank 0 could not prepare output_dir {self.output_dir}: {type(e).__name__}: {e}"
         problem = distributed.broadcast_object(problem, self.dist)
+        if error is not None:
+            raise error
         if problem:
             raise ValueError(problem)
+
+    def _clean_output_dir(self) -> str | None:
+        c = self.config
+        for path in ckpt.restore_replaced(self.output_dir):
+            warnings.warn(f"restored {path}: a crash interrupted its replacement", stacklevel=4)
+        for path in ckpt.remove_unfinished(self.output_dir):
+            warnings.warn(f"removed {path}: an unfinished checkpoint of an interrupted run", stacklevel=4)
+        resume_from = ckpt.resolve_resume(c.resume_from_checkpoint, self.output_dir)
+        start = -1 if resume_from is None else ckpt.step_of(resume_from)
+        if start is None:  # a checkpoint directory under another name: its step is unknown, nothing to compare
+            return None
+        later = [p for p in ckpt.list_checkpoints(self.output_dir) if ckpt.step_of(p) > start]
+        if not later:
+            return None
+        names = ", ".join(p.name for p in later)
+        if c.overwrite_output_dir:
+            for path in later:
+                shutil.rmtree(path)
+            if resume_from is None:
+                shutil.rmtree(self.output_dir / "tensorboard", ignore_errors=True)
+            warnings.warn(f"overwrite_output_dir: deleted {names} in {self.output_dir}", stacklevel=4)
+            return None
+        what = "checkpoints of an earlier run" if resume_from is None else f"checkpoints past {resume_from.name}"
+        advice = "pass --resume_from_checkpoint latest to continue it, " if resume_from is None else ""
+        return (
+            f"output_dir {self.output_dir} holds {what} ({names}), which this run's would mix with: {advice}"
+            "pass --overwrite_output_dir true to delete them, or choose another --output_dir"
+        )
 
     def _reference_dtype(self) -> torch.dtype:
         if self.device.type == "cuda" and self.config.bf16:
@@ -272,14 +291,14 @@ class Trainer:
         config's hyperparameters (a changed one is named in a warning; a changed seed is refused)."""
         state = ckpt.load_trainer_state(path)
         own = distributed.own_rank_state(state, self.dist, path)
-        changes = self.config.resume_changes(state.get("config", {}), str(path))
+        changes = self.config.resume_changes(state.get("config", {}), str(path))  # refuses another seed
+        self.stream.load_state_dict(own["data"])  # refuses other samples, before the heavy loads below
         if changes and self.dist.is_main:
             warnings.warn(
                 f"resuming {path} under a changed config ({'; '.join(changes)}): the new values apply from step "
                 f"{int(state['global_step']) + 1} on",
                 stacklevel=3,
             )
-        self.stream.load_state_dict(own["data"])  # refuses other samples before the heavy loads below
         if self.reference is not None and state["ema"] is None:
             raise ValueError(f"{path} has no reference state, but this run needs one (use_care or beta > 0)")
         if path != self._weights_from:  # else the FSDP start-up filled the model from this checkpoint already
