@@ -227,8 +227,11 @@ def care_bonus(
     A group with no high-accuracy member gives 0 to all (all-wrong groups get no bonus). Likelihoods tied
     at the cap all clear the baseline. For binary accuracy the bonus is exactly `coef` or 0.
 
-    A member whose accuracy is NaN/inf or whose likelihood is NaN is absent from its group: it is not in
-    the mean accuracy, the high-accuracy set or the baseline, and gets bonus 0.
+    A member whose accuracy is NaN/inf is absent from its group. One whose likelihood is NaN counts in the
+    mean accuracy (as in the authors' code, which reads likelihoods only of high-accuracy members) but is not
+    in the high-accuracy set or the baseline, and gets bonus 0 (the authors' NaN baseline would give the whole
+    group 0). The mean accuracy is the correctly rounded float32 mean, as torch's `mean()`: a member equal to
+    it is high-accuracy.
 
     Args: accuracy: the accuracy reward only (not the format reward). likelihood: `answer_likelihood` of each
     generation. coef: lambda_cons (bonus_coefficient). likelihood_cap: gamma_p (confidence_upper_bound).

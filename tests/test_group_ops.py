@@ -265,17 +265,50 @@ def test_margin_lets_near_average_members_through():
 def test_care_bonus_missing_members():
     acc = torch.tensor([1.0, NAN, 0.0, 1.0])
     lik = torch.tensor([0.5, 0.99, 0.2, NAN])
-    # member 1 (NaN accuracy) and member 3 (NaN likelihood) are absent: mean acc 0.5, high set {0}
+    # member 1 (NaN accuracy) is absent; member 3 (NaN likelihood) counts in the mean accuracy (2/3) but is not
+    # high-accuracy: high set {0}, its own baseline
     assert care_bonus(acc, lik, 4).tolist() == [0.5, 0.0, 0.0, 0.0]
+    # a NaN likelihood of a wrong rollout, never read by the authors' code, changes nothing
+    acc, lik = torch.tensor([0.0, 0.5, 0.5, 1.0]), torch.tensor([NAN, 0.9, 0.9, 0.1])
+    assert care_bonus(acc, lik, 4).tolist() == [0.0, 0.25, 0.25, 0.0]
+    torch.testing.assert_close(care_bonus(acc, lik.nan_to_num(0.3), 4), care_bonus(acc, lik, 4))
 
 
-def test_care_bonus_bad_arguments():
-    with pytest.raises(ValueError, match="not a multiple of group_size=4"):
-        care_bonus(torch.zeros(6), torch.zeros(6), 4)
-    with pytest.raises(ValueError, match="likelihood must have accuracy's shape"):
-        care_bonus(torch.zeros(8), torch.zeros(4), 4)
-    with pytest.raises(ValueError, match="likelihood_cap must be a finite float"):
-        care_bonus(torch.zeros(8), torch.zeros(8), 4, likelihood_cap=NAN)
+def _exact_care_bonus(acc_tenths, lik, g):
+    """grpo_care.md 5.3 in exact arithmetic (cap 0.95, floor 0.1, margin 0, coef 0.5) on accuracies in tenths
+    (what the rewards stand for: 0.7 is 7/10, not the float nearest it) and float32 likelihoods taken as the
+    exact values they hold (their sums in float64 are exact)."""
+    out = []
+    for a, p in zip(acc_tenths.view(-1, g).tolist(), lik.clamp(max=0.95).double().view(-1, g).tolist()):
+        high = [x > 1 and x * g >= sum(a) for x in a]
+        n, total = sum(high), sum(y for y, h in zip(p, high) if h)
+        out += [0.5 * x / 10 if h and y * n >= total else 0.0 for x, y, h in zip(a, p, high)]
+    return torch.tensor(out, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+def test_partial_credit_ties_with_the_mean_count_as_high_accuracy(impl):
+    """acc equal to mean(acc) counts as high-accuracy, for the decimal values the rewards stand for: e.g.
+    (0.6, 1, 0.6, 0.6, 0.7) has mean 0.7, and (1, 0.7, 0.4) too, where a float32 sum (torch's CPU mean gives
+    0.70000005 there) or a mean built from rounded differences lands an ulp above 0.7. The float32 mean here is
+    the correctly rounded one. (Likelihoods are continuous, so ties with their baseline are not tested: 0.3f,
+    0.6f and 0.45f do not tie as 0.3, 0.6 and 0.45 do, whatever the mean.)"""
+    if impl == "reference":
+        fn = ref.care_bonus
+    else:
+        ops = _native_ops()
+
+        def fn(acc, lik, group_size):
+            return ops.care_bonus(acc, lik, group_size, 0.5, 0.95, 0.1, 0.0)
+
+    acc, lik = torch.tensor([0.6, 1.0, 0.6, 0.6, 0.7]), torch.tensor([0.5, 0.5, 0.5, 0.5, 0.9])
+    torch.testing.assert_close(fn(acc, lik, 5), torch.tensor([0.0, 0.0, 0.0, 0.0, 0.35]), rtol=0, atol=0)
+    g = torch.Generator().manual_seed(0)
+    for group_size in (3, 5, 8):
+        tenths = torch.randint(0, 11, (4000 * group_size,), generator=g)  # partial credit, many ties
+        lik = torch.rand(4000 * group_size, generator=g)
+        got = fn(tenths.float() / 10, lik, group_size)
+        torch.testing.assert_close(got, _exact_care_bonus(tenths, lik, group_size), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------

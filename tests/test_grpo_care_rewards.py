@@ -56,6 +56,20 @@ def test_other_problem_types():
     assert accuracy_reward(comp("x"), sol("y"), ["unknown type"]) == [0.0]
 
 
+def test_free_form_accuracy_is_stemmed_rouge(monkeypatch):
+    """grpo_care.md 4: the mean of ROUGE-1/2/L F-measures with stemming (rouge_score); without rouge_score, an
+    unstemmed ROUGE and a warning."""
+    from grpo_care import rewards
+
+    pytest.importorskip("rouge_score", reason="rouge-score is in the [video] and [test] extras")
+    # stemmed: cats ~ cat, running ~ run; ROUGE-1 3/4, ROUGE-2 1/3, ROUGE-L 3/4 -> mean 11/18
+    assert rewards.free_form_accuracy("the cats are running", "the cat is running") == pytest.approx(11 / 18)
+    monkeypatch.setitem(__import__("sys").modules, "rouge_score", None)  # as if not installed
+    with pytest.warns(UserWarning, match="rouge_score is not installed"):
+        unstemmed = rewards.free_form_accuracy("the cats are running", "the cat is running")
+    assert unstemmed == pytest.approx((2 / 4 + 0 + 2 / 4) / 3)
+
+
 def test_conversational_completions_are_accepted():
     conv = [[{"role": "assistant", "content": GOOD}]]
     assert accuracy_reward(conv, solution=["<answer>B</answer>"]) == [1.0]

@@ -33,6 +33,9 @@ def _pivoted_stats(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
     """
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     count = valid.sum(-1, keepdim=True).to(torch.float64)
+    if x.dtype == torch.float32:  # exact double sum: torch's float32 mean(), correctly rounded (ties with it hold)
+        mean = (_sum64(torch.where(valid, x, zero)) / count.clamp(min=1)).to(x.dtype)
+        return count, mean, torch.where(valid, x - mean, zero)
     pivot = torch.where(valid, x, torch.full_like(x, -torch.inf)).amax(-1, keepdim=True)
     pivot = torch.where(count > 0, pivot, zero)
     shifted = torch.where(valid, x - pivot, zero)
@@ -115,16 +118,17 @@ def care_bonus(
         baseline = p~[HA].mean()
         bonus    = where(HA & (p~ >= baseline - margin), coef * acc, 0)     # 0 for all when HA is empty
 
-    A member whose accuracy is NaN/inf or whose likelihood is NaN is absent from its group: it is not in the
-    mean accuracy, the high-accuracy set or the baseline, and gets bonus 0.
+    A member whose accuracy is NaN/inf is absent from its group. One whose likelihood is NaN counts in the mean
+    accuracy (its likelihood is never read unless it is high-accuracy) but is not in the high-accuracy set or
+    the baseline, and gets bonus 0.
     """
     dtype = torch.promote_types(compute_dtype(accuracy), compute_dtype(likelihood))
     acc = accuracy.to(dtype).reshape(-1, group_size)
     lik = likelihood.to(dtype).reshape(-1, group_size)
-    present = torch.isfinite(acc) & ~torch.isnan(lik)
-    _, mean_acc, _ = _pivoted_stats(acc, present)
+    scored = torch.isfinite(acc)
+    _, mean_acc, _ = _pivoted_stats(acc, scored)
     capped = lik.clamp(max=likelihood_cap)
-    high = present & (acc > accuracy_floor) & (acc >= mean_acc)
+    high = scored & ~torch.isnan(lik) & (acc > accuracy_floor) & (acc >= mean_acc)
     n_high, baseline, _ = _pivoted_stats(capped, high)
     consistent = high & (capped >= baseline - margin) & (n_high > 0)
     bonus = torch.where(consistent, coef * acc, torch.zeros((), dtype=dtype, device=acc.device))

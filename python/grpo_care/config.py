@@ -133,7 +133,10 @@ class GRPOCareConfig:
         "grpo", "grpo (token mean per sequence, then mean: GRPO-CARE), bnpo, dr_grpo or dapo."
     )
     scale_rewards: str = _f(
-        "group", "advantage scale: group ((r - mean) / (std + 1e-4), unbiased std), batch, none."
+        "group",
+        "advantage scale: group ((r - mean) / (std + 1e-4), unbiased std), batch (the std of the micro-batch's "
+        "rewards on this rank, which is the group's at per_device_train_batch_size 1; TRL's is over the whole "
+        "generation batch), none.",
     )
     reward_funcs: list = _f(
         ["accuracy", "format"],

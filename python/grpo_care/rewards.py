@@ -120,7 +120,7 @@ def _rouge_mean_unstemmed(out: str, gt: str) -> float:
 
 
 def _edit_distance_lcs(a, b) -> int:
-    """len(a) + len(b) - 2 * LCS(a, b) (insert/delete distance), so LCS = (len(a) + len(b) - d) / 2."""
+    """len(a) + len(b) - LCS(a, b), so LCS = len(a) + len(b) - this."""
     prev = [0] * (len(b) + 1)
     for x in a:
         cur = [0]

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace care_kernels {
 namespace group_math {
@@ -58,6 +59,16 @@ C10_HOST_DEVICE PivotMean<T> pivot_mean(int64_t n, Value value, Valid valid) {
     }
   }
   if (out.count == 0) return out;
+  if constexpr (std::is_same_v<T, float>) {
+    // float values sum exactly in double (unless their magnitudes span more than 2^29), so this is torch's
+    // float32 mean(), correctly rounded: a member equal to the mean ties with it, as in the authors' code.
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (valid(i)) sum += static_cast<double>(value(i));
+    }
+    out.mean = static_cast<T>(sum / static_cast<double>(out.count));
+    return out;
+  }
   double shifted = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     if (valid(i)) shifted += static_cast<double>(static_cast<T>(value(i) - pivot));
@@ -103,14 +114,16 @@ C10_HOST_DEVICE void group_advantages_of_group(const T* x, int64_t group_size, S
 
 // One group's CARE bonus (grpo_care.md section 5): the high-accuracy members (accuracy strictly above the
 // floor and at least the group mean) whose capped likelihood reaches their mean capped likelihood minus the
-// margin get coef * accuracy; everyone else 0. Members with non-finite accuracy or NaN likelihood take no part.
+// margin get coef * accuracy; everyone else 0. A member with non-finite accuracy takes no part; one with a NaN
+// likelihood still counts in the mean accuracy (its likelihood is never read unless it is high-accuracy), but not
+// in the baseline, and gets no bonus.
 template <typename T>
 C10_HOST_DEVICE void care_bonus_of_group(const T* acc, const T* lik, int64_t group_size, T coef, T cap, T floor_v,
                                          T margin, float* out) {
-  auto present = [acc, lik](int64_t i) { return is_finite(acc[i]) && !is_nan(lik[i]); };
+  auto scored = [acc](int64_t i) { return is_finite(acc[i]); };
   auto accuracy_of = [acc](int64_t i) { return acc[i]; };
-  const T mean_acc = pivot_mean<T>(group_size, accuracy_of, present).mean;
-  auto high = [&](int64_t i) { return present(i) && acc[i] > floor_v && acc[i] >= mean_acc; };
+  const T mean_acc = pivot_mean<T>(group_size, accuracy_of, scored).mean;
+  auto high = [&](int64_t i) { return scored(i) && !is_nan(lik[i]) && acc[i] > floor_v && acc[i] >= mean_acc; };
   auto capped = [lik, cap](int64_t i) { return lik[i] > cap ? cap : lik[i]; };
   const PivotMean<T> base = pivot_mean<T>(group_size, capped, high);
   const T threshold = base.mean - margin;
