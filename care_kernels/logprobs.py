@@ -45,9 +45,9 @@ def _fwd_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (logprobs [N], entropy [N], lse [N], ref_logprobs [N] or [0]), float32."""
     n = hidden.shape[0]
-    if check_values and n > 0:
+    if n > 0 and check_values:
         _validate.check_values(hidden, targets, weight.shape[0], ignore_index, ref_hidden)
-    elif n > 0:
+    elif n > 0:  # without the host sync: the range only (an out-of-range target would read out of bounds)
         _validate.check_target_range(targets, weight.shape[0], ignore_index)
     if n == 0:
         e = hidden.new_zeros(0, dtype=_out_dtype(hidden))

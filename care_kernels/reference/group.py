@@ -29,7 +29,8 @@ def _pivoted_stats(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
     """Per-row (count, mean, deviations) of the valid entries of x [R, G]; invalid entries count as absent.
 
     count [R, 1] (float64), mean [R, 1] (0 for a row with no valid entry), deviations [R, G]
-    (x - mean at valid entries, exactly 0 elsewhere).
+    (x - mean at valid entries, exactly 0 elsewhere). As the native group_math.h: float32 rows take the exact
+    float64 sum (the correctly rounded mean), float64 rows the mean of their differences to the max.
     """
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     count = valid.sum(-1, keepdim=True).to(torch.float64)

@@ -488,8 +488,6 @@ def _slab_columns(n_rows: int, vocab: int, element_size: int) -> int:
     return cublas_logits.equal_chunks(vocab, min(MAX_SLAB_COLUMNS, max(_COL_ALIGN, most // _COL_ALIGN * _COL_ALIGN)))
 
 
-
-
 def backward(
     grad_logprobs: torch.Tensor,
     grad_entropy: torch.Tensor | None,

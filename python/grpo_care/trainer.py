@@ -77,11 +77,11 @@ class Trainer:
         self.dist = distributed.setup(config)  # one process: a no-op env, device from config.device
         self.device = self.dist.device
         self.output_dir = Path(config.output_dir)
-        self._prepare_output_dir()
+        self.resume_from = self._prepare_output_dir()  # the checkpoint to continue from, or None
         source = None  # FSDP start-up from files: rank 0's loaded weights, which fill the sharded skeleton
         self._weights_from = None  # ... read from this checkpoint when resuming (so not read a second time)
         if model is None and self.dist.mode == "fsdp":
-            self._weights_from = ckpt.resolve_resume(config.resume_from_checkpoint, config.output_dir)
+            self._weights_from = self.resume_from
             model, processor, tokenizer, source = fsdp_init.load_on_meta(
                 config, self.dist, weights_from=self._weights_from
             )
@@ -179,24 +179,28 @@ class Trainer:
     # --------------------------------------------------------------------------------------------------------
     # setup helpers
 
-    def _prepare_output_dir(self) -> None:
-        """Before anything looks for checkpoints (rank 0 does it, the others wait for its verdict): put back a
-        checkpoint that a crash left renamed aside, delete unfinished ones, and refuse to mix two runs in one
-        directory (rotation and `latest` go by step number): a fresh run into an earlier run's checkpoints, or a
-        resume from step N while checkpoints past N are there. overwrite_output_dir deletes those instead."""
-        problem, error = None, None
+    def _prepare_output_dir(self) -> Path | None:
+        """Before anything looks for checkpoints (rank 0 does it, the others take its verdict): put back a
+        checkpoint that a crash left renamed aside, delete unfinished ones, find the checkpoint to resume from
+        (returned, the same on every rank), and refuse to mix two runs in one directory (rotation and `latest` go
+        by step number): a fresh run into an earlier run's checkpoints, or a resume from step N while checkpoints
+        past N are there. overwrite_output_dir deletes those instead."""
+        verdict, error = (None, None), None
         if self.dist.is_main:
             try:
-                problem = self._clean_output_dir()
+                verdict = self._clean_output_dir()
             except Exception as e:  # noqa: BLE001 - the other ranks must hear of it, not wait for dist_timeout
-                error, problem = e, f"rank 0 could not prepare output_dir {self.output_dir}: {type(e).__name__}: {e}"
-        problem = distributed.broadcast_object(problem, self.dist)
+                error = e
+                verdict = (None, f"rank 0 could not prepare output_dir {self.output_dir}: {type(e).__name__}: {e}")
+        resume_from, problem = distributed.broadcast_object(verdict, self.dist)
         if error is not None:
             raise error
         if problem:
             raise ValueError(problem)
+        return resume_from
 
-    def _clean_output_dir(self) -> str | None:
+    def _clean_output_dir(self) -> tuple[Path | None, str | None]:
+        """(the checkpoint to resume from, what is wrong with output_dir or None)."""
         c = self.config
         for path in ckpt.restore_replaced(self.output_dir):
             warnings.warn(f"restored {path}: a crash interrupted its replacement", stacklevel=4)
@@ -205,10 +209,10 @@ class Trainer:
         resume_from = ckpt.resolve_resume(c.resume_from_checkpoint, self.output_dir)
         start = -1 if resume_from is None else ckpt.step_of(resume_from)
         if start is None:  # a checkpoint directory under another name: its step is unknown, nothing to compare
-            return None
+            return resume_from, None
         later = [p for p in ckpt.list_checkpoints(self.output_dir) if ckpt.step_of(p) > start]
         if not later:
-            return None
+            return resume_from, None
         names = ", ".join(p.name for p in later)
         if c.overwrite_output_dir:
             for path in later:
@@ -216,10 +220,10 @@ class Trainer:
             if resume_from is None:
                 shutil.rmtree(self.output_dir / "tensorboard", ignore_errors=True)
             warnings.warn(f"overwrite_output_dir: deleted {names} in {self.output_dir}", stacklevel=4)
-            return None
+            return resume_from, None
         what = "checkpoints of an earlier run" if resume_from is None else f"checkpoints past {resume_from.name}"
         advice = "pass --resume_from_checkpoint latest to continue it, " if resume_from is None else ""
-        return (
+        return resume_from, (
             f"output_dir {self.output_dir} holds {what} ({names}), which this run's would mix with: {advice}"
             "pass --overwrite_output_dir true to delete them, or choose another --output_dir"
         )
@@ -341,7 +345,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.config
-        resume_from = ckpt.resolve_resume(c.resume_from_checkpoint, self.output_dir)
+        resume_from = self.resume_from
         if resume_from is not None:
             self.resume(resume_from)
             if resume_from.parent.resolve() == self.output_dir.resolve():
