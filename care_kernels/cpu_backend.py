@@ -5,7 +5,7 @@ through ATen's BLAS, fused OpenMP/SIMD epilogues for the online statistics and f
 accumulation, and never an `[N, V]` buffer. For 2-D, contiguous, validated inputs:
 
     z        = (hidden @ weight.T + bias).float() / temperature
-    lse      = logsumexp(z, -1)
+    lse      = logsumexp(z, -1)                                 (float64: the backward splits it into two floats)
     logprobs = z.gather(-1, targets[:, None])[:, 0] - lse            (0 at ignored targets)
     entropy  = lse - (softmax(z) * z).sum(-1)                         (0 at ignored targets)
 
@@ -20,6 +20,16 @@ import torch
 from care_kernels import _ext
 
 _OPS = ("linear_logprobs_fwd_cpu", "linear_logprobs_bwd_cpu", "logits_stats_cpu", "logits_grad_cpu_")
+
+
+def isa() -> str | None:
+    """The build of the row epilogues in use ('avx512', 'avx2', 'default'), or None without the extension.
+
+    It follows ATen's choice (`torch.backends.cpu.get_cpu_capability()`, so `ATEN_CPU_CAPABILITY=avx2`
+    emulates an AVX2 machine); every build returns the same bits, only the speed differs.
+    """
+    module = _ext.native("_C")
+    return module.cpu_isa() if module is not None and hasattr(module, "cpu_isa") else None
 
 
 def available() -> bool:
@@ -57,8 +67,11 @@ def forward(
     [V, H'] (any one floating dtype, may differ from the policy's), ref_bias [V] or None.
 
     Returns (logprobs [N], entropy [N] (zeros unless with_entropy), lse [N], ref_logprobs [N] or None),
-    float32 (float64 for float64 inputs). The matmuls run in the inputs' dtype, the statistics in fp32.
-    Rows with an ignored target are skipped entirely: all four outputs are 0 there.
+    float32 (float64 for float64 inputs), lse always float64: rounding it to float32 would scale a whole row's
+    softmax in the backward by one common error, which the gradient's sums over the vocabulary do not average
+    out. The matmuls run in the inputs' dtype, the statistics in fp32. Rows with an ignored target are
+    skipped entirely: all four outputs are 0 there. Deterministic: the same inputs and thread count give the
+    same bits (csrc/cpu/linear_logprobs.cpp).
     """
     logprobs, entropy, lse, ref_logprobs = _ops().linear_logprobs_fwd_cpu(
         hidden,
@@ -91,7 +104,8 @@ def backward(
 ):
     """Gradients of sum(grad_logprobs * logprobs + grad_entropy * entropy) w.r.t. hidden, weight and bias.
 
-    grad_logprobs [N], grad_entropy [N] or None, lse and entropy [N] as returned by `forward`.
+    grad_logprobs [N], grad_entropy [N] or None, lse (float64, or float32 at a small cost in accuracy) and
+    entropy [N] as returned by `forward`.
     With p = softmax(z):  dz_j = g_lp (1[j == y] - p_j) - g_ent p_j (z_j - lse + entropy),
     dlogits = dz / temperature, grad_hidden = dlogits @ weight, grad_weight = dlogits.T @ hidden,
     grad_bias = dlogits.sum(0); ignored rows contribute nothing. Accumulated in fp32, returned in the
@@ -119,6 +133,8 @@ def backward(
 
 def logits_stats(logits, targets, *, temperature, ignore_index, with_entropy):
     """logits [n, V] float32 (raw: bias added, not divided by T), targets [n] -> (logprobs, entropy, lse) [n].
+
+    lse is float64 (see `forward`), the others have the logits' dtype.
 
     Equivalent to `z = logits / T; lse = logsumexp(z); logprobs = z.gather(targets) - lse;
     entropy = lse - (softmax(z) * z).sum(-1)`, logprobs and entropy 0 at ignored targets (lse is kept).
@@ -160,7 +176,7 @@ def _register_fakes() -> None:
         n = hidden.shape[0]
         out = hidden.new_empty(n, dtype=_stat_dtype(hidden))
         ref = hidden.new_empty(n if ref_weight is not None else 0, dtype=_stat_dtype(hidden))
-        return out, out.new_empty(n), out.new_empty(n), ref
+        return out, out.new_empty(n), out.new_empty(n, dtype=torch.float64), ref
 
     @torch.library.register_fake("care_kernels::linear_logprobs_bwd_cpu")
     def _bwd_fake(
@@ -182,7 +198,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("care_kernels::logits_stats_cpu")
     def _stats_fake(logits, targets, temperature, ignore_index, with_entropy):
         n = logits.shape[0]
-        return logits.new_empty(n), logits.new_empty(n), logits.new_empty(n)
+        return logits.new_empty(n), logits.new_empty(n), logits.new_empty(n, dtype=torch.float64)
 
     @torch.library.register_fake("care_kernels::logits_grad_cpu_")
     def _grad_fake(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index):

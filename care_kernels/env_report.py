@@ -30,7 +30,12 @@ def _device() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
+    from care_kernels import cpu_backend
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    kernels = cpu_backend.isa()
+    line = f"cpu: {cpu}, {torch.get_num_threads()} threads, ATen {isa}"
+    return line + (f", cpp epilogues {kernels}" if kernels else "")
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:

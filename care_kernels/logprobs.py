@@ -28,6 +28,11 @@ def _out_dtype(hidden: Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
+def _lse_dtype(hidden: Tensor, impl: str) -> torch.dtype:
+    """The C++ kernel keeps the logsumexp it saves for the backward in float64 (cpu_backend.forward says why)."""
+    return torch.float64 if impl == "cpp" else _out_dtype(hidden)
+
+
 @torch.library.custom_op("care_kernels::linear_logprobs_fwd", mutates_args=())
 def _fwd_op(
     hidden: Tensor,
@@ -43,7 +48,7 @@ def _fwd_op(
     check_values: bool,
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (logprobs [N], entropy [N], lse [N], ref_logprobs [N] or [0]), float32."""
+    """-> (logprobs [N], entropy [N], lse [N], ref_logprobs [N] or [0]), float32 (lse float64 from "cpp")."""
     n = hidden.shape[0]
     if n > 0 and check_values:
         _validate.check_values(hidden, targets, weight.shape[0], ignore_index, ref_hidden)
@@ -51,7 +56,8 @@ def _fwd_op(
         _validate.check_target_range(targets, weight.shape[0], ignore_index)
     if n == 0:
         e = hidden.new_zeros(0, dtype=_out_dtype(hidden))
-        return e, e.clone(), e.clone(), e.clone() if ref_weight is not None else _empty(hidden)
+        lse = hidden.new_zeros(0, dtype=_lse_dtype(hidden, impl))
+        return e, e.clone(), lse, e.clone() if ref_weight is not None else _empty(hidden)
     with torch.no_grad():  # the backends compute; autograd is this op's registered backward
         logprobs, entropy, lse, ref_logprobs = backends.module(impl).forward(
             hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
@@ -67,7 +73,7 @@ def _(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperatu
     n = hidden.shape[0]
     out = hidden.new_empty(n, dtype=_out_dtype(hidden))
     ref = hidden.new_empty(n, dtype=_out_dtype(hidden)) if ref_weight is not None else _empty(hidden)
-    return out, out.new_empty(n), out.new_empty(n), ref
+    return out, out.new_empty(n), out.new_empty(n, dtype=_lse_dtype(hidden, impl)), ref
 
 
 @torch.library.custom_op("care_kernels::linear_logprobs_bwd", mutates_args=())

@@ -28,8 +28,9 @@ def _triton_rows():
 def row_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int):
     """logits [n, V] (raw, bias added; float32, or bf16/fp16 on CUDA), targets [n] -> (logprobs, lse) [n] of logits / T.
 
-    Equivalent to `log_softmax(logits / T).gather(-1, targets[:, None])[:, 0]` and `logsumexp(logits / T)`,
-    0 log-prob at ignored targets.
+    lse is float64 from the C++ kernel (cpu_backend.forward says why), float32 elsewhere; pass it on to
+    `row_grad_` as it is. Equivalent to `log_softmax(logits / T).gather(-1, targets[:, None])[:, 0]` and
+    `logsumexp(logits / T)`, 0 log-prob at ignored targets.
     """
     if logits.is_cuda and (rows := _triton_rows()) is not None:
         return rows.row_stats(logits, targets, temperature, ignore_index)
@@ -53,9 +54,9 @@ def row_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, gr
     if logits.is_cuda and (rows := _triton_rows()) is not None:
         return rows.row_grad_(logits, targets, lse, grad_logprobs, temperature, ignore_index)
     valid = targets != ignore_index
-    g = torch.where(valid, grad_logprobs.to(logits.dtype), torch.zeros_like(lse))
+    g = torch.where(valid, grad_logprobs.to(logits.dtype), 0.0)
     if _use_cpp(logits):
-        torch.ops.care_kernels.logits_grad_cpu_(logits, targets, lse, torch.zeros_like(lse), g, None,
+        torch.ops.care_kernels.logits_grad_cpu_(logits, targets, lse, torch.zeros_like(g), g, None,
                                                 temperature, ignore_index)
         return logits
     safe = torch.where(valid, targets, torch.zeros_like(targets))

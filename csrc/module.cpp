@@ -2,6 +2,8 @@
 // csrc/cpu/*.cpp file (the ops then live under torch.ops.care_kernels); the functions below only report
 // how the binary was built, so Python can refuse a binary built against another torch.
 #include <torch/extension.h>
+
+#include "cpu/row_epilogues.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -21,4 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_torch", []() { return std::string(CARE_KERNELS_TORCH_VERSION); },
         "torch.__version__ the extension was compiled against");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads the CPU kernels use");
+  m.def("cpu_isa", &care_kernels::row_epilogues::active_isa,
+        "build of the row epilogues in use: 'avx512', 'avx2' or 'default' (follows ATEN_CPU_CAPABILITY)");
 }

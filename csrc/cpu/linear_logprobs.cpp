@@ -2,17 +2,21 @@
 // blocked over tokens and vocabulary so that the [N, V] logits never exist.
 //
 //   z        = (hidden @ weight.T + bias).float() / temperature          [N, V], only ever one tile of it
-//   lse      = logsumexp(z, -1)                                          [N]
+//   lse      = logsumexp(z, -1)                                          [N]   (float64: see row_math.h)
 //   logprobs = z.gather(-1, targets[:, None])[:, 0] - lse                 [N]   (0 where targets == ignore_index)
 //   entropy  = lse - (softmax(z) * z).sum(-1)                             [N]   (0 where ignored)
 //
-// Work is split by vocabulary tile: the thread that takes a tile runs, for every token tile, one GEMM through
-// ATen (BLAS, single-threaded inside the OpenMP region) into its own preallocated tile buffer, then a fused
-// SIMD epilogue that folds the tile into per-row online statistics (max m, s0 = sum exp(z - m),
-// s1 = sum exp(z - m) * (z - m), target logit); per-thread statistics are merged at the end. The dual variant
-// scores a reference head in the same loop over the vocabulary. Backward recomputes each tile, overwrites it
-// with dlogits and feeds it to two more GEMMs (dW_tile += dlogits.T @ h, dH += dlogits @ W_tile) that
-// accumulate in fp32. Workspace: O(N) statistics plus one tile (and one [rows, H] block) per thread.
+// The vocabulary is cut into one contiguous column range per thread (VocabSplit). A range runs tile by tile
+// (at most kBlockVocab columns), and for every token tile one GEMM through ATen (BLAS, single-threaded inside
+// the OpenMP region) fills the range's own tile buffer, then the SIMD row epilogues (row_epilogues.h) fold the
+// tile into the range's per-row online statistics (max m, s0 = sum exp(z - m), s1 = sum exp(z - m) (z - m),
+// target logit); the ranges' statistics are merged in range order at the end. The dual variant scores a
+// reference head in the same loop. Backward recomputes each tile, overwrites it with dlogits and feeds it to
+// two more GEMMs: dW_tile += dlogits.T @ h (one writer per tile) and dH_range += dlogits @ W_tile, into a dH
+// partial per range that is added to dH in range order. Every sum therefore runs in an order fixed by the
+// inputs and the thread count alone: the same inputs and thread count give the same bits, whatever the
+// threads' timing. Workspace: O(N) statistics and one tile per thread, plus (backward, threads > 1) one
+// [rows, H] fp32 partial per extra thread, at most kPartialDhBytes (more rows run in several passes).
 //
 // Ops (schemas at the bottom):
 //   linear_logprobs_fwd_cpu, linear_logprobs_bwd_cpu   the blocked op and its backward
@@ -30,12 +34,13 @@
 #include <cstring>
 #include <exception>
 #include <limits>
-#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "care_kernels/checks.h"
+#include "row_epilogues.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -45,6 +50,9 @@ namespace care_kernels {
 namespace linear_logprobs {
 
 using at::Tensor;
+using row_epilogues::row_dlogits;
+using row_epilogues::row_max;
+using row_epilogues::row_sumexp;
 
 // Tile sizes. A single-threaded [kBlockRows, H] x [H, kBlockVocab] GEMM (and the two dlogits GEMMs of the
 // same tile) runs at the per-core BLAS peak (measured ~90 GFLOP/s on AMD EPYC at H = 896, as fast as one
@@ -52,163 +60,11 @@ using at::Tensor;
 // one tile row (4 KiB) in L1 across the epilogue's two passes.
 constexpr int64_t kBlockRows = 512;
 constexpr int64_t kBlockVocab = 1024;
-// The float partial sums of one SIMD reduction cover at most this many elements before they are folded into
-// a double, so a whole 151936-wide row sums without fp32 drift.
-constexpr int64_t kSumChunk = 1024;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(CARE_KERNELS_NO_TARGET_CLONES)
-// The build is generic x86-64; clone the hot epilogues for AVX-512 and AVX2+FMA, picked at load time.
-#define CK_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CK_SIMD_CLONES
-#endif
-#if defined(__GNUC__)
-#define CK_INLINE __attribute__((always_inline)) inline
-#else
-#define CK_INLINE inline
-#endif
-
-// ---------------------------------------------------------------------------------------------------------
-// Scalar math, written so that GCC vectorizes the loops that call it.
-
-CK_INLINE float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
-CK_INLINE int32_t float_to_bits(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
-}
-
-// exp(x) in fp32 to ~1 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n from bits).
-// Branch-free so the loops vectorize; exp(x) = 0 for x < -87.3 (the normal range ends there).
-CK_INLINE float exp_fast(float x) {
-  const float xc = std::min(std::max(x, -87.3f), 88.3f);
-  const float t = xc * 1.44269504088896341f + 12582912.f;  // + 1.5 * 2^23 rounds to the nearest integer
-  const float n = t - 12582912.f;
-  const int32_t ni = float_to_bits(t) - 0x4B400000;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const float scale = bits_to_float((ni + 127) << 23);
-  return x < -87.3f ? 0.0f : y * scale;
-}
-CK_INLINE double exp_fast(double x) { return std::exp(x); }
-
-// ---------------------------------------------------------------------------------------------------------
-// Row epilogues. x is one row of raw logits (bias not yet added), b the matching bias slice or nullptr,
-// z_j = (x_j + b_j) * inv_t with inv_t = 1 / temperature (exact for temperature 1, within an ulp of dividing
-// otherwise, and a multiply instead of a divide per element). Each has a float entry point (SIMD clones) and a
-// double one (gradcheck path).
-
-template <typename T, bool kBias>
-CK_INLINE T row_max_body(const T* x, const T* b, int64_t n, T inv_t) {
-  T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) {
-    const T z = (kBias ? x[i] + b[i] : x[i]) * inv_t;
-    m = std::max(m, z);
-  }
-  return m;
-}
-
-// s0 = sum_j exp(z_j - m), s1 = sum_j exp(z_j - m) * (z_j - m) (s1 only when kS1).
-template <typename T, bool kBias, bool kS1>
-CK_INLINE void row_sumexp_body(const T* x, const T* b, int64_t n, T inv_t, T m, double* s0, double* s1) {
-  double d0 = 0.0, d1 = 0.0;
-  for (int64_t c = 0; c < n; c += kSumChunk) {
-    const int64_t e = std::min(n, c + kSumChunk);
-    T a0 = 0, a1 = 0;
-#pragma omp simd reduction(+ : a0, a1)
-    for (int64_t i = c; i < e; ++i) {
-      const T d = (kBias ? x[i] + b[i] : x[i]) * inv_t - m;
-      const T p = exp_fast(d);
-      a0 += p;
-      if (kS1) a1 += p * d;
-    }
-    d0 += a0;
-    d1 += a1;
-  }
-  *s0 = d0;
-  *s1 = d1;
-}
-
-// x <- dz / temperature with p_j = exp(z_j - lse) and
-// dz_j = g_lp * (1[j == y] - p_j) - g_ent * p_j * (z_j - lse + entropy).
-template <typename T, bool kBias>
-CK_INLINE void row_dlogits_body(T* x, const T* b, int64_t n, T inv_t, T lse, T ent, T g_lp, T g_ent,
-                                int64_t target) {
-  const T a = g_lp * inv_t, c = g_ent * inv_t;
-  T zt = 0;
-  if (target >= 0 && target < n) zt = (kBias ? x[target] + b[target] : x[target]) * inv_t;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const T d = (kBias ? x[i] + b[i] : x[i]) * inv_t - lse;
-    const T p = exp_fast(d);
-    x[i] = -p * (a + c * (d + ent));
-  }
-  if (target >= 0 && target < n) {
-    // The one-hot term joins before the scaling, as in the reference (no cancellation against -p * g_lp).
-    const T d = zt - lse;
-    const T p = exp_fast(d);
-    x[target] = (g_lp * (T(1) - p) - g_ent * p * (d + ent)) * inv_t;
-  }
-}
-
-CK_SIMD_CLONES float row_max_f32(const float* x, const float* b, int64_t n, float inv_t) {
-  return b ? row_max_body<float, true>(x, b, n, inv_t) : row_max_body<float, false>(x, b, n, inv_t);
-}
-CK_SIMD_CLONES void row_sumexp_f32(const float* x, const float* b, int64_t n, float inv_t, float m, bool with_s1,
-                                   double* s0, double* s1) {
-  if (b) {
-    with_s1 ? row_sumexp_body<float, true, true>(x, b, n, inv_t, m, s0, s1)
-            : row_sumexp_body<float, true, false>(x, b, n, inv_t, m, s0, s1);
-  } else {
-    with_s1 ? row_sumexp_body<float, false, true>(x, b, n, inv_t, m, s0, s1)
-            : row_sumexp_body<float, false, false>(x, b, n, inv_t, m, s0, s1);
-  }
-}
-CK_SIMD_CLONES void row_dlogits_f32(float* x, const float* b, int64_t n, float inv_t, float lse, float ent,
-                                    float g_lp, float g_ent, int64_t target) {
-  b ? row_dlogits_body<float, true>(x, b, n, inv_t, lse, ent, g_lp, g_ent, target)
-    : row_dlogits_body<float, false>(x, b, n, inv_t, lse, ent, g_lp, g_ent, target);
-}
-
-inline float row_max(const float* x, const float* b, int64_t n, float inv_t) {
-  return row_max_f32(x, b, n, inv_t);
-}
-inline double row_max(const double* x, const double* b, int64_t n, double inv_t) {
-  return b ? row_max_body<double, true>(x, b, n, inv_t) : row_max_body<double, false>(x, b, n, inv_t);
-}
-inline void row_sumexp(const float* x, const float* b, int64_t n, float inv_t, float m, bool with_s1, double* s0,
-                       double* s1) {
-  row_sumexp_f32(x, b, n, inv_t, m, with_s1, s0, s1);
-}
-inline void row_sumexp(const double* x, const double* b, int64_t n, double inv_t, double m, bool with_s1,
-                       double* s0, double* s1) {
-  if (b) {
-    row_sumexp_body<double, true, true>(x, b, n, inv_t, m, s0, s1);
-  } else {
-    row_sumexp_body<double, false, true>(x, b, n, inv_t, m, s0, s1);
-  }
-}
-inline void row_dlogits(float* x, const float* b, int64_t n, float inv_t, float lse, float ent, float g_lp,
-                        float g_ent, int64_t target) {
-  row_dlogits_f32(x, b, n, inv_t, lse, ent, g_lp, g_ent, target);
-}
-inline void row_dlogits(double* x, const double* b, int64_t n, double inv_t, double lse, double ent, double g_lp,
-                        double g_ent, int64_t target) {
-  b ? row_dlogits_body<double, true>(x, b, n, inv_t, lse, ent, g_lp, g_ent, target)
-    : row_dlogits_body<double, false>(x, b, n, inv_t, lse, ent, g_lp, g_ent, target);
-}
+// Column ranges start at multiples of this (cache lines, whole SIMD lanes).
+constexpr int64_t kRangeAlign = 16;
+// The backward's dH partials of the ranges after the first (which adds into dH itself) take at most this many
+// bytes; beyond it the rows run in several passes over the vocabulary.
+constexpr int64_t kPartialDhBytes = int64_t(256) << 20;
 
 // ---------------------------------------------------------------------------------------------------------
 // Online per-row statistics over vocabulary tiles.
@@ -253,14 +109,15 @@ inline void fold_row(RowStats<T>& st, const T* x, const T* b, int64_t n, T inv_t
 
 template <typename T>
 struct RowResult {
-  T logprob, entropy, lse;
+  T logprob, entropy;
+  double lse;
 };
 
 template <typename T>
 inline RowResult<T> finish_row(const RowStats<T>& st, bool valid, bool with_entropy, double log_v) {
   const double log_s0 = std::log(st.s0);
   const double lse = double(st.max) + log_s0;
-  RowResult<T> r{T(0), T(0), T(lse)};
+  RowResult<T> r{T(0), T(0), lse};
   if (!valid) return r;
   r.logprob = T(std::min(double(st.target) - lse, 0.0));
   // entropy = lse - E_p[z] = log s0 - s1 / s0, cancellation-free since s1 is taken relative to the max;
@@ -268,6 +125,13 @@ inline RowResult<T> finish_row(const RowStats<T>& st, bool valid, bool with_entr
   if (with_entropy) r.entropy = T(std::min(std::max(log_s0 - st.s1 / st.s0, 0.0), log_v));
   return r;
 }
+
+// The float pair (hi, lo) with hi + lo = lse to ~2^-48 relative, for row_dlogits.
+template <typename T>
+struct SplitLse {
+  T hi, lo;
+  explicit SplitLse(double lse) : hi(T(lse)), lo(T(lse - double(T(lse)))) {}
+};
 
 // Rows of a [rows, cols] tile go to the OpenMP threads; small tiles stay on one thread.
 template <typename F>
@@ -367,43 +231,62 @@ Tensor put_rows(const Tensor& x, const Rows& rows, int64_t n) {
   shape[0] = n;
   return at::zeros(shape, x.options()).index_copy_(0, rows.index, x);
 }
-
 // ---------------------------------------------------------------------------------------------------------
-// Work distribution. A work item is one vocabulary tile: the thread that takes it runs every GEMM and epilogue
-// of that tile by itself (BLAS is single-threaded inside the parallel region), so no thread waits on another
-// between a GEMM and its epilogue, the tile stays in that core's cache, and dW[tile] has a single writer.
-// Items are handed out dynamically, which keeps both cores busy when one of them is shared with other work.
+// Work distribution: one contiguous range of vocabulary columns per thread, of equal width. The thread that
+// holds a range runs every GEMM and epilogue of its tiles by itself (BLAS is single-threaded inside the
+// parallel region), so no thread waits on another between a GEMM and its epilogue, the tile stays in that
+// core's cache, dW[tile] has a single writer, and each range sums its tiles in column order. Ranges are fixed
+// by V and the thread count, never by which thread gets there first: that is what makes results reproducible.
+// (The price: a core shared with other work slows its whole range; BLAS's own threading has the same trait.)
 
-int threads_for(int64_t n_items) {
+int64_t vocab_tiles(int64_t vocab) { return (vocab + kBlockVocab - 1) / kBlockVocab; }
+
+struct VocabSplit {
+  std::vector<int64_t> begin;  // range r holds columns [begin[r], begin[r + 1])
+
+  explicit VocabSplit(int64_t vocab) {
 #ifdef _OPENMP
-  return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items)));
+    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), vocab_tiles(vocab)));
 #else
-  return 1;
+    const int64_t n = 1;
 #endif
-}
+    begin.resize(n + 1);
+    for (int64_t r = 0; r < n; ++r) begin[r] = (vocab * r / n) / kRangeAlign * kRangeAlign;
+    begin[n] = vocab;
+  }
+  int64_t ranges() const { return int64_t(begin.size()) - 1; }
 
-// body(thread, item) for item in [0, n_items), thread in [0, n_threads).
-// Every thread dispatches its tile GEMMs below autograd: grad mode is thread-local, so OpenMP workers would
-// otherwise see inputs that require grad and refuse the out= GEMMs.
+  // body(c0, v) for the tiles of range r, in column order.
+  template <typename Body>
+  void for_each_tile(int64_t r, const Body& body) const {
+    for (int64_t c0 = begin[r]; c0 < begin[r + 1]; c0 += kBlockVocab) body(c0, std::min(kBlockVocab, begin[r + 1] - c0));
+  }
+};
+
+// body(r) for every range r of the split, each on its own OpenMP thread (one range: on this thread, with
+// BLAS free to use its own threads). Every thread dispatches its tile GEMMs below autograd: grad mode is
+// thread-local, so OpenMP workers would otherwise see inputs that require grad and refuse the out= GEMMs.
 template <typename Body>
-void for_each_item(int64_t n_items, int n_threads, const Body& body) {
-  if (n_threads <= 1) {
+void for_each_range(const VocabSplit& split, const Body& body) {
+  const int64_t n = split.ranges();
+  if (n <= 1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t i = 0; i < n_items; ++i) body(0, i);
+    body(0);
     return;
   }
 #ifdef _OPENMP
   std::exception_ptr error;
   std::atomic<bool> failed{false};
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(int(n))
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const int thread = omp_get_thread_num();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n_items; ++i) {
+    // static, 1: range r on thread r; should OpenMP grant fewer threads, a thread takes several ranges, each
+    // still summed on its own, so the bits do not change.
+#pragma omp for schedule(static, 1)
+    for (int64_t r = 0; r < n; ++r) {
       if (failed.load(std::memory_order_relaxed)) continue;
       try {
-        body(thread, i);
+        body(r);
       } catch (...) {
 #pragma omp critical(care_kernels_linear_logprobs_error)
         if (!error) error = std::current_exception();
@@ -466,64 +349,60 @@ int64_t tile_numel(int64_t n_rows, int64_t vocab) {
   return std::min(kBlockRows, std::max<int64_t>(n_rows, 1)) * std::min(kBlockVocab, vocab);
 }
 
-int64_t vocab_tiles(int64_t vocab) { return (vocab + kBlockVocab - 1) / kBlockVocab; }
 
+// One range's share of the forward: its tile buffers and the statistics of its columns for every row.
 template <typename T>
-struct ForwardThread {
+struct ForwardRange {
   TileBuffer tile, ref_tile;
   std::vector<RowStats<T>> stats, ref_stats;
 };
 
 template <typename T>
 void forward_blocked(const Head& policy, const Head* ref, const int64_t* y, double temperature, bool with_entropy,
-                     T* logprobs, T* entropy, T* lse, T* ref_logprobs) {
+                     T* logprobs, T* entropy, double* lse, T* ref_logprobs) {
   const int64_t n_rows = policy.hidden.size(0);
   const int64_t vocab = policy.weight.size(0);
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
   const T inv_t = T(1.0 / temperature);
   const int64_t numel = tile_numel(n_rows, vocab);
-  const int n_threads = threads_for(vocab_tiles(vocab));
-  std::vector<std::optional<ForwardThread<T>>> threads(n_threads);
+  const VocabSplit split(vocab);
+  std::vector<std::optional<ForwardRange<T>>> ranges(split.ranges());
 
-  for_each_item(vocab_tiles(vocab), n_threads, [&](int thread, int64_t item) {
-    std::optional<ForwardThread<T>>& st = threads[thread];
-    if (!st) {
-      st.emplace(ForwardThread<T>{TileBuffer(policy, acc, numel),
-                                  TileBuffer(ref ? *ref : policy, acc, ref ? numel : 0),
-                                  std::vector<RowStats<T>>(n_rows), std::vector<RowStats<T>>(ref ? n_rows : 0)});
-    }
-    const int64_t c0 = item * kBlockVocab;
-    const int64_t v = std::min(kBlockVocab, vocab - c0);
-    for (int64_t r0 = 0; r0 < n_rows; r0 += kBlockRows) {
-      const int64_t n = std::min(kBlockRows, n_rows - r0);
-      const T* x = st->tile.logits(policy, r0, n, c0, v).template data_ptr<T>();
-      const T* b = bias_ptr<T>(policy, c0);
-      for (int64_t i = 0; i < n; ++i) {
-        fold_row(st->stats[r0 + i], x + i * v, b, v, inv_t, c0, y[r0 + i], with_entropy);
-      }
-      if (ref) {
-        const T* rx = st->ref_tile.logits(*ref, r0, n, c0, v).template data_ptr<T>();
-        const T* rb = bias_ptr<T>(*ref, c0);
+  for_each_range(split, [&](int64_t r) {
+    std::optional<ForwardRange<T>>& st = ranges[r];
+    st.emplace(ForwardRange<T>{TileBuffer(policy, acc, numel), TileBuffer(ref ? *ref : policy, acc, ref ? numel : 0),
+                               std::vector<RowStats<T>>(n_rows), std::vector<RowStats<T>>(ref ? n_rows : 0)});
+    split.for_each_tile(r, [&](int64_t c0, int64_t v) {
+      for (int64_t r0 = 0; r0 < n_rows; r0 += kBlockRows) {
+        const int64_t n = std::min(kBlockRows, n_rows - r0);
+        const T* x = st->tile.logits(policy, r0, n, c0, v).template data_ptr<T>();
+        const T* b = bias_ptr<T>(policy, c0);
         for (int64_t i = 0; i < n; ++i) {
-          fold_row(st->ref_stats[r0 + i], rx + i * v, rb, v, inv_t, c0, y[r0 + i], false);
+          fold_row(st->stats[r0 + i], x + i * v, b, v, inv_t, c0, y[r0 + i], with_entropy);
+        }
+        if (ref) {
+          const T* rx = st->ref_tile.logits(*ref, r0, n, c0, v).template data_ptr<T>();
+          const T* rb = bias_ptr<T>(*ref, c0);
+          for (int64_t i = 0; i < n; ++i) {
+            fold_row(st->ref_stats[r0 + i], rx + i * v, rb, v, inv_t, c0, y[r0 + i], false);
+          }
         }
       }
-    }
+    });
   });
 
   const double log_v = std::log(double(vocab));
   at::parallel_for(0, n_rows, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       RowStats<T> row, ref_row;
-      for (const auto& st : threads) {
-        if (!st) continue;
+      for (const auto& st : ranges) {  // in range order
         merge_stats(row, st->stats[i]);
         if (ref) merge_stats(ref_row, st->ref_stats[i]);
       }
-      const RowResult<T> r = finish_row(row, true, with_entropy, log_v);
-      logprobs[i] = r.logprob;
-      entropy[i] = r.entropy;
-      lse[i] = r.lse;
+      const RowResult<T> res = finish_row(row, true, with_entropy, log_v);
+      logprobs[i] = res.logprob;
+      entropy[i] = res.entropy;
+      lse[i] = res.lse;
       if (ref) ref_logprobs[i] = finish_row(ref_row, true, false, log_v).logprob;
     }
   });
@@ -560,7 +439,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_logprobs_fwd_cpu(
   const Rows rows = scored_rows(targets, ignore_index, vocab);
   Tensor logprobs = at::empty({rows.count}, out_opts);
   Tensor entropy = at::empty({rows.count}, out_opts);
-  Tensor lse = at::empty({rows.count}, out_opts);
+  Tensor lse = at::empty({rows.count}, out_opts.dtype(at::kDouble));
   Tensor ref_logprobs = at::empty({dual ? rows.count : 0}, out_opts);
   if (rows.count > 0) {
     const Tensor y = take_rows(targets, rows).contiguous();
@@ -570,12 +449,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_logprobs_fwd_cpu(
     AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprobs_fwd_cpu", [&] {
       forward_blocked<scalar_t>(policy, ref ? &*ref : nullptr, y.data_ptr<int64_t>(), temperature, with_entropy,
                                 logprobs.data_ptr<scalar_t>(), entropy.data_ptr<scalar_t>(),
-                                lse.data_ptr<scalar_t>(), dual ? ref_logprobs.data_ptr<scalar_t>() : nullptr);
+                                lse.data_ptr<double>(), dual ? ref_logprobs.data_ptr<scalar_t>() : nullptr);
     });
   }
   return {put_rows(logprobs, rows, n_rows), put_rows(entropy, rows, n_rows), put_rows(lse, rows, n_rows),
           dual ? put_rows(ref_logprobs, rows, n_rows) : ref_logprobs};
 }
+
+// One range's share of the backward: its tile buffer, its weight tile in the accumulation dtype (16-bit heads
+// only), and its dH partial (ranges after the first; range 0 adds into dH itself).
+struct BackwardRange {
+  TileBuffer tile;
+  Tensor weight_tile;  // [min(kBlockVocab, V), H] or undefined
+  Tensor partial_dh;   // [rows of a pass, H] or undefined
+};
 
 std::tuple<Tensor, Tensor, Tensor> linear_logprobs_bwd_cpu(
     const Tensor& grad_logprobs, const std::optional<Tensor>& grad_entropy, const Tensor& hidden,
@@ -584,6 +471,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_bwd_cpu(
   check_head(hidden, weight, bias, "");
   const int64_t n_rows = hidden.size(0);
   const int64_t vocab = weight.size(0);
+  const int64_t h = weight.size(1);
   check_targets(targets, n_rows);
   check_temperature(temperature);
   check_row_vector(grad_logprobs, n_rows, "grad_logprobs");
@@ -593,13 +481,13 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_bwd_cpu(
   TORCH_CHECK(!bias_requires_grad || bias.has_value(), "bias_requires_grad=True needs the bias; pass it");
 
   const at::ScalarType acc = acc_dtype(hidden.scalar_type());
+  const auto acc_opts = weight.options().dtype(acc);
   const bool same = hidden.scalar_type() == acc;
   const Rows rows = scored_rows(targets, ignore_index, vocab);
   // fp32 (fp64) accumulators; for fp32/fp64 inputs they are the returned gradients themselves.
-  Tensor grad_weight = at::zeros({vocab, weight.size(1)}, weight.options().dtype(acc));
-  Tensor grad_bias = bias_requires_grad ? at::zeros({vocab}, weight.options().dtype(acc))
-                                        : at::empty({0}, weight.options());
-  Tensor grad_hidden_rows = at::zeros({rows.count, hidden.size(1)}, hidden.options().dtype(acc));
+  Tensor grad_weight = at::zeros({vocab, h}, acc_opts);
+  Tensor grad_bias = bias_requires_grad ? at::zeros({vocab}, acc_opts) : at::empty({0}, weight.options());
+  Tensor grad_hidden_rows = at::zeros({rows.count, h}, hidden.options().dtype(acc));
 
   if (rows.count > 0) {
     const Head policy(take_rows(hidden, rows), weight, bias, acc);
@@ -607,68 +495,61 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_bwd_cpu(
     const Tensor g_lp = take_rows(grad_logprobs, rows).to(acc).contiguous();
     const Tensor g_ent = grad_entropy.has_value() ? take_rows(*grad_entropy, rows).to(acc).contiguous()
                                                   : at::zeros({rows.count}, hidden.options().dtype(acc));
-    const Tensor row_lse = take_rows(lse, rows).to(acc).contiguous();
+    const Tensor row_lse = take_rows(lse, rows).to(at::kDouble).contiguous();
     const Tensor row_ent = take_rows(entropy, rows).to(acc).contiguous();
     // The dlogits GEMMs run in the accumulation dtype: dz stays fp32 and so does every sum.
     const Tensor hidden_acc = same ? policy.hidden : policy.hidden.to(acc);
     const int64_t numel = tile_numel(rows.count, vocab);
-    const int n_threads = threads_for(vocab_tiles(vocab));
-
-    struct BackwardThread {
-      TileBuffer tile;
-      Tensor weight_tile;  // W[c0:c0+v] in the accumulation dtype (reduced-precision inputs only)
-      Tensor dh_tile;      // [kBlockRows, H]: one tile's dH contribution before it is added under the lock
-    };
-    std::vector<std::optional<BackwardThread>> threads(n_threads);
-    // Every vocabulary tile adds to every row of dH: one lock per token block, and each thread starts its
-    // sweep over the token blocks at a different block, so two threads rarely want the same one.
-    const int64_t n_row_blocks = (rows.count + kBlockRows - 1) / kBlockRows;
-    std::vector<std::mutex> row_locks(n_row_blocks);
+    const VocabSplit split(vocab);
+    const int64_t n_ranges = split.ranges();
+    int64_t pass_rows = rows.count;
+    if (n_ranges > 1) {
+      const int64_t fit = kPartialDhBytes / ((n_ranges - 1) * std::max<int64_t>(h, 1) * int64_t(c10::elementSize(acc)));
+      pass_rows = std::min(rows.count, std::max(kBlockRows, fit / kBlockRows * kBlockRows));
+    }
+    std::vector<std::optional<BackwardRange>> ranges(n_ranges);
 
     AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprobs_bwd_cpu", [&] {
       const scalar_t inv_t = scalar_t(1.0 / temperature);
       const int64_t* yp = y.data_ptr<int64_t>();
       const scalar_t* glp = g_lp.data_ptr<scalar_t>();
       const scalar_t* gent = g_ent.data_ptr<scalar_t>();
-      const scalar_t* lsep = row_lse.data_ptr<scalar_t>();
+      const double* lsep = row_lse.data_ptr<double>();
       const scalar_t* entp = row_ent.data_ptr<scalar_t>();
-      for_each_item(vocab_tiles(vocab), n_threads, [&](int thread, int64_t item) {
-        std::optional<BackwardThread>& st = threads[thread];
-        if (!st) {
-          const auto acc_opts = weight.options().dtype(acc);
-          st.emplace(BackwardThread{
-              TileBuffer(policy, acc, numel),
-              same ? Tensor() : at::empty({std::min(kBlockVocab, vocab), weight.size(1)}, acc_opts),
-              at::empty({std::min(kBlockRows, rows.count), weight.size(1)}, weight.options().dtype(acc))});
-        }
-        const int64_t c0 = item * kBlockVocab;
-        const int64_t v = std::min(kBlockVocab, vocab - c0);
-        Tensor w_acc = policy.weight.narrow(0, c0, v);
-        if (!same) w_acc = st->weight_tile.narrow(0, 0, v).copy_(w_acc);
-        Tensor dw = grad_weight.narrow(0, c0, v);
-        const scalar_t* b = bias_ptr<scalar_t>(policy, c0);
-        for (int64_t k = 0; k < n_row_blocks; ++k) {
-          const int64_t block = (k + item * n_row_blocks / std::max<int64_t>(n_threads, 1)) % n_row_blocks;
-          const int64_t r0 = block * kBlockRows;
-          const int64_t n = std::min(kBlockRows, rows.count - r0);
-          Tensor tile = st->tile.logits(policy, r0, n, c0, v);
-          scalar_t* x = tile.data_ptr<scalar_t>();
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t r = r0 + i;
-            row_dlogits(x + i * v, b, v, inv_t, lsep[r], entp[r], glp[r], gent[r], yp[r] - c0);
+      for (int64_t p0 = 0; p0 < rows.count; p0 += pass_rows) {
+        const int64_t p1 = std::min(rows.count, p0 + pass_rows);
+        for_each_range(split, [&](int64_t r) {
+          std::optional<BackwardRange>& st = ranges[r];
+          if (!st) {
+            st.emplace(BackwardRange{TileBuffer(policy, acc, numel),
+                                     same ? Tensor() : at::empty({std::min(kBlockVocab, vocab), h}, acc_opts),
+                                     r == 0 ? Tensor() : at::empty({pass_rows, h}, acc_opts)});
           }
-          dw.addmm_(tile.t(), hidden_acc.narrow(0, r0, n));
-          if (bias_requires_grad) grad_bias.narrow(0, c0, v).add_(tile.sum(0));
-          if (n_threads == 1) {
-            grad_hidden_rows.narrow(0, r0, n).addmm_(tile, w_acc);
-          } else {
-            Tensor dh = st->dh_tile.narrow(0, 0, n);
-            at::mm_out(dh, tile, w_acc);
-            std::lock_guard<std::mutex> guard(row_locks[block]);
-            grad_hidden_rows.narrow(0, r0, n).add_(dh);
-          }
-        }
-      });
+          Tensor dh = r == 0 ? grad_hidden_rows.narrow(0, p0, p1 - p0)
+                             : st->partial_dh.narrow(0, 0, p1 - p0).zero_();
+          split.for_each_tile(r, [&](int64_t c0, int64_t v) {
+            Tensor w_acc = policy.weight.narrow(0, c0, v);
+            if (!same) w_acc = st->weight_tile.narrow(0, 0, v).copy_(w_acc);
+            Tensor dw = grad_weight.narrow(0, c0, v);
+            const scalar_t* b = bias_ptr<scalar_t>(policy, c0);
+            for (int64_t r0 = p0; r0 < p1; r0 += kBlockRows) {
+              const int64_t n = std::min(kBlockRows, p1 - r0);
+              Tensor tile = st->tile.logits(policy, r0, n, c0, v);
+              scalar_t* x = tile.data_ptr<scalar_t>();
+              for (int64_t i = 0; i < n; ++i) {
+                const int64_t row = r0 + i;
+                const SplitLse<scalar_t> l(lsep[row]);
+                row_dlogits(x + i * v, b, v, inv_t, l.hi, l.lo, entp[row], glp[row], gent[row], yp[row] - c0);
+              }
+              dw.addmm_(tile.t(), hidden_acc.narrow(0, r0, n));
+              if (bias_requires_grad) grad_bias.narrow(0, c0, v).add_(tile.sum(0));
+              dh.narrow(0, r0 - p0, n).addmm_(tile, w_acc);
+            }
+          });
+        });
+        Tensor dh_pass = grad_hidden_rows.narrow(0, p0, p1 - p0);
+        for (int64_t r = 1; r < n_ranges; ++r) dh_pass.add_(ranges[r]->partial_dh.narrow(0, 0, p1 - p0));
+      }
     });
   }
   Tensor grad_hidden = put_rows(grad_hidden_rows, rows, n_rows);
@@ -687,6 +568,7 @@ void check_logits_block(const Tensor& logits, const Tensor& targets, double temp
   check_temperature(temperature);
 }
 
+
 std::tuple<Tensor, Tensor, Tensor> logits_stats_cpu(const Tensor& logits, const Tensor& targets,
                                                     double temperature, int64_t ignore_index, bool with_entropy) {
   check_logits_block(logits, targets, temperature);
@@ -695,7 +577,7 @@ std::tuple<Tensor, Tensor, Tensor> logits_stats_cpu(const Tensor& logits, const 
   scored_rows(targets, ignore_index, vocab);  // range check only
   Tensor logprobs = at::empty({n_rows}, logits.options());
   Tensor entropy = at::empty({n_rows}, logits.options());
-  Tensor lse = at::empty({n_rows}, logits.options());
+  Tensor lse = at::empty({n_rows}, logits.options().dtype(at::kDouble));
   const double log_v = std::log(double(vocab));
   const Tensor targets_c = targets.contiguous();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "logits_stats_cpu", [&] {
@@ -703,7 +585,7 @@ std::tuple<Tensor, Tensor, Tensor> logits_stats_cpu(const Tensor& logits, const 
     const int64_t* y = targets_c.data_ptr<int64_t>();
     scalar_t* lp = logprobs.data_ptr<scalar_t>();
     scalar_t* ent = entropy.data_ptr<scalar_t>();
-    scalar_t* ls = lse.data_ptr<scalar_t>();
+    double* ls = lse.data_ptr<double>();
     const scalar_t inv_t = scalar_t(1.0 / temperature);
     for_each_row(n_rows, vocab, [&](int64_t i) {
       const bool valid = y[i] != ignore_index;
@@ -731,14 +613,14 @@ void logits_grad_cpu_(Tensor& logits, const Tensor& targets, const Tensor& lse, 
   if (grad_entropy.has_value()) check_row_vector(*grad_entropy, n_rows, "grad_entropy");
   scored_rows(targets, ignore_index, vocab);  // range check only
   const at::ScalarType acc = logits.scalar_type();
-  const Tensor ls = lse.to(acc).contiguous(), en = entropy.to(acc).contiguous();
+  const Tensor ls = lse.to(at::kDouble).contiguous(), en = entropy.to(acc).contiguous();
   const Tensor glp = grad_logprobs.to(acc).contiguous();
   const Tensor gent = grad_entropy.has_value() ? grad_entropy->to(acc).contiguous() : Tensor();
   const Tensor targets_c = targets.contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "logits_grad_cpu_", [&] {
     scalar_t* x = logits.data_ptr<scalar_t>();
     const int64_t* y = targets_c.data_ptr<int64_t>();
-    const scalar_t* lsp = ls.data_ptr<scalar_t>();
+    const double* lsp = ls.data_ptr<double>();
     const scalar_t* enp = en.data_ptr<scalar_t>();
     const scalar_t* glpp = glp.data_ptr<scalar_t>();
     const scalar_t* gentp = gent.defined() ? gent.data_ptr<scalar_t>() : nullptr;
@@ -749,7 +631,8 @@ void logits_grad_cpu_(Tensor& logits, const Tensor& targets, const Tensor& lse, 
         std::fill(row, row + vocab, scalar_t(0));
         return;
       }
-      row_dlogits(row, static_cast<const scalar_t*>(nullptr), vocab, inv_t, lsp[i], enp[i], glpp[i],
+      const SplitLse<scalar_t> l(lsp[i]);
+      row_dlogits(row, static_cast<const scalar_t*>(nullptr), vocab, inv_t, l.hi, l.lo, enp[i], glpp[i],
                   gentp ? gentp[i] : scalar_t(0), y[i]);
     });
   });
