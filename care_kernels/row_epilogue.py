@@ -25,24 +25,37 @@ def _triton_rows():
     return row_epilogue
 
 
-def row_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int):
-    """logits [n, V] (raw, bias added; float32, or bf16/fp16 on CUDA), targets [n] -> (logprobs, lse) [n] of logits / T.
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int,
+              with_entropy: bool = False):
+    """logits [n, V] (raw, bias added; float32, or bf16/fp16 on CUDA), targets [n] -> (logprobs, lse, entropy) [n].
 
-    lse is float64 from the C++ kernel (cpu_backend.forward says why), float32 elsewhere; pass it on to
-    `row_grad_` as it is. Equivalent to `log_softmax(logits / T).gather(-1, targets[:, None])[:, 0]` and
-    `logsumexp(logits / T)`, 0 log-prob at ignored targets.
+    Of z = logits / T: `log_softmax(z).gather(-1, targets[:, None])[:, 0]` (0 at ignored targets),
+    `logsumexp(z)`, and with `with_entropy` the entropy `lse - (softmax(z) * z).sum(-1)` (0 at ignored
+    targets; None without `with_entropy`). lse is float64 from the C++ kernel (cpu_backend.forward says why),
+    float32 elsewhere; pass it on to `row_grad_` as it is.
     """
     if logits.is_cuda and (rows := _triton_rows()) is not None:
-        return rows.row_stats(logits, targets, temperature, ignore_index)
+        return rows.row_stats(logits, targets, temperature, ignore_index, with_entropy=with_entropy)
     if _use_cpp(logits):
-        logprobs, _, lse = torch.ops.care_kernels.logits_stats_cpu(logits, targets, temperature, ignore_index, False)
-        return logprobs, lse
-    z = logits / temperature
-    lse = torch.logsumexp(z, dim=1)
+        logprobs, entropy, lse = torch.ops.care_kernels.logits_stats_cpu(
+            logits, targets, temperature, ignore_index, with_entropy
+        )
+        return logprobs, lse, entropy if with_entropy else None
+    z = logits.float() / temperature  # the one [n, V] temporary besides exp(z - m)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
-    logprobs = torch.where(valid, z.gather(1, safe[:, None])[:, 0] - lse, torch.zeros_like(lse))
-    return logprobs, lse
+    z_target = z.gather(1, safe[:, None])[:, 0]
+    m = z.max(dim=1, keepdim=True).values
+    z -= m
+    e = z.exp()
+    s = e.sum(dim=1)
+    lse = m[:, 0] + s.log()
+    logprobs = torch.where(valid, z_target - lse, 0.0)
+    entropy = None
+    if with_entropy:  # relative to the max: log s - sum e (z - m) / s, no cancellation for large logits
+        t = torch.bmm(e[:, None, :], z[:, :, None])[:, 0, 0]
+        entropy = torch.where(valid, (s.log() - t / s).clamp(min=0.0), 0.0)
+    return logprobs, lse, entropy
 
 
 def row_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_logprobs: torch.Tensor,

@@ -197,3 +197,33 @@ def test_backward_scales_by_the_upstream_gradient():
         grads.append((xx.grad, ww.grad))
     for unit, scaled in zip(*grads):
         _close(scaled, -2.5 * unit, "scaled gradient")
+
+
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_stats_are_the_policy_logprobs_and_entropy(path, temperature, monkeypatch):
+    """return_token_stats hands back what linear_logprobs(..., return_entropy=True) computes, from the same pass,
+    and asking for it changes neither the loss nor the gradients."""
+    from care_kernels import backends, row_epilogue
+
+    if path == "torch":
+        monkeypatch.setattr(row_epilogue, "_use_cpp", lambda logits: False)
+    elif not backends.cpp_status()[0]:
+        pytest.skip("the C++ extension is not built")
+    x, w, b, ids, mask, adv, old, _ = _inputs(bias=True)
+    loss_fn = ck.FusedLinearGRPOLoss(beta=0.0, loss_type="grpo", temperature=temperature)
+    plain = _run(loss_fn, x, w, b, ids, mask, adv, old_per_token_logps=old)
+    loss, metrics, stats = loss_fn(x, w, ids, mask, adv, bias=b, old_per_token_logps=old, return_token_stats=True,
+                                   return_entropy=True)
+    with_stats = _run(lambda *a, **k: loss_fn(*a, **k, return_token_stats=True)[:2], x, w, b, ids, mask, adv,
+                      old_per_token_logps=old)
+    for a, c in zip(plain, with_stats):
+        for u, v in zip(a, c) if isinstance(a, list) else [(a, c)]:
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+    want_logp, want_entropy = naive_linear_logprobs(x.double(), w.double(), ids, b.double(), temperature=temperature)
+    active = mask.bool()
+    assert stats.logprobs.shape == stats.entropy.shape == (B, T) and not stats.logprobs.requires_grad
+    torch.testing.assert_close(stats.logprobs[active].double(), want_logp[active], rtol=0, atol=1e-5)
+    torch.testing.assert_close(stats.entropy[active].double(), want_entropy[active], rtol=0, atol=1e-5)
+    assert not stats.logprobs[~active].any() and not stats.entropy[~active].any()
+    assert loss_fn(x, w, ids, mask, adv, bias=b, return_token_stats=True)[2].entropy is None

@@ -2,6 +2,7 @@
 no [B, T, V] logits in a step, bad media skipped and counted, exact resume, logs and checkpoints."""
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -157,6 +158,72 @@ def test_care_on_tiny_qwen2_5_vl_with_video_never_builds_full_logits(assets, tmp
     assert {"optimizer", "scheduler", "rng", "data", "ema", "global_step"} <= set(state)
     assert state["ema"]["num_updates"] == 3 and state["data"]["cursor"] == 6
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+class HeadFlopCounter(TorchDispatchMode):
+    """Counts the LM-head GEMM FLOPs of the training step (generation excluded): care_kernels' log-prob ops by
+    the rows they score (forward 2NHV per head, backward 6NHV), and every matmul with the vocabulary as one of
+    its dimensions (the fused loss head's logits, dH and dW GEMMs) by its shape."""
+
+    MATMULS = ("aten.mm", "aten.addmm", "aten.addmm_", "aten.bmm", "aten.baddbmm", "aten.baddbmm_")
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.paused, self.flops, self.ref_rows = vocab, False, [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        if self.paused:
+            return out
+        if name in ("care_kernels.linear_logprobs_fwd", "care_kernels.linear_logprobs_bwd"):
+            hidden, weight, targets = args[2:5] if name.endswith("bwd") else (args[0], args[1], args[3])
+            rows = int((targets != -100).sum())
+            heads = 1 if name.endswith("bwd") or args[5] is None else 2
+            self.flops.append(2 * rows * hidden.shape[1] * weight.shape[0] * (3 if name.endswith("bwd") else heads))
+            if name.endswith("fwd"):
+                self.ref_rows.append(rows)
+        elif name in self.MATMULS:
+            a, b = args[-2], args[-1]
+            if self.vocab in (*a.shape[-2:], *b.shape[-1:]):
+                self.flops.append(2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1))
+        return out
+
+
+@pytest.mark.parametrize("arm", ["care", "no_reference"])
+def test_step_runs_8nhv_of_head_gemms_with_a_reference_and_6nhv_without(assets, tmp_path, monkeypatch, arm):
+    """The reference head is scored once (2NHV) and the loss head forms the policy's gradient (6NHV) and hands
+    back its log-probs and entropy: no second policy pass over the vocabulary for the metrics."""
+    from grpo_care import trainer as trainer_module
+
+    model = _tiny_vl(assets)
+    vocab, hidden = model.lm_head.weight.shape
+    counter = HeadFlopCounter(vocab)
+    generate = trainer_module.generate_rollouts
+
+    def generate_uncounted(*args, **kwargs):
+        counter.paused = True
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    monkeypatch.setattr(trainer_module, "generate_rollouts", generate_uncounted)
+    extra = dict(use_care=True) if arm == "care" else dict(use_care=False, beta=0.0)
+    config = _config(assets, tmp_path, max_steps=1, **extra)
+    with counter:
+        summary = train(config, model=model, processor=assets["processor"])
+    assert summary["global_step"] == 1
+    metrics = _read_jsonl(summary["metrics_file"])[-1]
+    assert math.isfinite(metrics["entropy"]) and metrics["entropy"] > 0
+    n = config.per_device_train_batch_size * config.num_generations * config.max_completion_length
+    if arm == "care":
+        assert len(counter.ref_rows) == 1 and 0 < counter.ref_rows[0] <= n  # one reference pass, scored rows
+        n = counter.ref_rows[0]
+        assert sum(counter.flops) == 8 * n * hidden * vocab, counter.flops
+    else:
+        assert counter.ref_rows == []
+        assert sum(counter.flops) % (6 * hidden * vocab) == 0 and 0 < sum(counter.flops) <= 6 * n * hidden * vocab
 
 
 def gold_is_a(completions, **columns):

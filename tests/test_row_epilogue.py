@@ -10,11 +10,13 @@ IGNORE = -100
 
 
 def _torch_stats(z, y, t):
+    """float64 truth: (logprobs, lse, entropy), logprobs and entropy 0 at ignored targets."""
     zz = z.double() / t
     lse = torch.logsumexp(zz, 1)
     valid = y != IGNORE
     logp = torch.where(valid, zz.gather(1, y.clamp(min=0)[:, None])[:, 0] - lse, torch.zeros_like(lse))
-    return logp, lse
+    entropy = torch.where(valid, lse - (torch.softmax(zz, 1) * zz).sum(1), torch.zeros_like(lse))
+    return logp, lse, entropy
 
 
 def _torch_grad(z, y, lse, g, t):
@@ -40,10 +42,12 @@ def test_triton_rows_match_torch(device, dtype, n, v, t):
     z = (torch.randn(n, v, device=device) * 3).to(dtype)
     y = torch.randint(0, v, (n,), device=device)
     y[0] = IGNORE
-    logp, lse = rows.row_stats(z, y, t, IGNORE)
-    want_logp, want_lse = _torch_stats(z, y, t)
+    logp, lse, entropy = rows.row_stats(z, y, t, IGNORE, with_entropy=True)
+    want_logp, want_lse, want_entropy = _torch_stats(z, y, t)
     torch.testing.assert_close(logp.double(), want_logp, rtol=0, atol=2e-5)
     torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=2e-5)
+    torch.testing.assert_close(entropy.double(), want_entropy, rtol=0, atol=2e-5)
+    assert rows.row_stats(z, y, t, IGNORE)[2] is None
     g = torch.randn(n, device=device)
     want = _torch_grad(z, y, lse, g, t)
     got = rows.row_grad_(z.clone(), y, lse, g, t, IGNORE)
@@ -51,14 +55,23 @@ def test_triton_rows_match_torch(device, dtype, n, v, t):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 1e-2)
 
 
-@pytest.mark.skipif(not backends.cpp_status()[0], reason="the C++ extension is not built")
-def test_cpp_rows_match_torch():
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+def test_cpu_rows_match_float64(path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(row_epilogue, "_use_cpp", lambda logits: False)
+    elif not backends.cpp_status()[0]:
+        pytest.skip("the C++ extension is not built")
     z = torch.randn(6, 3000) * 2
+    z[4] += 40.0  # large logits: the entropy must not cancel
     y = torch.randint(0, 3000, (6,))
     y[2] = IGNORE
-    logp, lse = row_epilogue.row_stats(z, y, 0.8, IGNORE)
-    want_logp, want_lse = _torch_stats(z, y, 0.8)
+    logp, lse, entropy = row_epilogue.row_stats(z, y, 0.8, IGNORE, with_entropy=True)
+    want_logp, want_lse, want_entropy = _torch_stats(z, y, 0.8)
+    assert lse.dtype == (torch.float64 if path == "cpp" else torch.float32)
     torch.testing.assert_close(logp.double(), want_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=0)
+    torch.testing.assert_close(entropy.double(), want_entropy, rtol=0, atol=1e-5)
+    assert row_epilogue.row_stats(z, y, 0.8, IGNORE)[2] is None
     g = torch.randn(6)
     got = row_epilogue.row_grad_(z.clone(), y, lse, g, 0.8, IGNORE)
     torch.testing.assert_close(got.double(), _torch_grad(z, y, lse, g, 0.8), rtol=1e-5, atol=1e-7)

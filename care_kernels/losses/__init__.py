@@ -5,8 +5,8 @@ LOSS_TYPES            # read-only name -> normalizer of every registered loss ty
 register_loss_type    # add a variant by name
 """
 
-from care_kernels.losses.fused_linear_grpo import FusedLinearGRPOLoss
+from care_kernels.losses.fused_linear_grpo import FusedLinearGRPOLoss, TokenStats
 from care_kernels.losses.policy_loss import policy_loss
 from care_kernels.losses.registry import LOSS_TYPES, get_loss_type, register_loss_type
 
-__all__ = ["policy_loss", "register_loss_type", "get_loss_type", "LOSS_TYPES", "FusedLinearGRPOLoss"]
+__all__ = ["policy_loss", "register_loss_type", "get_loss_type", "LOSS_TYPES", "FusedLinearGRPOLoss", "TokenStats"]

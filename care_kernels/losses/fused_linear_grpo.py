@@ -20,7 +20,7 @@ Tokens outside `attention_mask` are skipped entirely (one host sync to gather th
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -30,6 +30,15 @@ from care_kernels.row_epilogue import row_grad_, row_stats
 
 Tensor = torch.Tensor
 _IGNORE = -100
+
+
+class TokenStats(NamedTuple):
+    """By-products of the loss head's forward, detached: the policy's per-token log-probs and entropy, [B, T]
+    float32 (0 outside the mask; entropy None unless asked for). What `linear_logprobs(...,
+    return_entropy=True)` would return, without a second pass over the vocabulary."""
+
+    logprobs: Tensor
+    entropy: Optional[Tensor]
 
 
 def _default_buffer_bytes(device: torch.device) -> int:
@@ -75,7 +84,7 @@ def _accumulate_grad_weight(grad_weight: Tensor, dlogits: Tensor, h: Tensor, fir
 class _FusedGRPOHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, ref_hidden,
-                ref_weight, ref_bias, loss_kwargs, temperature, buffer_bytes):
+                ref_weight, ref_bias, loss_kwargs, temperature, buffer_bytes, with_entropy):
         b, t, h = hidden.shape
         v = weight.shape[0]
         flat_h = hidden.reshape(b * t, h)
@@ -91,6 +100,7 @@ class _FusedGRPOHead(torch.autograd.Function):
         buf = torch.empty(rows, v, dtype=buf_dtype, device=hidden.device)
 
         logp_flat = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
+        entropy_flat = torch.zeros(b * t, dtype=torch.float32, device=hidden.device) if with_entropy else None
         ref_flat = None
         if ref_weight is not None:
             ref_flat = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
@@ -117,8 +127,10 @@ class _FusedGRPOHead(torch.autograd.Function):
                 z = _logits_chunk(buf, ref_h_act[sel], ref_weight, ref_bias)
                 ref_flat[idx] = row_stats(z, y_act[sel], temperature, _IGNORE)[0]
             z = _logits_chunk(buf, h_act[sel], weight, bias)
-            logp, lse = row_stats(z, y_act[sel], temperature, _IGNORE)
+            logp, lse, entropy = row_stats(z, y_act[sel], temperature, _IGNORE, with_entropy=with_entropy)
             logp_flat[idx] = logp
+            if with_entropy:
+                entropy_flat[idx] = entropy
             g = chunk_grad(logp_flat, ref_flat).index_select(0, idx)
             dlogits = row_grad_(z, y_act[sel], lse, g, temperature, _IGNORE)
             if grad_bias is not None:
@@ -138,8 +150,10 @@ class _FusedGRPOHead(torch.autograd.Function):
                               None if grad_bias is None else grad_bias.to(bias.dtype))
         clip_ratio = metrics["clip_ratio"]
         kl = metrics.get("kl", torch.zeros_like(clip_ratio))
-        ctx.mark_non_differentiable(clip_ratio, kl)
-        return loss, clip_ratio, kl
+        logprobs = logp_flat.view(b, t)
+        entropy = entropy_flat.view(b, t) if with_entropy else torch.zeros_like(logprobs)
+        ctx.mark_non_differentiable(clip_ratio, kl, logprobs, entropy)
+        return loss, clip_ratio, kl, logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -152,7 +166,7 @@ class _FusedGRPOHead(torch.autograd.Function):
         unit = grad_loss.device.type == "cpu" and bool(grad_loss == 1)
         grads = [(g if unit else g.mul_(grad_loss.to(g.dtype))) if g is not None and need else None
                  for g, need in zip((gh, gw, gb), ctx.needs_input_grad[:3])]
-        return *grads, *([None] * 11)
+        return *grads, *([None] * 12)
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
@@ -169,6 +183,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     mask), advantages [B], bias=None, ref_per_token_logps=None [B, T], old_per_token_logps=None [B, T],
     ref_input=None [B, T, H], ref_weight=None [V, H], ref_bias=None, num_items_in_batch=None)
     -> (loss, [kl_mean, clip_ratio]) when beta != 0 else (loss, [clip_ratio]).
+    Extra keywords: return_token_stats=True appends a `TokenStats` (the policy's per-token log-probs, and
+    with return_entropy=True its entropy): a trainer that logs them needs no second head pass.
     """
 
     def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
@@ -191,7 +207,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None,
-                ref_bias=None, num_items_in_batch=None):
+                ref_bias=None, num_items_in_batch=None, *, return_token_stats=False, return_entropy=False):
         _validate.check_head(_input, lin_weight, bias, "_input", "lin_weight", "bias")
         if _input.dim() != 3:
             raise ValueError(f"_input must be [B, T, H], got {tuple(_input.shape)}")
@@ -226,7 +242,10 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             None if ref_per_token_logps is None else ref_per_token_logps.float(),
             ref_input.detach() if use_ref_pass else None, ref_weight.detach() if use_ref_pass else None,
             ref_bias.detach() if use_ref_pass and ref_bias is not None else None,
-            loss_kwargs, self.temperature, int(buffer_bytes),
+            loss_kwargs, self.temperature, int(buffer_bytes), bool(return_token_stats and return_entropy),
         )
-        loss, clip_ratio, kl = outs
-        return loss, ([kl, clip_ratio] if self.beta != 0 else [clip_ratio])
+        loss, clip_ratio, kl, logprobs, entropy = outs
+        metrics = [kl, clip_ratio] if self.beta != 0 else [clip_ratio]
+        if not return_token_stats:
+            return loss, metrics
+        return loss, metrics, TokenStats(logprobs, entropy if return_entropy else None)

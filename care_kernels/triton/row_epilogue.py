@@ -19,27 +19,37 @@ _BLOCK = 4096 if not _INTERPRET else 1024
 
 
 @triton.jit
-def _row_stats_kernel(z_ptr, tgt_ptr, logp_ptr, lse_ptr, V, stride, inv_t, ignore_index,
-                      BLOCK: tl.constexpr):
+def _row_stats_kernel(z_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V, stride, inv_t, ignore_index,
+                      BLOCK: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride
     offs = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], NEG_BIG, dtype=tl.float32)  # per-lane running max and sum of exp
+    m = tl.full([BLOCK], NEG_BIG, dtype=tl.float32)  # per lane: running max, sum exp(z - m), sum exp(z - m)(z - m)
     s = tl.zeros([BLOCK], dtype=tl.float32)
+    t = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + offs
         z = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32) * inv_t
         z = tl.where(cols < V, z, NEG_BIG)
         m_new = tl.maximum(m, z)
-        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        scale = tl.exp(m - m_new)
+        p = tl.exp(z - m_new)
+        if WITH_ENTROPY:  # t relative to the new max: (t + s (m - m_new)) scale + p (z - m_new)
+            t = (t + s * (m - m_new)) * scale + p * (z - m_new)
+        s = s * scale + p
         m = m_new
     m_row = tl.max(m, axis=0)
-    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+    lane_scale = tl.exp(m - m_row)
+    s_row = tl.sum(s * lane_scale, axis=0)
+    lse = m_row + tl.log(s_row)
     y = tl.load(tgt_ptr + row)
     valid = y != ignore_index
     z_y = tl.load(base + tl.where(valid, y, 0)).to(tl.float32) * inv_t
     tl.store(logp_ptr + row, tl.where(valid, z_y - lse, 0.0))
     tl.store(lse_ptr + row, lse)
+    if WITH_ENTROPY:  # entropy = log s - sum p (z - m_row) / s; lanes that saw no column weigh 0 (lane_scale 0)
+        t_row = tl.sum(tl.where(lane_scale > 0, (t + s * (m - m_row)) * lane_scale, 0.0), axis=0)
+        tl.store(ent_ptr + row, tl.where(valid, tl.maximum(tl.log(s_row) - t_row / s_row, 0.0), 0.0))
 
 
 @triton.jit
@@ -58,15 +68,19 @@ def _row_grad_kernel(z_ptr, tgt_ptr, lse_ptr, g_ptr, V, stride, inv_t, ignore_in
         tl.store(base + cols, (d * inv_t).to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def row_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int):
-    """logits [n, V] (any float dtype, unit stride along V) -> (logprobs [n], lse [n]) float32 of logits / T."""
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int,
+              with_entropy: bool = False):
+    """logits [n, V] (any float dtype, unit stride along V) -> (logprobs, lse, entropy or None) [n] float32 of
+    logits / T (care_kernels.row_epilogue.row_stats)."""
     n, v = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None
     if n:
-        _row_stats_kernel[(n,)](logits, targets, logp, lse, v, logits.stride(0), 1.0 / temperature, ignore_index,
-                                BLOCK=_BLOCK, num_warps=8)
-    return logp, lse
+        _row_stats_kernel[(n,)](logits, targets, logp, lse, entropy if with_entropy else logp, v, logits.stride(0),
+                                1.0 / temperature, ignore_index, BLOCK=_BLOCK, WITH_ENTROPY=with_entropy,
+                                num_warps=8)
+    return logp, lse, entropy
 
 
 def row_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_logprobs: torch.Tensor,

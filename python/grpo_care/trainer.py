@@ -8,12 +8,13 @@ One micro-batch (grpo_care.md 3-6):
   2. base rewards per function (rewards.py), accuracy first;
   3. the policy backbone runs with grad on prompt + completion: hidden states [N, L, H] of the completion
      positions; the reference backbone runs under no_grad on the same inputs;
-  4. one no_grad care_kernels pass over the vocabulary scores both heads: the reference's per-token log-probs
-     and the policy's entropy (`dual_linear_logprobs`; `linear_logprobs` when there is no reference);
+  4. one no_grad care_kernels pass over the vocabulary scores the reference head (`linear_logprobs`, 2NHV;
+     none without a reference): the per-token log-probs CARE's likelihood and the KL need;
   5. CARE: answer spans (spans.py) -> `ck.answer_likelihood` -> `ck.care_bonus`; reward = sum + bonus;
   6. `ck.group_advantages`, then `ck.FusedLinearGRPOLoss` on the policy hidden states and the LM-head
-     weight: it forms the per-token gradient during its forward (8NHV), and backward sends it through the
-     backbone. No [N, L, V] logits are ever built.
+     weight: it forms the per-token gradient during its forward (6NHV) and hands back the policy's log-probs
+     and entropy for the metrics, and backward sends the gradient through the backbone. 8NHV of head GEMMs
+     per step with a reference, and no [N, L, V] logits are ever built.
 Then, per optimizer step: gradient clipping, AdamW, the LR schedule, and every `ref_ema_update_every` steps
 the fp32 EMA update of the reference (ema.py). Plain GRPO (`use_care: false`) keeps a frozen reference when
 `beta > 0` and none otherwise.
@@ -469,8 +470,9 @@ class Trainer:
                 hidden = backbone_hidden(self.model, inputs)[:, positions]
             weight, bias = lm_head_params(self.model)
             hidden, weight, bias = self._head_dtype(hidden, weight, bias)
-            targets = ids.masked_fill(mask == 0, IGNORE_INDEX)
-            logp, ref_logp, entropy = self._score(hidden, weight, bias, ref_hidden, targets)
+            ref_logp = None
+            if ref_hidden is not None:
+                ref_logp = self._score_reference(ref_hidden, ids.masked_fill(mask == 0, IGNORE_INDEX))
 
             n = ids.shape[0]
             bonus, likelihood = None, torch.full((n,), math.nan)
@@ -481,7 +483,7 @@ class Trainer:
             total = total_rewards(rewards, self.reward_weights, bonus).to(self.device)
             advantages = ck.group_advantages(total, G, scale=c.scale_rewards, eps=1e-4)
 
-            loss, loss_metrics = self.loss_fn(
+            loss, loss_metrics, policy = self.loss_fn(
                 hidden,
                 weight,
                 ids,
@@ -489,11 +491,19 @@ class Trainer:
                 advantages,
                 bias=bias,
                 ref_per_token_logps=ref_logp if c.beta > 0 else None,
+                return_token_stats=True,
+                return_entropy=True,
             )
-            return loss, (logp, ref_logp, entropy, bonus, likelihood, span, total, advantages, loss_metrics)
+            return loss, (policy, ref_logp, bonus, likelihood, span, total, advantages, loss_metrics)
 
         loss, extras = distributed.forward(self.engine, policy_pass)
-        logp, ref_logp, entropy, bonus, likelihood, span, total, advantages, loss_metrics = extras
+        policy, ref_logp, bonus, likelihood, span, total, advantages, loss_metrics = extras
+        loss_value = float(loss.detach())  # the step's one read of the loss, before its gradient spreads
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"the loss of step {self.global_step + 1} is {loss_value}: the policy's hidden states or LM head "
+                "hold non-finite values (try a lower learning_rate, max_grad_norm, or bf16: false)"
+            )
         (loss / c.gradient_accumulation_steps).backward()
         if self.reference is not None:
             distributed.reshard(self.reference.module)
@@ -508,10 +518,10 @@ class Trainer:
             span_found=span.any(dim=1).cpu(),
             lengths=mask.sum(dim=1).cpu(),
             truncated=(~rollout.finished).cpu(),
-            loss=float(loss.detach()),
+            loss=loss_value,
             clip_ratio=float(loss_metrics[-1]),
-            kl=k3_kl(logp, ref_logp, mask, c.kl_clamp) if ref_logp is not None else math.nan,
-            entropy=masked_mean(entropy, mask),
+            kl=k3_kl(policy.logprobs, ref_logp, mask, c.kl_clamp) if ref_logp is not None else math.nan,
+            entropy=masked_mean(policy.entropy, mask),
             texts=texts,
             samples=group_samples,
         )
@@ -522,43 +532,24 @@ class Trainer:
         return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
     @torch.no_grad()
-    def _score(self, hidden, weight, bias, ref_hidden, targets):
-        """(policy log-probs, reference log-probs or None, policy entropy), [N, L], one care_kernels pass.
+    def _score_reference(self, ref_hidden, targets):
+        """The reference's per-token log-probs [N, L] (0 at ignored targets), one care_kernels pass (2NHV).
 
-        The reference is scored at temperature 1 for CARE (the authors' likelihood uses raw logits) and at the
-        sampling temperature for the KL of plain GRPO; with equal temperatures (always, at T = 1) both heads
-        go through `dual_linear_logprobs` in one pass over the vocabulary.
+        At temperature 1 for CARE (the authors' likelihood uses raw logits), else at the sampling temperature
+        (the KL of plain GRPO). No host sync: `check_finite=False` (the targets are the policy's own samples, in
+        range by construction and still range-checked without a sync); a non-finite state surfaces in the
+        step's loss, which `_micro_step` reads once anyway.
         """
         c = self.config
-        h = hidden.detach()
-        if ref_hidden is None:
-            logp, entropy = ck.linear_logprobs(
-                h, weight.detach(), targets, bias, temperature=c.temperature, return_entropy=True
-            )
-            return logp, None, entropy
         ref_weight, ref_bias = map(distributed.full_tensor, lm_head_params(self.reference.module))
-        ref_hidden = ref_hidden.to(ref_weight.dtype)
-        ref_temperature = 1.0 if c.use_care else c.temperature
-        if ref_temperature == c.temperature:
-            logp, ref_logp, entropy = ck.dual_linear_logprobs(
-                h,
-                weight.detach(),
-                ref_hidden,
-                ref_weight,
-                targets,
-                bias,
-                ref_bias,
-                temperature=c.temperature,
-                return_entropy=True,
-            )
-        else:
-            logp, entropy = ck.linear_logprobs(
-                h, weight.detach(), targets, bias, temperature=c.temperature, return_entropy=True
-            )
-            ref_logp = ck.linear_logprobs(
-                ref_hidden, ref_weight, targets, ref_bias, temperature=ref_temperature
-            )
-        return logp, ref_logp, entropy
+        return ck.linear_logprobs(
+            ref_hidden.to(ref_weight.dtype),
+            ref_weight,
+            targets,
+            ref_bias,
+            temperature=1.0 if c.use_care else c.temperature,
+            check_finite=False,
+        )
 
     # --------------------------------------------------------------------------------------------------------
     # metrics
