@@ -2,7 +2,8 @@
 
 - `care_kernels.integrations.trl`: `patch_trl()` / `use_care_kernels()` make TRL (>= 1.16) compute its
   fused-LM-head per-token log-probs (GRPOTrainer, RLOO, DPO, ...) with `care_kernels.linear_logprobs`;
-  `CareGRPOTrainer` is TRL's GRPOTrainer with the GRPO-CARE consistency bonus and an fp32 EMA reference.
+  `CareGRPOTrainer` is TRL's GRPOTrainer with the GRPO-CARE consistency bonus and an fp32 EMA reference, for
+  text prompts and, with a vision-language model and its processor, image prompts.
 - `care_kernels.integrations.verl`: `linear_cross_entropy` (verl's fused-kernel contract,
   `verl.utils.kernel.linear_cross_entropy`) and `FusedLinearForPPO` (verl's torch module of the same name).
 
