@@ -42,6 +42,7 @@ import torch
 
 from care_kernels.backends import IMPLS
 from care_kernels.group import answer_likelihood, care_bonus
+from care_kernels.integrations._hf import backbone_and_head
 from care_kernels.logprobs import linear_logprobs
 
 __all__ = [
@@ -392,21 +393,6 @@ def _refuse_video(inputs: Sequence[dict]) -> None:
                     raise NotImplementedError(VIDEO_ERROR.format(where="a message part of type 'video'"))
 
 
-def _backbone_and_head(model: torch.nn.Module):
-    """(the backbone returning last_hidden_state, the LM head): TRL's `add_fused_lm_head` rule, i.e. `base_model`,
-    or `model.model` for a vision-language model under transformers < 5."""
-    import transformers
-
-    backbone = model.base_model
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if text_config is not model.config and int(transformers.__version__.split(".")[0]) < 5:
-        backbone = getattr(model, "model", backbone)
-    head = model.get_output_embeddings()
-    if backbone is model or head is None:
-        raise NotImplementedError(f"{type(model).__name__} exposes no backbone / LM head to score with")
-    return backbone, head
-
-
 class ReferenceScorer:
     """A model behind TRL's fused-LM-head call that scores with care_kernels and never builds logits.
 
@@ -427,7 +413,7 @@ class ReferenceScorer:
     def __call__(self, *, labels: Tensor, fused_lm_head: bool = True, **inputs):
         if not fused_lm_head:
             raise ValueError("ReferenceScorer only scores (fused_lm_head=True)")
-        backbone, head = _backbone_and_head(self.model)
+        backbone, head = backbone_and_head(self.model)
         with torch.autocast(labels.device.type, enabled=False):
             hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
             targets = labels[:, 1:].to(hidden.device)
@@ -498,7 +484,7 @@ def _build_trainer_classes() -> dict:
                                           "is a full copy of the policy); train the full model")
             self.care_reference = EmaReference(model, self.care_config.ref_ema_decay,
                                                self.care_config.ref_ema_update_every)
-            _backbone_and_head(self.care_reference.module)  # fails here, not at the first step
+            backbone_and_head(self.care_reference.module)  # fails here, not at the first step
             self.answer_mask_fn = answer_mask_fn or functools.partial(
                 answer_span_mask, tokenizer=self._tokenizer, open_tag=self.care_config.answer_open_tag,
                 close_tag=self.care_config.answer_close_tag,
