@@ -102,3 +102,19 @@ def test_plot_curves_never_raises(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"bad.png skipped: the plot could not be drawn \(OSError: cannot find"):
         assert report.plot_curves(tmp_path / "bad.png", runs) is None
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_demo_clips_decode_to_the_same_frames_with_or_without_decord(tmp_path):
+    """`[demo]` has PyAV, not decord: the trainer's fallback must give the demo the very frames decord gives."""
+    pytest.importorskip("av", reason="the demo writes its clips with PyAV")
+    pytest.importorskip("decord", reason="compares with decord")
+    import numpy as np
+    from grpo_care import video
+    from grpo_care.demo.synthetic_data import DatasetSizes, write_dataset
+
+    write_dataset(tmp_path, DatasetSizes(train=4, sft=4, eval_per_level=2), seed=0)
+    clips = sorted(tmp_path.glob("videos/**/*.mp4"))
+    assert len(clips) >= 8
+    budget = video.VisualBudget(min_frames=4, max_frames=4, video_min_pixels=3136, video_max_pixels=10**7)
+    for clip in clips:
+        assert np.array_equal(video._read_decord(str(clip), budget), video._read_pyav(str(clip), budget)), clip

@@ -11,6 +11,8 @@ and Qwen's processor around a small byte-level BPE (grpo_care.tiny; no downloads
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -231,3 +233,43 @@ def test_care_grpo_trainer_refuses_video(tmp_path, processor):
         trainer._generate_and_score_completions([{"prompt": video_part}] * 4)
     with pytest.raises(NotImplementedError, match=r"'videos' column"):
         trainer._generate_and_score_completions([{"prompt": "p", "videos": ["a.mp4"]}] * 4)
+
+
+def test_readme_image_example_runs(tmp_path, processor, monkeypatch):
+    """The README's CareGRPOTrainer image example, run as written with the model, processor and sizes swapped for
+    the tiny CPU ones."""
+    import transformers
+    from trl import GRPOConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- trl-image-example:start -->")[1].split("<!-- trl-image-example:end -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    assert "CareGRPOTrainer(" in code and "trainer.train()" in code
+
+    model = tiny_vlm(processor)
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: processor)
+    cpu_sized = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, max_steps=1, num_generations=4,
+                     per_device_train_batch_size=4, max_completion_length=8, report_to=[], save_strategy="no",
+                     disable_tqdm=True, logging_steps=1)
+    monkeypatch.setattr(trl, "GRPOConfig", lambda **kwargs: GRPOConfig(**{**kwargs, **cpu_sized}))
+    scope = {}
+    try:
+        exec(compile(code, "README.md", "exec"), scope)
+    finally:
+        ck_trl.unpatch_trl()
+    trainer = scope["trainer"]
+    assert trainer.state.global_step == 1 and trainer.care_reference.num_updates == 0
+    (log,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert {"care/bonus", "care/answer_likelihood", "rewards/accuracy/mean", "rewards/format_reward/mean"} <= set(log)
+
+
+def test_a_trl_whose_scoring_inputs_moved_is_refused_up_front():
+    class ChangedTRL:
+        def _generate_and_score_completions(self, inputs):
+            prompt_completion_ids = attention_mask = inputs
+            return prompt_completion_ids, attention_mask
+
+    with pytest.raises(RuntimeError, match=r"no logits_to_keep, batch_size, .*Pin trl==1\.16"):
+        ck_trl._check_scoring_locals(ChangedTRL)
+    ck_trl._check_scoring_locals(trl.GRPOTrainer)  # the installed TRL has them
