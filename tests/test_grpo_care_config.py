@@ -104,7 +104,7 @@ def test_bad_values_are_errors_that_name_the_field(tmp_path):
         GRPOCareConfig(num_generations=1)
     with pytest.raises(ValueError, match="loss_type must be one of"):
         GRPOCareConfig(loss_type="ppo")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="unrecognized arguments: --not_a_field 1"):
         GRPOCareConfig.from_cli(["--not_a_field", "1"])
 
 

@@ -395,9 +395,10 @@ def test_care_grpo_trainer_bonus_on_hand_crafted_rollouts(tmp_path, tokenizer):
     trainer.model.train()
     prompt_ids = [[5, 6, 7], [8, 9], [5, 6, 7], [10]]
     completion_ids = [[11, 12, 3, 13, 4], [14, 15, 16], [17, 3, 18, 4, 1], [19, 20]]
-    trainer._care_prompt_ids = prompt_ids
-    inputs = [{"prompt": "p"}] * 4
-    rewards = trainer._calculate_rewards(inputs, ["p"] * 4, ["c"] * 4, completion_ids)
+    # TRL's own path from the rollouts on (padding, masks, rewards, advantages), with these rollouts
+    trainer._generate = lambda prompts: (prompt_ids, completion_ids, None, ["c"] * 4, None, {}, None, [])
+    trainer._generate_and_score_completions([{"prompt": "p"}] * 4)
+    rewards = torch.tensor([list(trainer._logs["rewards"][name]) for name in trainer.reward_func_names]).T
 
     # the likelihood by hand: full logits of the fp32 reference, one sequence at a time (no padding)
     reference = trainer.care_reference.module
@@ -411,8 +412,9 @@ def test_care_grpo_trainer_bonus_on_hand_crafted_rollouts(tmp_path, tokenizer):
     assert expected.sum() > 0
     torch.testing.assert_close(rewards[:, 0], torch.tensor(accuracy) + expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rewards[:, 1], torch.ones(4))
-    torch.testing.assert_close(
-        trainer.reference_answer_likelihood(prompt_ids, completion_ids), likelihood, atol=1e-5, rtol=1e-5)
+    assert trainer._metrics["train"]["care/answer_likelihood"] == [pytest.approx(likelihood.mean().item(), rel=1e-5)]
+    with pytest.raises(RuntimeError, match="_generate_and_score_completions"):
+        trainer._calculate_rewards([{"prompt": "p"}] * 4, ["p"] * 4, ["c"] * 4, completion_ids)
 
 
 def test_care_grpo_trainer_two_steps(tmp_path, tokenizer):

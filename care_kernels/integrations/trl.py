@@ -6,6 +6,8 @@
     with use_care_kernels(): ...  # the same, undone on exit
     trainer = CareGRPOTrainer(model=..., reward_funcs=[accuracy, fmt], args=GRPOConfig(beta=0.0, ...),
                               train_dataset=..., care_config=CareConfig(consistency_margin=0.01))
+    # image prompts: a vision-language model (e.g. Qwen2.5-VL), its processor, `image` / `images` columns
+    trainer = CareGRPOTrainer(model=vlm, processing_class=processor, train_dataset=image_set, ...)
 
 The hook. TRL 1.16's GRPOTrainer never builds logits: `add_fused_lm_head` replaces the model's forward,
 and `model(..., labels=labels, fused_lm_head=True)` runs the backbone and then calls
@@ -31,6 +33,8 @@ import dataclasses
 import functools
 import inspect
 import math
+import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -38,6 +42,7 @@ import torch
 
 from care_kernels.backends import IMPLS
 from care_kernels.group import answer_likelihood, care_bonus
+from care_kernels.integrations._hf import backbone_and_head
 from care_kernels.logprobs import linear_logprobs
 
 __all__ = [
@@ -327,11 +332,104 @@ def answer_span_mask(
     return masks
 
 
+# TRL 1.16's `GRPOTrainer._generate_and_score_completions` builds, before it calls `_calculate_rewards`, the
+# tensors it scores the policy and its own reference model with (prompt + completion ids, attention mask, the
+# processor's pixel_values / image_grid_thw / mm_token_type_ids / ..., images per row). They live only in its
+# locals; CareGRPOTrainer reads them from that frame so that the EMA reference is scored on exactly those
+# tensors, for every model TRL supports, without rebuilding them (which would copy TRL's model-specific code).
+TRL_SCORING_LOCALS = ("prompt_completion_ids", "attention_mask", "logits_to_keep", "batch_size", "forward_kwargs",
+                      "num_images", "num_tiles", "tool_mask")
+VIDEO_KEYS = ("video", "videos")
+VIDEO_ERROR = ("CareGRPOTrainer got video ({where}), but TRL's GRPOTrainer has no video path (it would train on "
+               "the text alone); train video with grpo_care's own trainer (`grpo-care train`, "
+               "python/grpo_care/README.md). CareGRPOTrainer takes text and image prompts")
+
+
+def _generate_and_score_code(grpo_trainer_class):
+    return inspect.unwrap(grpo_trainer_class._generate_and_score_completions).__code__
+
+
+def _check_scoring_locals(grpo_trainer_class) -> None:
+    import trl
+
+    missing = [name for name in TRL_SCORING_LOCALS
+               if name not in _generate_and_score_code(grpo_trainer_class).co_varnames]
+    if missing:
+        raise RuntimeError(
+            f"CareGRPOTrainer scores its EMA reference with the inputs TRL 1.16's "
+            f"GRPOTrainer._generate_and_score_completions builds ({', '.join(TRL_SCORING_LOCALS)}); trl "
+            f"{trl.__version__} has no {', '.join(missing)} there. Pin trl==1.16.* or update care_kernels"
+        )
+
+
+def _trl_scoring_inputs(code) -> dict:
+    """The TRL_SCORING_LOCALS of the running `_generate_and_score_completions` (a caller of the caller)."""
+    frame = sys._getframe(1)
+    try:
+        while frame is not None and frame.f_code is not code:
+            frame = frame.f_back
+        if frame is None:
+            raise RuntimeError(
+                "CareGRPOTrainer._calculate_rewards must run inside GRPOTrainer._generate_and_score_completions "
+                "(it scores the EMA reference with the inputs built there); call that, or "
+                "reference_answer_likelihood() directly")
+        scope = frame.f_locals
+        return {name: scope.get(name) for name in TRL_SCORING_LOCALS}
+    finally:
+        del frame
+
+
+def _refuse_video(inputs: Sequence[dict]) -> None:
+    for example in inputs:
+        for key in VIDEO_KEYS:
+            if example.get(key) is not None:
+                raise NotImplementedError(VIDEO_ERROR.format(where=f"a {key!r} column"))
+        prompt = example.get("prompt")
+        if isinstance(prompt, list):
+            for message in prompt:
+                content = message.get("content") if isinstance(message, dict) else None
+                if isinstance(content, list) and any(
+                        isinstance(part, dict) and part.get("type") == "video" for part in content):
+                    raise NotImplementedError(VIDEO_ERROR.format(where="a message part of type 'video'"))
+
+
+class ReferenceScorer:
+    """A model behind TRL's fused-LM-head call that scores with care_kernels and never builds logits.
+
+    `scorer(input_ids=[B, T], attention_mask=[B, T], labels=[B, T], fused_lm_head=True, **multimodal)` returns
+    an object whose `log_probs` [B, T - 1] float32 holds `log p(labels[:, t + 1] | ...)` where that label is
+    not -100, else 0: what `model(..., labels=labels, fused_lm_head=True).log_probs` returns for a model
+    patched by TRL's `add_fused_lm_head`, so TRL's `_get_per_token_logps_and_entropies` can slice the
+    multimodal inputs per micro-batch for it. Equivalent to
+    `(backbone(...).last_hidden_state[:, :-1] @ head.weight.T + head.bias).log_softmax(-1).gather(-1, labels[:, 1:])`
+    at the labelled positions only, computed by `care_kernels.linear_logprobs` (vocabulary streamed), in the
+    model's own dtype with autocast off (the EMA reference is fp32: its likelihood is not rounded to bf16).
+    """
+
+    def __init__(self, model: torch.nn.Module, impl: str = "auto"):
+        self.model = model
+        self.impl = impl
+
+    def __call__(self, *, labels: Tensor, fused_lm_head: bool = True, **inputs):
+        if not fused_lm_head:
+            raise ValueError("ReferenceScorer only scores (fused_lm_head=True)")
+        backbone, head = backbone_and_head(self.model)
+        with torch.autocast(labels.device.type, enabled=False):
+            hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
+            targets = labels[:, 1:].to(hidden.device)
+            scored = targets != -100
+            logps = linear_logprobs(hidden[scored], head.weight, targets[scored], head.bias, impl=self.impl)
+        return types.SimpleNamespace(log_probs=logps.new_zeros(scored.shape).masked_scatter(scored, logps),
+                                     entropy=None, aux_loss=None)
+
+
 def _build_trainer_classes() -> dict:
     _require_trl()
     from transformers import TrainerCallback
     from trl import GRPOTrainer
-    from trl.trainer.utils import pad
+
+    _check_scoring_locals(GRPOTrainer)
+    scoring_code = _generate_and_score_code(GRPOTrainer)
 
     class EmaReferenceCallback(TrainerCallback):
         """Updates `trainer.care_reference` every `ref_ema_update_every` optimizer steps, after the step."""
@@ -347,22 +445,32 @@ def _build_trainer_classes() -> dict:
     class CareGRPOTrainer(GRPOTrainer):
         """TRL's GRPOTrainer plus GRPO-CARE's consistency bonus, scored by an fp32 EMA reference.
 
+        Text prompts with a tokenizer, or image prompts (`image` / `images` columns, conversational prompts)
+        with a vision-language model and its processor (Qwen2.5-VL, ... any model TRL's GRPOTrainer trains).
         Extra arguments: `care_config` (CareConfig) and
         `answer_mask_fn(completion_ids_list) -> list[list[bool]]` (default: `answer_span_mask` with the
         config's tags). After TRL scores the completions with the reward functions, the reference
-        (`self.care_reference.module`) scores each prompt + completion by teacher forcing
-        (`care_kernels.linear_logprobs` on its last hidden states, temperature 1), `answer_likelihood` turns
-        the answer tokens' log-probs into a likelihood, and `care_bonus` is added to the accuracy reward
-        (`care_config.accuracy_reward_index`) before TRL computes the advantages. The reference starts as a
-        copy of the policy and follows it by EMA every `ref_ema_update_every` optimizer steps.
+        (`self.care_reference.module`) scores each prompt + completion by teacher forcing on the very inputs TRL
+        built for the policy (ids, masks, pixel_values, image_grid_thw, ...), through TRL's own per-micro-batch
+        slicing (`_get_per_token_logps_and_entropies`, as TRL scores its reference model) with a
+        `ReferenceScorer`: `care_kernels.linear_logprobs` on its last hidden states, temperature 1, no
+        `[B, T, V]` logits. `answer_likelihood` turns the answer tokens' log-probs into a likelihood and
+        `care_bonus` is added to the accuracy reward (`care_config.accuracy_reward_index`) before TRL computes
+        the advantages. The reference starts as a copy of the policy and follows it by EMA every
+        `ref_ema_update_every` optimizer steps.
 
-        GRPO-CARE trains with beta=0; with beta > 0, TRL's own (frozen) ref_model serves the KL term. Text
-        models only (use grpo_care's trainer for video); PEFT and DeepSpeed ZeRO-3 are not supported. For
-        care_kernels in the policy's own log-probs too, call `patch_trl()`.
+        GRPO-CARE trains with beta=0; with beta > 0, TRL's own (frozen) ref_model serves the KL term. Video is
+        refused (TRL's GRPOTrainer has no video path: use grpo_care's trainer); PEFT and DeepSpeed ZeRO-3 are
+        not supported. For care_kernels in the policy's own log-probs too, call `patch_trl()`.
         """
 
         def __init__(self, *args, care_config: Optional[CareConfig] = None,
                      answer_mask_fn: Optional[Callable[[list], list]] = None, **kwargs):
+            for name in ("train_dataset", "eval_dataset"):
+                columns = getattr(kwargs.get(name), "column_names", None) or []
+                found = [c for c in VIDEO_KEYS if c in columns]
+                if found:
+                    raise NotImplementedError(VIDEO_ERROR.format(where=f"{name} column {found[0]!r}"))
             super().__init__(*args, **kwargs)
             self.care_config = care_config or CareConfig()
             if self.care_config.accuracy_reward_index >= len(self.reward_funcs):
@@ -376,26 +484,28 @@ def _build_trainer_classes() -> dict:
                                           "is a full copy of the policy); train the full model")
             self.care_reference = EmaReference(model, self.care_config.ref_ema_decay,
                                                self.care_config.ref_ema_update_every)
+            backbone_and_head(self.care_reference.module)  # fails here, not at the first step
             self.answer_mask_fn = answer_mask_fn or functools.partial(
                 answer_span_mask, tokenizer=self._tokenizer, open_tag=self.care_config.answer_open_tag,
                 close_tag=self.care_config.answer_close_tag,
             )
-            self._care_prompt_ids = None
             self.add_callback(EmaReferenceCallback(self))
 
-        def _generate(self, prompts):
-            outputs = super()._generate(prompts)
-            self._care_prompt_ids = outputs[0]
-            return outputs
+        def _generate_and_score_completions(self, inputs):
+            _refuse_video(inputs)
+            return super()._generate_and_score_completions(inputs)
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            if any(key in inputs[0] for key in ("image", "images", "video", "videos")):
-                raise NotImplementedError("CareGRPOTrainer scores text-only prompts; use grpo_care's trainer "
-                                          "(`grpo-care train`) for images and video")
+            scoring = _trl_scoring_inputs(scoring_code)
             mode = "train" if self.model.training else "eval"
             group_size = self.num_generations if mode == "train" else self.num_generations_eval
-            likelihood = self.reference_answer_likelihood(self._care_prompt_ids, completion_ids_list)
+            answer_mask = self._answer_mask(completion_ids_list, scoring)
+            likelihood = self.reference_answer_likelihood(
+                scoring["prompt_completion_ids"], scoring["attention_mask"], scoring["logits_to_keep"],
+                answer_mask, batch_size=scoring["batch_size"], num_images=scoring["num_images"],
+                num_tiles=scoring["num_tiles"], **scoring["forward_kwargs"],
+            )
             likelihood = self.accelerator.gather(likelihood)
             rewards_per_func, bonus = add_care_bonus(rewards_per_func, likelihood, group_size,
                                                      self.care_config)
@@ -403,47 +513,47 @@ def _build_trainer_classes() -> dict:
             self._metrics[mode]["care/answer_likelihood"].append(likelihood.mean().item())
             return rewards_per_func
 
+        def _answer_mask(self, completion_ids_list, scoring) -> Tensor:
+            """bool [B, logits_to_keep]: `answer_mask_fn`'s tokens among those TRL scores (attention mask 1;
+            generated by the model, not a tool, when TRL keeps a tool mask)."""
+            rows = self.answer_mask_fn(completion_ids_list)
+            if len(rows) != len(completion_ids_list) or any(
+                    len(m) != len(c) for m, c in zip(rows, completion_ids_list)):
+                raise ValueError(
+                    "answer_mask_fn must return one bool per completion token, for every completion")
+            width = scoring["logits_to_keep"]
+            attention = scoring["attention_mask"]
+            mask = torch.zeros(len(rows), width, dtype=torch.bool, device=attention.device)
+            for i, row in enumerate(rows):
+                mask[i, : len(row)] = torch.tensor([bool(x) for x in row], dtype=torch.bool)
+            mask &= attention[:, -width:].bool()
+            if scoring["tool_mask"] is not None:
+                mask &= scoring["tool_mask"].bool()
+            return mask
+
         @torch.no_grad()
-        def reference_answer_likelihood(self, prompt_ids_list, completion_ids_list) -> Tensor:
-            """float32 [B]: exp(mean log-prob of the answer tokens) under the EMA reference, prompts
-            left-padded and completions right-padded exactly as TRL lays out the policy's input."""
+        def reference_answer_likelihood(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int,
+                                        answer_mask: Tensor, *, batch_size: Optional[int] = None,
+                                        num_images: Optional[list] = None, num_tiles: Optional[list] = None,
+                                        **multimodal) -> Tensor:
+            """float32 [B]: exp(mean log-prob of the answer tokens) under the EMA reference (1.0 when a row
+            has no answer token).
+
+            input_ids, attention_mask [B, P + C]: prompts left-padded then completions right-padded, as TRL
+            lays out the policy's input; logits_to_keep = C; answer_mask [B, C] bool; `multimodal`: the
+            processor's tensors for the prompts (pixel_values, image_grid_thw, mm_token_type_ids [B, P + C],
+            ...) with `num_images` per row, as TRL passes them to `_get_per_token_logps_and_entropies`.
+            Scored `batch_size` rows at a time (default: all), each through a `ReferenceScorer`.
+            """
             device = self.accelerator.device
             reference = self.care_reference.module
             if next(reference.parameters()).device != device:
                 reference.to(device)
-            pad_id = self._tokenizer.pad_token_id
-            as_tensors = lambda rows, dtype: [torch.tensor(list(r), dtype=dtype) for r in rows]
-            prompt_ids = pad(as_tensors(prompt_ids_list, torch.long), pad_id, "left").to(device)
-            ones = lambda rows: [torch.ones(len(r), dtype=torch.long) for r in rows]
-            prompt_mask = pad(ones(prompt_ids_list), 0, "left").to(device)
-            completion_ids = pad(as_tensors(completion_ids_list, torch.long), pad_id, "right").to(device)
-            completion_mask = pad(ones(completion_ids_list), 0, "right").to(device)
-            answer_rows = self.answer_mask_fn(completion_ids_list)
-            if len(answer_rows) != len(completion_ids_list) or any(
-                    len(m) != len(c) for m, c in zip(answer_rows, completion_ids_list)):
-                raise ValueError(
-                    "answer_mask_fn must return one bool per completion token, for every completion")
-            answer_mask = pad(as_tensors(answer_rows, torch.bool), False, "right").to(device)
-            answer_mask &= completion_mask.bool()
-
-            backbone, head = reference.base_model, reference.get_output_embeddings()
-            if backbone is reference or head is None:
-                raise NotImplementedError(
-                    f"{type(reference).__name__} exposes no backbone / LM head to score with")
-            input_ids = torch.cat([prompt_ids, completion_ids], 1)
-            attention_mask = torch.cat([prompt_mask, completion_mask], 1)
-            targets = completion_ids.masked_fill(completion_mask == 0, -100)
-            prompt_len, batch_size = prompt_ids.shape[1], self.args.per_device_train_batch_size
-            logprobs = []
-            for start in range(0, input_ids.shape[0], batch_size):
-                rows = slice(start, start + batch_size)
-                hidden = backbone(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
-                                  use_cache=False).last_hidden_state
-                logprobs.append(linear_logprobs(
-                    hidden[:, prompt_len - 1:-1].float(), head.weight, targets[rows], head.bias,
-                    impl=self.care_config.impl,
-                ))
-            return answer_likelihood(torch.cat(logprobs), answer_mask)
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                ReferenceScorer(reference, self.care_config.impl), input_ids, attention_mask, logits_to_keep,
+                batch_size=batch_size, num_images=num_images, num_tiles=num_tiles, **multimodal,
+            )
+            return answer_likelihood(logps, answer_mask.to(logps.device))
 
     return {"CareGRPOTrainer": CareGRPOTrainer, "EmaReferenceCallback": EmaReferenceCallback}
 

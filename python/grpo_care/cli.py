@@ -7,45 +7,79 @@ grpo-care eval  --model outputs/care/checkpoint-1500 --data validation_L1.jsonl 
 torchrun --nproc_per_node 8 -m grpo_care.cli train --config ... --distributed fsdp   # or ddp
 torchrun --nproc_per_node 8 -m grpo_care.cli eval --model ... --data ... --output_dir eval/   # data-parallel
 grpo-care demo  [...]                      # the embedded CPU demo (grpo_care.demo)
+
+A mistake in the arguments (a missing file or model directory, a value of the wrong type or out of range) ends
+in one line that names the argument, where its value came from and what to do, with exit status 2; `--debug`
+anywhere on the command line (or GRPO_CARE_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-from grpo_care.config import GRPOCareConfig
+from grpo_care.config import COMMAND_LINE, GRPOCareConfig
+from grpo_care.user_errors import OneLineArgumentParser, UsageError, check_dir, check_file, check_model_source
 
 USAGE = (
-    "usage: grpo-care {train,eval,demo} [options]   (grpo-care <command> --help for each command's options)"
+    "usage: grpo-care {train,eval,demo} [options] [--debug]   (grpo-care <command> --help for each command's "
+    "options)"
 )
+DEBUG_ENV = "GRPO_CARE_DEBUG"
+ON_COMMAND_LINE = "given on the command line"
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """`--debug` on the command line, or GRPO_CARE_DEBUG set to anything but '', 0, false, no, off."""
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         print(__doc__)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        return _train(rest)
-    if command == "eval":
-        return _eval(rest)
-    if command == "demo":
-        return _demo(rest)
-    print(f"grpo-care: unknown command {command!r}\n{USAGE}", file=sys.stderr)
-    return 2
+    commands = {"train": _train, "eval": _eval, "demo": _demo}
+    if command not in commands:
+        print(f"grpo-care: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return commands[command](rest)
+    except UsageError as err:
+        if debug:
+            raise
+        print(f"grpo-care {command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def check_train_inputs(config: GRPOCareConfig) -> None:
+    """The model, the annotations, the data root and the checkpoint to resume from exist (UsageError if not),
+    before anything is loaded; a local-looking model path that does not exist never reaches the hub."""
+    check_model_source(config.model_name_or_path, "model_name_or_path", config.describe_source("model_name_or_path"))
+    if not config.train_file:
+        raise UsageError("train_file is empty", source=config.describe_source("train_file"),
+                         hint="set `train_file:` in the config or pass --train_file FILE (the training annotations)")
+    check_file(config.train_file, "train_file", config.describe_source("train_file"), what="annotation file")
+    if config.data_root:
+        check_dir(config.data_root, "data_root", config.describe_source("data_root"), what="data root")
+    resume = config.resume_from_checkpoint
+    if resume and resume != "latest":
+        check_dir(resume, "resume_from_checkpoint", config.describe_source("resume_from_checkpoint"),
+                  what="checkpoint directory")
 
 
 def _train(argv: list[str]) -> int:
+    config = GRPOCareConfig.from_cli(argv, prog="grpo-care train")
+    check_train_inputs(config)  # before torch and transformers are even imported
     from grpo_care import distributed
     from grpo_care.trainer import train
 
-    config = GRPOCareConfig.from_cli(argv, prog="grpo-care train")
     try:
         summary = train(config)
     finally:
@@ -56,7 +90,7 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="grpo-care eval",
         description="SEED-Bench-R1 accuracy (per level and domain) and consistency rate of a model "
         "directory; other config fields (eval_*, video_*, e.g. --eval_video_max_frames 32) may follow as "
@@ -96,17 +130,24 @@ def _eval(argv: list[str]) -> int:
         help="start over instead of resuming from output_dir/samples.jsonl",
     )
     args, rest = parser.parse_known_args(argv)
-    from grpo_care import distributed
-    from grpo_care.evaluate import evaluate_files
-    from grpo_care.judge import make_judge
-    from grpo_care.modeling import load_model
-
-    config = GRPOCareConfig.from_yaml(args.config, rest + [f"model_name_or_path={args.model}"])
+    config = GRPOCareConfig.from_yaml(args.config, rest + [f"model_name_or_path={args.model}"],
+                                      overrides_source=COMMAND_LINE)
     # under torchrun: data-parallel, each rank holds the whole model (a training config's fsdp does not apply)
     config.distributed = "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
     files = args.data or config.eval_files
     if not files:
         parser.error("pass --data FILE [FILE ...] or a --config with eval_files")
+    check_model_source(args.model, "--model", f"{ON_COMMAND_LINE} as --model {args.model}")
+    for file in files:
+        source = f"{ON_COMMAND_LINE} as --data" if args.data else config.describe_source("eval_files")
+        check_file(file, "--data" if args.data else "eval_files", source, what="annotation file")
+    if args.data_root:
+        check_dir(args.data_root, "--data_root", f"{ON_COMMAND_LINE} as --data_root {args.data_root}",
+                  what="data root")
+    from grpo_care import distributed
+    from grpo_care.evaluate import evaluate_files
+    from grpo_care.judge import make_judge
+
     judge = make_judge(
         args.judge if args.judge is not None else config.eval_judge,
         timeout=config.eval_judge_timeout,
@@ -114,7 +155,7 @@ def _eval(argv: list[str]) -> int:
     )
     env = distributed.setup(config)  # one process: nothing to set up
     try:
-        model, processor, tokenizer = load_model(config, env.device)
+        model, processor, tokenizer = _load_eval_model(config, env.device, args.model)
         model.to(env.device).eval()
         report = evaluate_files(
             model,
@@ -137,6 +178,21 @@ def _eval(argv: list[str]) -> int:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _load_eval_model(config, device, name: str):
+    """load_model; a hub id that the hub cannot serve (no such repo, no connection) is a UsageError."""
+    from grpo_care.modeling import load_model
+
+    try:
+        return load_model(config, device)
+    except OSError as err:
+        if Path(name).expanduser().exists():  # a local model that fails to load is not a naming mistake
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--model: {name!r} could not be loaded from the Hugging Face hub: {first_line}",
+                         source=f"{ON_COMMAND_LINE} as --model {name}",
+                         hint="check the hub id, or pass a local model directory (a run's checkpoint-N)") from err
 
 
 def _demo(argv: list[str]) -> int:

