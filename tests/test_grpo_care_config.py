@@ -60,8 +60,8 @@ def test_grpo_yaml_is_the_baseline():
     care = GRPOCareConfig.from_yaml(CONFIGS / "seed_bench_r1_care.yaml").to_dict()
     grpo = GRPOCareConfig.from_yaml(CONFIGS / "seed_bench_r1_grpo.yaml").to_dict()
     differing = {k for k in care if care[k] != grpo[k]}
-    assert differing == {"use_care", "beta", "output_dir"}
-    assert grpo["use_care"] is False and grpo["beta"] > 0
+    assert differing == {"use_care", "beta", "ref_ema_decay", "output_dir"}
+    assert grpo["use_care"] is False and grpo["beta"] > 0 and grpo["ref_ema_decay"] is None  # unset: frozen
 
 
 def test_tiny_cpu_yaml_loads():
