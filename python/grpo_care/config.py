@@ -32,7 +32,8 @@ RESUME_BOOKKEEPING = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "report_to", "log_completions",
     "log_completions_steps", "num_completions_to_print", "save_steps", "save_total_limit", "disable_tqdm",
     "dist_timeout", "eval_files", "eval_temperature", "eval_top_p", "eval_max_new_tokens", "eval_batch_size",
-    "eval_video_max_frames", "eval_judge", "eval_judge_timeout", "eval_judge_max_retries", "eval_judge_workers",
+    "eval_video_max_frames", "eval_real_video_timing", "eval_judge", "eval_judge_timeout", "eval_judge_max_retries",
+    "eval_judge_workers",
 })
 _SCALES = ("group", "batch", "none")
 _ANSWER_SPANS = ("content", "official")
@@ -209,6 +210,13 @@ class GRPOCareConfig:
     eval_max_new_tokens: int = _f(1024, "evaluation max new tokens.")
     eval_batch_size: int = _f(4, "prompts per evaluation batch.")
     eval_video_max_frames: int = _f(16, "max frames at evaluation (16 SEED-Bench-R1, 32 general benchmarks).")
+    eval_real_video_timing: bool = _f(
+        True,
+        "at evaluation, give each video its real temporal spacing (M-RoPE's second_per_grid_ts = 2 frames / the "
+        "sampled fps, as the authors' vLLM evaluation is given the sampled fps: a clip sampled below 2 fps gets "
+        "more than 1 s per temporal patch). False: 1 s per patch for every clip, as in training (the authors' "
+        "and this trainer's training drop second_per_grid_ts).",
+    )
     eval_judge: str = _f(
         "none",
         "consistency judge of `grpo-care eval` (grpo_care.md 9.4): none, offline (no network: does the "
