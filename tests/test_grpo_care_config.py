@@ -19,7 +19,7 @@ def test_every_field_has_help_text():
 def test_care_yaml_is_the_papers_run():
     c = GRPOCareConfig.from_yaml(CONFIGS / "seed_bench_r1_care.yaml")
     assert c.model_name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
-    assert (c.num_generations, c.per_device_train_batch_size * c.gradient_accumulation_steps) == (8, 4)
+    assert (c.num_generations, c.per_device_train_batch_size, c.prompts_per_step) == (8, 1, 4)
     assert (c.learning_rate, c.lr_scheduler_type, c.warmup_ratio, c.weight_decay, c.max_grad_norm) == (
         1e-6,
         "cosine",
@@ -60,8 +60,8 @@ def test_grpo_yaml_is_the_baseline():
     care = GRPOCareConfig.from_yaml(CONFIGS / "seed_bench_r1_care.yaml").to_dict()
     grpo = GRPOCareConfig.from_yaml(CONFIGS / "seed_bench_r1_grpo.yaml").to_dict()
     differing = {k for k in care if care[k] != grpo[k]}
-    assert differing == {"use_care", "beta", "output_dir"}
-    assert grpo["use_care"] is False and grpo["beta"] > 0
+    assert differing == {"use_care", "beta", "ref_ema_decay", "output_dir"}
+    assert grpo["use_care"] is False and grpo["beta"] > 0 and grpo["ref_ema_decay"] == 1.0  # a frozen KL reference
 
 
 def test_tiny_cpu_yaml_loads():
@@ -125,3 +125,17 @@ def test_resume_changes_names_every_change_and_refuses_another_seed():
     with pytest.raises(ValueError, match="ckpt was written with seed: 42 -> 1: .*model_name_or_path=ckpt"):
         GRPOCareConfig(seed=1, max_steps=10).resume_changes(saved, "ckpt")
     assert GRPOCareConfig().resume_changes({}, "ckpt") == []  # a checkpoint without a config: nothing to compare
+
+
+def test_new_fields_are_checked():
+    assert GRPOCareConfig().ref_ema_decay is None  # unset: the method's own (ema.ema_decay)
+    assert GRPOCareConfig.from_yaml(None, ["ref_ema_decay=null"]).ref_ema_decay is None
+    for bad, match in (
+        (dict(ref_ema_decay=1.5), "ref_ema_decay must be in"),
+        (dict(answer_span="tags"), "answer_span must be one of"),
+        (dict(prompts_per_step=-1), "prompts_per_step must be >= 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            GRPOCareConfig(**bad)
+    config = GRPOCareConfig()
+    assert (config.answer_span, config.prompts_per_step, config.eval_real_video_timing) == ("content", 0, True)

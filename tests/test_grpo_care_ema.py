@@ -3,7 +3,8 @@
 
 import pytest
 import torch
-from grpo_care.ema import EMAReference
+from grpo_care.config import GRPOCareConfig
+from grpo_care.ema import EMAReference, ema_decay, ema_moves
 
 
 def _policy(value: float = 1.0) -> torch.nn.Module:
@@ -78,7 +79,8 @@ def test_deferred_shadow_must_be_built_before_an_update():
 _FSDP_BF16_REFERENCE = r"""
 import os, types, warnings, torch, torch.distributed as dist
 from grpo_care import distributed
-from grpo_care.ema import EMAReference
+from grpo_care.config import GRPOCareConfig
+from grpo_care.ema import EMAReference, ema_decay, ema_moves
 dist.init_process_group("gloo", rank=0, world_size=1)
 torch.manual_seed(0)
 policy = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4))
@@ -86,12 +88,17 @@ with torch.no_grad():
     for p in policy.parameters():
         p.fill_(1.0)
 ref = EMAReference(policy, dtype=torch.bfloat16, build_shadow=False)
+frozen = EMAReference(policy, dtype=torch.bfloat16, build_shadow=False, frozen=True)
 config = types.SimpleNamespace(bf16=False, fsdp_reshard_after_forward=True)
 env = distributed.DistEnv(0, 1, 0, "fsdp", torch.device("cpu"))
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # a Sequential names no _no_split_modules
     distributed.fully_shard_model(policy, config, env)
     distributed.shard_reference(ref, policy, config, env)
+    distributed.shard_reference(frozen, policy, config, env)
+# a frozen reference's state is its own bf16 shards: no fp32 shadow on any rank
+for shadow, p in zip(frozen.shadow, frozen.module.parameters()):
+    assert shadow.dtype == torch.bfloat16 and shadow.to_local().data_ptr() == p.to_local().data_ptr()
 with torch.no_grad():
     for p in policy.parameters():
         p.add_(0.01)
@@ -111,7 +118,7 @@ print("ok")
 
 def test_fsdp_reference_builds_its_fp32_shadow_from_the_shards(run_gloo_script):
     """The FSDP path with a bf16 reference (as on GPU): no full fp32 shadow before sharding; after it, the
-    shadow is sharded like the policy and follows the policy's drift in fp32."""
+    shadow is sharded like the policy and follows the policy's drift in fp32. A frozen reference keeps none."""
     run_gloo_script(_FSDP_BF16_REFERENCE)
 
 
@@ -128,3 +135,41 @@ def test_a_bf16_reference_keeps_the_policy_s_fp32_buffers():
         assert buffer.dtype == buffers[name].dtype == torch.float32 and torch.equal(buffer, buffers[name]), name
     assert all(p.dtype == torch.bfloat16 for p in ref.module.parameters())
     assert ref.module.lm_head.weight is ref.module.model.embed_tokens.weight  # the tie survives the cast
+
+
+def test_a_frozen_reference_keeps_no_shadow_and_is_never_updated():
+    """ref_ema_decay 1.0 (or plain GRPO's unset): nothing reads an EMA, so no fp32 copy is made (30 GB at 7B);
+    the reference's own (bf16) weights are its state, and a checkpoint still holds them."""
+    assert [ema_moves(d) for d in (None, 1.0, 0.995, 0.0)] == [False, False, True, True]
+    policy = _policy(1.0)
+    ref = EMAReference(policy, dtype=torch.bfloat16, frozen=True)
+    assert ref.frozen and ref.aliased
+    assert all(s.data_ptr() == p.data_ptr() for s, p in zip(ref.shadow, ref.module.parameters()))
+    assert all(s.dtype == torch.bfloat16 for s in ref.shadow)  # no fp32 tensor anywhere
+    with pytest.raises(RuntimeError, match="frozen"):
+        ref.update(policy, decay=0.995)
+
+    moving = EMAReference(_policy(1.0), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)
+    moving.update(policy, 0.5)  # shadow 1.5
+    restored = EMAReference(_policy(0.0), dtype=torch.bfloat16, frozen=True)
+    restored.load_state_dict(moving.state_dict())  # an EMA checkpoint resumed as frozen: its weights, kept
+    assert all(torch.all(p == 1.5) for p in restored.module.parameters())
+    again = EMAReference(_policy(0.0), dtype=torch.bfloat16, frozen=True)
+    again.load_state_dict(restored.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.module.parameters(), restored.module.parameters()))
+
+
+def test_the_decay_applies_whenever_set_and_unset_follows_the_method():
+    """As the authors' trainer: an EMA whenever ref_ema_decay is set, CARE or not (KL-EMA); unset, GRPO-CARE's
+    0.995 and plain GRPO's frozen KL reference (the authors' default, None, with no --ref_ema_decay)."""
+    cases = [
+        (dict(use_care=True), 0.995),
+        (dict(use_care=False, beta=0.04), None),
+        (dict(use_care=False, beta=0.04, ref_ema_decay=0.995), 0.995),
+        (dict(use_care=True, ref_ema_decay=1.0), 1.0),
+    ]
+    for fields, expected in cases:
+        assert ema_decay(GRPOCareConfig(**fields)) == expected, fields

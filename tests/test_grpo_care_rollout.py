@@ -99,6 +99,37 @@ def test_expand_group_repeats_rows_and_each_samples_visual_patches(setup):
     assert "second_per_grid_ts" not in prompts  # dropped, as the authors' training code does
 
 
+def test_real_video_timing_is_kept_per_video_and_follows_its_video_in_a_group(setup):
+    """encode_prompts with the sampled fps of each video: second_per_grid_ts = 2 frames / fps, one per video,
+    repeated with its video's patches by expand_group."""
+    items = [load_visuals(s, VisualBudget.from_config(CONFIG), True) for s in setup["samples"][:3]]
+    videos = [v for it in items for v in it.videos]
+    fps = [f for it in items for f in it.video_fps]
+    assert len(fps) == len(videos) == 3 and fps == [2.0] * 3  # 12 frames at 4 fps: 3 s sampled at 2 fps
+    slow = [1.0, 0.5, 2.0]  # as if clips had been capped at fewer frames than 2 per second
+    prompts = encode_prompts(
+        [build_messages(it.sample, True) for it in items],
+        [i for it in items for i in it.images],
+        videos,
+        setup["processor"],
+        multimodal=True,
+        video_fps=slow,
+    )
+    assert prompts["second_per_grid_ts"].tolist() == [2.0, 4.0, 1.0]
+    expanded = expand_group(prompts, 3)
+    assert expanded["second_per_grid_ts"].tolist() == [2.0] * 3 + [4.0] * 3 + [1.0] * 3
+    assert expanded["video_grid_thw"].shape[0] == 9
+    with pytest.raises(ValueError, match="1 rates for 3 videos"):
+        encode_prompts(
+            [build_messages(it.sample, True) for it in items],
+            [i for it in items for i in it.images],
+            videos,
+            setup["processor"],
+            multimodal=True,
+            video_fps=[2.0],
+        )
+
+
 def test_sampling_parameters_are_explicit_and_never_inherited(setup):
     tok, model = setup["tok"], setup["lm"]
     gc = sampling_config(CONFIG, tok)

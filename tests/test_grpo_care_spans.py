@@ -127,3 +127,77 @@ def test_bonus_margin_and_all_wrong_group(qwen):
     assert wrong.bonus.tolist() == [0.0, 0.0]
     empty = consistency_bonus(torch.ones(2), ref_logp, ids, torch.zeros_like(mask), qwen, 2, config)
     assert empty.likelihood.tolist() == pytest.approx([1.0, 1.0]) and not math.isnan(float(empty.bonus.sum()))
+
+
+def _official(tokenizer, ids, mask):
+    m = answer_token_mask(ids, mask, tokenizer, mode="official")
+    return [tokenizer.convert_ids_to_tokens(ids[i][m[i]].tolist()) for i in range(ids.shape[0])]
+
+
+def test_official_span_is_the_authors_on_qwen_completions(qwen):
+    """grpo_care.md 5.2: after the `answer` token of the last <answer> up to 3 tokens before EOS (so the tag's
+    `>` is in, and whatever follows </answer> shifts it); hand-tokenized by the real Qwen2.5 tokenizer."""
+    texts = [
+        "<think>x</think><answer>A</answer>",  # '><', 'answer', '>A', '</', 'answer', '>', EOS
+        "<think>x</think>\n<answer> C </answer>",  # '<', 'answer', '>', 'ĠC', 'Ġ</', 'answer', '>'
+        "<think>x</think><answer>C</answer>\n",  # '>\n' is one token ('>Ċ'): no shift
+        "<think>x</think><answer>A</answer> ",  # a trailing ' ' is its own token: the span takes '</'
+        "<think>mentions <answer> in passing</think><answer>D</answer>",  # the LAST <answer>
+        "<think>x</think><answer>open the tap</answer>",
+        "<think>no answer at all</think>",
+        "<think>the answer is</think><answer>B</answer>",  # 'Ġanswer' in the reasoning is no tag
+    ]
+    ids, mask = _batch(qwen, texts, pad_left={1, 4})
+    assert _official(qwen, ids, mask) == [
+        [">A"],
+        [">", "ĠC"],
+        [">C"],
+        [">A", "</"],
+        [">D"],
+        [">", "open", "Ġthe", "Ġtap"],
+        [],
+        [">B"],
+    ]
+    # where the two rules differ: the tag's '>' (and a shifted end) vs the graded content only
+    assert _span_tokens(qwen, ids, mask)[1] == ["ĠC"] and _span_tokens(qwen, ids, mask)[3] == [">A"]
+
+
+def test_official_span_without_eos_and_with_endoftext(qwen):
+    """A row cut at the length limit has its EOS index at its length; a row ending with <|endoftext|> (Qwen's
+    pad, which the authors drop) ends its span 3 tokens before that token, as one ending with <|im_end|>."""
+    text = "<think>x</think><answer>A</answer>"
+    body = qwen.encode(text, add_special_tokens=False)  # ... '><', 'answer', '>A', '</', 'answer', '>'
+    rows = [body + [qwen.eos_token_id], body, body + [qwen.pad_token_id], body[:-3], body[:-2], body + [220]]
+    width = max(map(len, rows)) + 1
+    ids = torch.full((len(rows), width), qwen.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    spans = _official(qwen, ids, mask)
+    assert spans[0] == spans[1] == spans[2] == [">A"]  # EOS <|im_end|>, none (cut after </answer>), <|endoftext|>
+    assert spans[3] == []  # cut after '>A': the opening 'answer' is second to last, where the scan never looks
+    assert spans[4] == []  # cut after '</': the span would end 3 tokens before the end, i.e. before it starts
+    assert spans[5] == [">A", "</"]  # a ' ' after </answer> and no EOS: the window slides by one
+    with pytest.raises(ValueError, match="answer span mode"):
+        answer_token_mask(ids, mask, qwen, mode="authors")
+
+
+def test_care_likelihood_follows_the_configured_answer_span(qwen):
+    """consistency_bonus scores the span `answer_span` names: with `official` the `>` token's log-prob joins."""
+    texts = ["<think>a</think>\n<answer> B </answer>", "<think>b</think>\n<answer> B </answer>"]
+    ids, mask = _batch(qwen, texts)
+    content = answer_token_mask(ids, mask, qwen)
+    official = answer_token_mask(ids, mask, qwen, mode="official")
+    assert (official.sum(1) == 2).all() and (content.sum(1) == 1).all() and not (content & ~official).any()
+    ref_logp = torch.zeros(ids.shape)
+    ref_logp[content] = torch.log(torch.tensor([0.5, 0.6]))  # ' B'
+    ref_logp[official & ~content] = torch.log(torch.tensor([0.98, 0.5]))  # '>'
+    accuracy = torch.ones(2)
+    by_content = consistency_bonus(accuracy, ref_logp, ids, mask, qwen, 2, GRPOCareConfig())
+    by_official = consistency_bonus(accuracy, ref_logp, ids, mask, qwen, 2, GRPOCareConfig(answer_span="official"))
+    assert by_content.likelihood.tolist() == pytest.approx([0.5, 0.6])
+    assert by_official.likelihood.tolist() == pytest.approx([(0.98 * 0.5) ** 0.5, (0.5 * 0.6) ** 0.5])
+    # a different rollout clears the group's mean likelihood under each rule
+    assert by_content.bonus.tolist() == [0.0, 0.5] and by_official.bonus.tolist() == [0.5, 0.0]
+    with pytest.raises(ValueError, match="answer_span"):
+        GRPOCareConfig(answer_span="authors")

@@ -569,3 +569,176 @@ def test_care_trains_on_cuda_with_bf16_autocast(assets, tmp_path, use_liger_kern
     assert all(s.dtype == torch.float32 for s in reference.shadow) and reference.num_updates == 2
     metrics = _read_jsonl(summary["metrics_file"])
     assert all(math.isfinite(metrics[-1][k]) for k in ("loss", "entropy", "reward", "kl"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the reference: EMA whenever ref_ema_decay is set (KL-EMA), frozen without an fp32 shadow otherwise
+
+
+def _reference_drift(trainer, initial) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(trainer.reference.module.parameters(), initial))
+
+
+def _run_tiny_qwen2(assets, tmp_path, **overrides):
+    """3 steps of tiny Qwen2 (text only); returns (trainer, the initial weights, summary)."""
+    from grpo_care.tiny import tiny_qwen2
+    from grpo_care.trainer import Trainer
+
+    model = tiny_qwen2(assets["tok"])
+    initial = [p.detach().clone() for p in model.parameters()]
+    values = dict(report_to=["none"], per_device_train_batch_size=1, max_completion_length=12, log_completions=False)
+    values.update(overrides)
+    trainer = Trainer(_config(assets, tmp_path, **values), model=model, tokenizer=assets["tok"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # text-only model: media dropped
+        summary = trainer.train()
+    return trainer, initial, summary
+
+
+def test_kl_ema_updates_the_kl_reference_without_care(assets, tmp_path):
+    """Table 3's KL-EMA: use_care false, beta > 0 and a decay: the reference moves every ref_ema_update_every
+    steps, as the authors' trainer does whenever ref_ema_decay is set."""
+    trainer, initial, summary = _run_tiny_qwen2(
+        assets, tmp_path, use_care=False, beta=0.04, ref_ema_decay=0.5, ref_ema_update_every=1
+    )
+    assert trainer.reference.num_updates == 3 and not trainer.reference.frozen
+    assert ckpt.load_trainer_state(summary["checkpoint"])["ema"]["num_updates"] == 3
+    assert _reference_drift(trainer, initial) > 0
+    # phi_3 = 0.5 phi_2 + 0.5 theta_3 ...: the reference sits between the start and the policy, off both
+    assert any(not torch.equal(r, p) for r, p in zip(trainer.reference.module.parameters(), trainer.model.parameters()))
+
+
+@pytest.mark.parametrize("decay", [None, 1.0])
+def test_a_reference_without_decay_stays_the_initial_model(assets, tmp_path, decay):
+    """CARE with ref_ema_decay 1.0 (seed_bench_r1_care_frozen_reference.yaml), or plain GRPO with the decay
+    unset (its KL reference, as the authors' trainer without --ref_ema_decay): never updated."""
+    method = dict(use_care=True) if decay == 1.0 else dict(use_care=False, beta=0.04)
+    trainer, initial, summary = _run_tiny_qwen2(assets, tmp_path, ref_ema_decay=decay, ref_ema_update_every=1,
+                                                **method)
+    assert trainer.reference.frozen and trainer.reference.num_updates == 0
+    assert _reference_drift(trainer, initial) == 0
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), initial))  # the policy moved
+    assert summary["metrics"]["kl"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, fp32_shadow",
+    [
+        (dict(use_care=False, beta=0.04), False),  # plain GRPO, decay unset: a frozen KL reference
+        (dict(use_care=True, ref_ema_decay=1.0), False),  # CARE against the initial model
+        (dict(use_care=True), True),  # the paper's EMA (unset: 0.995)
+        (dict(use_care=False, beta=0.04, ref_ema_decay=0.995), True),  # KL-EMA
+    ],
+)
+def test_an_fp32_shadow_only_when_the_reference_moves(assets, tmp_path, monkeypatch, overrides, fp32_shadow):
+    """With a bf16 reference (as on GPU), an fp32 EMA shadow exists only where an EMA update reads it."""
+    from grpo_care.tiny import tiny_qwen2
+    from grpo_care.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "_reference_dtype", lambda self: torch.bfloat16)
+    trainer = Trainer(_config(assets, tmp_path, **overrides), model=tiny_qwen2(assets["tok"]), tokenizer=assets["tok"])
+    ref = trainer.reference
+    assert all(p.dtype == torch.bfloat16 for p in ref.module.parameters())
+    own = [s.data_ptr() != p.data_ptr() for s, p in zip(ref.shadow, ref.module.parameters())]
+    if fp32_shadow:
+        assert all(own) and all(s.dtype == torch.float32 for s in ref.shadow)
+    else:
+        assert not any(own) and not any(s.dtype == torch.float32 for s in ref.shadow)
+
+
+def test_no_kl_and_no_care_builds_no_reference(assets, tmp_path):
+    trainer, _, summary = _run_tiny_qwen2(assets, tmp_path, use_care=False, beta=0.0, ref_ema_decay=0.995)
+    assert trainer.reference is None and ckpt.load_trainer_state(summary["checkpoint"])["ema"] is None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a missing (None) or infinite accuracy reaches ck.care_bonus as it is
+
+
+NAN_OR_INF_TEXTS = (
+    "<think>a</think><answer>A</answer>",
+    "<think>b</think><answer>B</answer>",
+    "<think>c</think><answer>C</answer>",
+    "<think>d</think><answer>D</answer>",
+)
+ACCURACY_OF = {}  # completion text -> accuracy, set by each case
+
+
+def table_accuracy(completions, **columns):
+    return [ACCURACY_OF.get(c) for c in completions]
+
+
+@pytest.mark.parametrize(
+    "accuracy, bonus",
+    [
+        # None is left out of the group's mean accuracy (0.75: only the first is high-accuracy); as 0 it would
+        # make the mean 0.375 and pay the 0.5-accuracy rollout 0.25 too (likelihoods tie at the tiny cap)
+        ([1.0, 0.5, None, None], [0.5, 0.0, 0.0, 0.0]),
+        # an infinite accuracy is out of its group (mean 1/3 over the rest): no bonus of ~1.7e38 for it
+        ([float("inf"), 1.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0]),
+    ],
+)
+def test_none_and_infinite_accuracy_reach_the_bonus_unchanged(assets, tmp_path, monkeypatch, accuracy, bonus):
+    from grpo_care import trainer as trainer_module
+    from grpo_care.rollout import completion_mask
+    from grpo_care.tiny import tiny_qwen2
+    from grpo_care.trainer import Trainer
+
+    tok, seen = assets["tok"], {}
+    real_generate = trainer_module.generate_rollouts
+    monkeypatch.setitem(ACCURACY_OF, "", None)
+    for text, value in zip(NAN_OR_INF_TEXTS, accuracy):
+        monkeypatch.setitem(ACCURACY_OF, text, value)
+
+    def hand_written(model, prompts, generation_config, group_size, eos_token_id=None):
+        rollout = real_generate(model, prompts, generation_config, group_size)
+        rows = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in NAN_OR_INF_TEXTS]
+        ids = torch.full((len(rows), max(map(len, rows))), generation_config.pad_token_id)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        rollout.completion_ids, rollout.completion_mask = ids, completion_mask(ids, tok.eos_token_id)
+        rollout.finished = torch.ones(len(rows), dtype=torch.bool)
+        return rollout
+
+    monkeypatch.setattr(trainer_module, "generate_rollouts", hand_written)
+    config = _config(assets, tmp_path, max_steps=1, num_generations=4, per_device_train_batch_size=1,
+                     max_completion_length=4, report_to=["none"], log_completions=False,
+                     confidence_upper_bound=1e-6,  # every likelihood capped: ties, so only the HA set decides
+                     reward_funcs=[f"{__name__}.table_accuracy", "format"])
+    trainer = Trainer(config, model=tiny_qwen2(tok), tokenizer=tok)
+    real_micro_step = trainer._micro_step
+    monkeypatch.setattr(trainer, "_micro_step", lambda: seen.setdefault("result", real_micro_step()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = trainer.train()
+    result = seen["result"]
+    assert result.bonus.tolist() == bonus
+    assert torch.isfinite(result.advantages).all() and math.isfinite(summary["losses"][0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the step's batch pinned in prompts
+
+
+def test_prompts_per_step_sets_the_accumulation(assets, tmp_path, monkeypatch):
+    """prompts_per_step 4 with 1 prompt per micro-batch on one process: 4 micro-batches per step, whatever
+    gradient_accumulation_steps says (under torchrun it is divided by the world size; test_grpo_care_batch)."""
+    from grpo_care.tiny import tiny_qwen2
+    from grpo_care.trainer import Trainer
+
+    config = _config(assets, tmp_path, prompts_per_step=4, per_device_train_batch_size=1,
+                     gradient_accumulation_steps=1, max_steps=2, max_completion_length=4, report_to=["none"],
+                     log_completions=False)
+    trainer = Trainer(config, model=tiny_qwen2(assets["tok"]), tokenizer=assets["tok"])
+    calls = []
+    real_micro_step = trainer._micro_step
+    monkeypatch.setattr(trainer, "_micro_step", lambda: calls.append(1) or real_micro_step())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert len(calls) == 8 and trainer.config.gradient_accumulation_steps == 4
+    saved = GRPOCareConfig.from_yaml(tmp_path / "config.yaml")  # the run records what it ran with
+    assert (saved.prompts_per_step, saved.gradient_accumulation_steps) == (4, 4)
+    with pytest.raises(ValueError, match="prompts_per_step=3 cannot be split"):
+        Trainer(_config(assets, tmp_path / "odd", prompts_per_step=3, per_device_train_batch_size=2),
+                model=tiny_qwen2(assets["tok"]), tokenizer=assets["tok"])

@@ -54,9 +54,14 @@ def test_read_video_with_decord_and_pyav_agree(tmp_path, monkeypatch):
     budget = VisualBudget(video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 4)
     frames = read_video(path, budget)
     assert frames.dtype == np.uint8 and frames.shape == (6, 28, 56, 3)  # 3 s at 2 fps
+    clip = video.read_video_clip(path, budget)
+    assert np.array_equal(clip.frames, frames) and clip.sampled_fps == 2.0
+    capped = video.read_video_clip(path, VisualBudget(max_frames=4, video_min_pixels=3136, video_max_pixels=3136))
+    assert clip.frames.shape[0] == 6 and capped.frames.shape[0] == 4 and capped.sampled_fps == pytest.approx(4 / 3)
     monkeypatch.setattr(video, "_read_decord", lambda *a: (_ for _ in ()).throw(ImportError("no decord")))
     fallback = read_video(path, budget)
     assert fallback.shape == frames.shape
+    assert video.read_video_clip(path, budget).sampled_fps == 2.0  # PyAV: the same rate
     assert np.abs(fallback.astype(int) - frames.astype(int)).mean() < 2.0
 
     # the fallback keeps only the sampled frames; a container that states no count, or a wrong one, still

@@ -3,7 +3,7 @@
     care = consistency_bonus(accuracy, ref_logprobs, completion_ids, completion_mask, tokenizer, G, config)
     rewards = total_rewards(rewards_per_func, weights, care.bonus)
 
-grpo_care.md 5: the answer span of each completion (spans.py) selects its reference log-probs;
+grpo_care.md 5: the answer span of each completion (spans.py, `answer_span`) selects its reference log-probs;
 `ck.answer_likelihood` gives p = exp(mean log-prob over the span) (1.0 for an empty span), and
 `ck.care_bonus` caps p at `confidence_upper_bound`, picks the high-accuracy rollouts of each group
 (accuracy > accuracy_floor and >= the group mean), and pays `bonus_coefficient * accuracy` to those whose
@@ -36,11 +36,17 @@ def consistency_bonus(
     group_size: int,
     config,
 ) -> CareResult:
-    """accuracy [N] (the accuracy reward only), ref_logprobs [N, L] (teacher-forced, temperature 1)."""
-    answer_mask = answer_token_mask(completion_ids, completion_mask, tokenizer)
+    """accuracy [N] (the accuracy reward only), ref_logprobs [N, L] (teacher-forced, temperature 1).
+
+    The accuracy goes to `ck.care_bonus` as it is: a reward function's None (NaN here) or an infinite value
+    leaves that rollout out of its group's mean accuracy and gives it no bonus. `config.answer_span` picks the
+    span rule (spans.py: `content`, or the authors' `official`).
+    """
+    mode = getattr(config, "answer_span", "content")
+    answer_mask = answer_token_mask(completion_ids, completion_mask, tokenizer, mode=mode)
     likelihood = ck.answer_likelihood(ref_logprobs, answer_mask)
     bonus = ck.care_bonus(
-        torch.nan_to_num(accuracy.float(), nan=0.0).to(likelihood.device),
+        accuracy.float().to(likelihood.device),
         likelihood,
         group_size,
         coef=config.bonus_coefficient,

@@ -35,9 +35,11 @@ RESUME_BOOKKEEPING = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "report_to", "log_completions",
     "log_completions_steps", "num_completions_to_print", "save_steps", "save_total_limit", "disable_tqdm",
     "dist_timeout", "eval_files", "eval_temperature", "eval_top_p", "eval_max_new_tokens", "eval_batch_size",
-    "eval_video_max_frames", "eval_judge", "eval_judge_timeout", "eval_judge_max_retries", "eval_judge_workers",
+    "eval_video_max_frames", "eval_real_video_timing", "eval_judge", "eval_judge_timeout", "eval_judge_max_retries",
+    "eval_judge_workers",
 })
 _SCALES = ("group", "batch", "none")
+_ANSWER_SPANS = ("content", "official")
 
 
 def _f(default, help: str):
@@ -96,7 +98,18 @@ class GRPOCareConfig:
     # --- rollouts -------------------------------------------------------------------------------------------
     num_generations: int = _f(8, "G, completions sampled per prompt (one group).")
     per_device_train_batch_size: int = _f(1, "prompts per micro-batch (each expands to G completions).")
-    gradient_accumulation_steps: int = _f(4, "micro-batches per optimizer step; the loss is their mean.")
+    gradient_accumulation_steps: int = _f(
+        4,
+        "micro-batches per optimizer step; the loss is their mean (derived from prompts_per_step when that is "
+        "set).",
+    )
+    prompts_per_step: int = _f(
+        0,
+        "prompts per optimizer step over all ranks, pinned: gradient_accumulation_steps becomes prompts_per_step "
+        "/ (per_device_train_batch_size x world size), so the batch is the same on 1 GPU or under torchrun "
+        "(refused when it does not divide). The paper's 4 GPUs x 1 prompt: 4. 0: not pinned (per_device x "
+        "gradient_accumulation_steps x world size).",
+    )
     max_prompt_length: int = _f(
         16384,
         "text-only prompts longer than this are left-truncated; multimodal "
@@ -150,8 +163,18 @@ class GRPOCareConfig:
     reward_weights: Optional[list] = _f(None, "one weight per reward function (None: all 1).")
 
     # --- CARE -----------------------------------------------------------------------------------------------
-    use_care: bool = _f(True, "GRPO-CARE: EMA reference, consistency bonus (False: plain GRPO).")
-    ref_ema_decay: float = _f(0.995, "EMA decay alpha of the reference: phi <- alpha*phi + (1-alpha)*theta.")
+    use_care: bool = _f(
+        True,
+        "GRPO-CARE: reference likelihood and consistency bonus (False: plain GRPO, with a reference only for "
+        "beta > 0).",
+    )
+    ref_ema_decay: Optional[float] = _f(
+        None,
+        "EMA decay alpha of the reference, phi <- alpha*phi + (1-alpha)*theta every ref_ema_update_every steps. "
+        "A value applies whenever there is a reference (use_care, or beta > 0: with use_care false, Table 3's "
+        "KL-EMA); 1.0 freezes it at the initial model. null (unset): 0.995 with use_care (the paper), frozen "
+        "without (plain GRPO's KL reference). A frozen reference keeps no fp32 EMA shadow.",
+    )
     ref_ema_update_every: int = _f(10, "update the EMA reference every this many optimizer steps.")
     bonus_coefficient: float = _f(0.5, "lambda: the bonus is bonus_coefficient * accuracy.")
     confidence_upper_bound: float = _f(0.95, "gamma_p: the reference likelihood is capped here.")
@@ -160,6 +183,13 @@ class GRPOCareConfig:
         "eps_p: the likelihood must reach (baseline - margin); 0.01 for the transfer models of the paper.",
     )
     accuracy_floor: float = _f(0.1, "gamma_acc: high-accuracy rollouts need accuracy above this.")
+    answer_span: str = _f(
+        "content",
+        "the completion tokens whose reference likelihood CARE scores: content (the tokens covering the stripped "
+        "content of the first <answer>...</answer>, the string the accuracy reward grades) or official (the "
+        "authors' span: after the `answer` token of the last <answer> up to 3 tokens before EOS, so it also holds "
+        "the tag's `>`; grpo_care.md 5.2).",
+    )
 
     # --- visual budget (grpo_care.md 2.3) -------------------------------------------------------------------
     video_fps: float = _f(2.0, "frames sampled per second of video.")
@@ -183,6 +213,13 @@ class GRPOCareConfig:
     eval_max_new_tokens: int = _f(1024, "evaluation max new tokens.")
     eval_batch_size: int = _f(4, "prompts per evaluation batch.")
     eval_video_max_frames: int = _f(16, "max frames at evaluation (16 SEED-Bench-R1, 32 general benchmarks).")
+    eval_real_video_timing: bool = _f(
+        True,
+        "at evaluation, give each video its real temporal spacing (M-RoPE's second_per_grid_ts = 2 frames / the "
+        "sampled fps, as the authors' vLLM evaluation is given the sampled fps: a clip sampled below 2 fps gets "
+        "more than 1 s per temporal patch). False: 1 s per patch for every clip, as in training (the authors' "
+        "and this trainer's training drop second_per_grid_ts).",
+    )
     eval_judge: str = _f(
         "none",
         "consistency judge of `grpo-care eval` (grpo_care.md 9.4): none, offline (no network: does the "
@@ -274,7 +311,16 @@ class GRPOCareConfig:
         )
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        need(0.0 <= self.ref_ema_decay <= 1.0, f"ref_ema_decay must be in [0, 1], got {self.ref_ema_decay}")
+        need(
+            self.ref_ema_decay is None or 0.0 <= self.ref_ema_decay <= 1.0,
+            f"ref_ema_decay must be in [0, 1] (1.0: a frozen reference) or null (the method's own), "
+            f"got {self.ref_ema_decay}",
+        )
+        need(
+            self.answer_span in _ANSWER_SPANS,
+            f"answer_span must be one of {_ANSWER_SPANS}, got {self.answer_span!r}",
+        )
+        need(self.prompts_per_step >= 0, f"prompts_per_step must be >= 0 (0: not pinned), got {self.prompts_per_step}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(
             self.kl_clamp is None or self.kl_clamp > 0,

@@ -1,4 +1,5 @@
-"""SEED-Bench-R1 accuracy (grpo_care.md 9.3) and consistency rate (9.4), per level and domain, resumable.
+"""Evaluation: SEED-Bench-R1 accuracy (grpo_care.md 9.3), Table 4's general video benchmarks (accuracy and
+VSI-Bench's MRA, scored by problem type) and the consistency rate (9.4), per level and domain, resumable.
 
     result = evaluate(model, processor, "annotations/validation_L1.jsonl", config)
     result["accuracy"], result["per_level"], result["per_domain"], result["records"][0]
@@ -11,13 +12,24 @@
 Protocol: the eval question template (the authors' eval_bench.py wording), validation options in their A-D
 order, temperature `eval_temperature` (0.1) and top_p `eval_top_p` (0.001), at most `eval_max_new_tokens`
 (1024) new tokens and `eval_video_max_frames` frames (16 for SEED-Bench-R1; 32 for the general benchmarks).
-Frames come through the training data path: decord (PyAV fallback), the same pixel budgets and processor.
-The prediction is the stripped content of the first `<answer>...</answer>`, or the whole output when there is
-none; a sample scores 1 iff prediction == gold. The authors ran vLLM; this runs HF `generate` on batches of
-`eval_batch_size` prompts. Samples whose media cannot be read are skipped, counted, and retried on a rerun.
+Frames come through the training data path: decord (PyAV fallback), the same pixel budgets and processor;
+with `eval_real_video_timing` (default, as the authors' vLLM evaluation) each video keeps its real temporal
+spacing in M-RoPE (rollout.encode_prompts). The prediction is the stripped content of the first
+`<answer>...</answer>`, or the whole output when that is missing or empty, scored by the sample's
+`problem_type` (scoring.py: exact letter, the numerical rounding rule, VSI-Bench's mean relative accuracy,
+ROUGE, 1 - WER). `accuracy` is the mean score of the non-regression samples and `mra` that of the regression
+ones, as the authors report them (`mean_score`: all samples). The authors ran vLLM; this runs HF `generate` on
+batches of `eval_batch_size` prompts. Samples whose media cannot be read are skipped, counted, and retried on
+a rerun.
 
-Each record keeps the completion, its reasoning (`think`), the parsed answer, the gold letter, correctness,
-whether the format reward would be 1 and, with a judge, its consistency verdict (judge.py).
+Annotation files: SEED-Bench-R1's validation JSONL, or Video-R1's evaluation JSON (`eval_vsibench.json`,
+`eval_videommmu.json`, `eval_mmvu.json`, `eval_mvbench.json`, `eval_tempcompass.json`, `eval_videomme.json`:
+a list of {problem_id, problem, options, problem_type, data_type, path, solution}; `path` is relative to the
+file's parent's parent, e.g. `./Evaluation/MVBench/...` beside `Evaluation/eval_mvbench.json`).
+
+Each record keeps the completion, its reasoning (`think`), the parsed answer, the gold answer, the problem type,
+the score and correctness (score 1), whether the format reward would be 1 and, with a judge, its consistency
+verdict (judge.py).
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from grpo_care.data import Sample, build_messages, load_samples
 from grpo_care.judge import JudgeRequest, consistency_summary, describe, judge_all
 from grpo_care.modeling import autocast, is_multimodal
 from grpo_care.prompts import load_visuals
-from grpo_care.rewards import ANSWER_RE, FORMAT_RE, extract_answer
+from grpo_care.rewards import FORMAT_RE, extract_answer
 from grpo_care.rollout import (
     encode_prompts,
     generate_rollouts,
@@ -42,17 +54,12 @@ from grpo_care.rollout import (
     tokenizer_of,
     unsampleable_ids,
 )
+from grpo_care.scoring import REGRESSION, prediction, record_score, score_answer, summarize_scores
 from grpo_care.video import VideoReadError, VisualBudget
 
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _LEVEL_RE = re.compile(r"(?:^|[_\-\s])(L\d+)$", re.IGNORECASE)
 REPORT_NAME, SAMPLES_NAME = "report.json", "samples.jsonl"
-
-
-def prediction(text: str) -> str:
-    """The first `<answer>` content, stripped; the whole output (stripped) when there is no answer tag."""
-    match = ANSWER_RE.search(text)
-    return match.group(1).strip() if match else text.strip()
 
 
 def level_label(level: str) -> str:
@@ -73,11 +80,17 @@ def _question(sample: Sample) -> str:
 
 
 def _accuracy_table(records: list[dict], key: str) -> dict:
-    groups: dict[str, list[bool]] = defaultdict(list)
+    groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         if r.get(key):
-            groups[r[key]].append(r["correct"])
-    return {name: {"accuracy": sum(v) / len(v), "num_samples": len(v)} for name, v in sorted(groups.items())}
+            groups[r[key]].append(r)
+    table = {}
+    for name, rows in sorted(groups.items()):
+        scores = summarize_scores(rows)
+        table[name] = {"accuracy": scores["accuracy"], "num_samples": len(rows)}
+        if scores["mra"] is not None:
+            table[name]["mra"] = scores["mra"]
+    return table
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -114,8 +127,13 @@ def protocol(config) -> dict:
         "top_p": config.eval_top_p,
         "max_new_tokens": config.eval_max_new_tokens,
         "video_max_frames": config.eval_video_max_frames,
+        "real_video_timing": config.eval_real_video_timing,
         "seed": config.seed,
     }
+
+
+# what a per-sample file written before a protocol field existed was produced with
+_PROTOCOL_BEFORE = {"real_video_timing": False}
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -138,6 +156,8 @@ def _check_or_write_meta(path: Path, meta: dict) -> None:
             found = json.loads(first).get("meta")
         except (json.JSONDecodeError, AttributeError):
             found = None
+        if found is not None:
+            found = {**_PROTOCOL_BEFORE, **found}
         if found is not None and found != meta:
             diff = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
             raise ValueError(
@@ -274,6 +294,7 @@ def evaluate(
                 [v for it in items for v in it.videos],
                 processor_or_tokenizer,
                 multimodal=multimodal,
+                video_fps=[f for it in items for f in it.video_fps] if config.eval_real_video_timing else None,
             )
             prompts = {k: v.to(device) if torch.is_tensor(v) else v for k, v in prompts.items()}
             with autocast(device, config.bf16):
@@ -298,8 +319,11 @@ def evaluate(
 
 def _file_result(records: list[dict], skipped: int, resumed: int, judged: bool) -> dict:
     n = len(records)
+    scores = summarize_scores(records)
     return {
-        "accuracy": sum(r["correct"] for r in records) / n if n else float("nan"),
+        "accuracy": scores["accuracy"] if scores["accuracy"] is not None else float("nan"),
+        "mra": scores["mra"],
+        "mean_score": scores["mean_score"],
         "num_samples": n,
         "num_skipped": skipped,
         "per_level": _accuracy_table(records, "level"),
@@ -334,6 +358,7 @@ def _line_order(key: str) -> tuple:
 
 def _record(sample: Sample, text: str, data_file: str) -> dict:
     gold, answer = extract_answer(sample.solution), prediction(text)
+    score = score_answer(answer, gold, sample.problem_type)
     think = THINK_RE.search(text)
     return {
         "key": record_key(sample),
@@ -345,7 +370,9 @@ def _record(sample: Sample, text: str, data_file: str) -> dict:
         "think": think.group(1).strip() if think else "",
         "answer": answer,
         "gold": gold,
-        "correct": answer.strip() == gold.strip(),
+        "problem_type": sample.problem_type,
+        "score": score,
+        "correct": score == 1.0,
         "format_ok": bool(FORMAT_RE.fullmatch(text)),
         "consistency": None,
     }
@@ -444,15 +471,26 @@ def evaluate_files(
 
 def _group_summary(records: list[dict], judged: bool) -> dict:
     n = len(records)
+    kinds: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        kinds[r.get("problem_type", "multiple choice")].append(record_score(r))
     summary = {
-        "accuracy": sum(r["correct"] for r in records) / n if n else None,
+        **summarize_scores(records),  # accuracy (non-regression), mra (regression), mean_score (all)
         "num_samples": n,
         "num_correct": sum(1 for r in records if r["correct"]),
         "format_rate": sum(1 for r in records if r["format_ok"]) / n if n else None,
+        "per_problem_type": {
+            kind: {"mean_score": sum(v) / len(v), "num_samples": len(v), "metric": _metric(kind)}
+            for kind, v in sorted(kinds.items())
+        },
     }
     if judged:
         summary["consistency"] = consistency_summary([r.get("consistency") for r in records])
     return summary
+
+
+def _metric(problem_type: str) -> str:
+    return "mra" if problem_type == REGRESSION else "accuracy"
 
 
 def build_report(results: dict, config, judge=None) -> dict:

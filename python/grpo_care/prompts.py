@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from grpo_care.data import Sample
-from grpo_care.video import VideoReadError, VisualBudget, read_image, read_video
+from grpo_care.video import VideoReadError, VisualBudget, read_image, read_video_clip
 
 
 @dataclass
@@ -28,6 +28,7 @@ class PromptItem:
     sample: Sample
     images: list = field(default_factory=list)
     videos: list = field(default_factory=list)
+    video_fps: list = field(default_factory=list)  # the rate each video's frames were sampled at
 
 
 def load_visuals(sample: Sample, budget: VisualBudget, multimodal: bool) -> PromptItem:
@@ -36,7 +37,9 @@ def load_visuals(sample: Sample, budget: VisualBudget, multimodal: bool) -> Prom
     if not multimodal:
         return item
     if sample.video:
-        item.videos.append(read_video(sample.video, budget))
+        clip = read_video_clip(sample.video, budget)
+        item.videos.append(clip.frames)
+        item.video_fps.append(clip.sampled_fps)
     if sample.image:
         item.images.append(read_image(sample.image, budget))
     return item

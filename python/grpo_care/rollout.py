@@ -59,12 +59,16 @@ def encode_prompts(
     *,
     multimodal: bool,
     max_prompt_length: int = 0,
+    video_fps: list[float] | None = None,
 ) -> dict:
     """Chat-templated, left-padded prompt tensors (plus visual tensors for a multimodal processor).
 
     images / videos: flat lists in placeholder order (uint8 arrays from grpo_care.video). Frames arrive
     already at the visual budget, so the processor's own resize and frame sampling are off.
-    `second_per_grid_ts` is dropped, as the authors' training code does (grpo_care.md 2.3).
+    `second_per_grid_ts` (M-RoPE's seconds per temporal patch) is dropped, as the authors' training code does
+    (grpo_care.md 2.3): every clip then gets 1.0. With `video_fps` (the sampled rate of each video, in order)
+    it is kept as the real spacing instead, `temporal_patch_size / fps` per video, float32 [num_videos]: what
+    the authors' evaluation gets from vLLM, which is given the sampled fps.
     """
     tokenizer = tokenizer_of(processor_or_tokenizer)
     tokenizer.padding_side = "left"
@@ -87,6 +91,8 @@ def encode_prompts(
         )
         out = dict(out)
         out.pop("second_per_grid_ts", None)
+        if video_fps is not None and videos:
+            out["second_per_grid_ts"] = seconds_per_grid(processor_or_tokenizer, video_fps, len(videos))
         length = out["input_ids"].shape[1]
         if max_prompt_length and length > max_prompt_length:
             warnings.warn(
@@ -119,12 +125,25 @@ def encode_prompts(
     return out
 
 
+def seconds_per_grid(processor, video_fps: list[float], num_videos: int) -> torch.Tensor:
+    """float32 [num_videos]: seconds of video per temporal patch (temporal_patch_size frames at each fps)."""
+    if len(video_fps) != num_videos:
+        raise ValueError(f"video_fps has {len(video_fps)} rates for {num_videos} videos")
+    if any(not fps > 0 for fps in video_fps):
+        raise ValueError(f"every video's sampled fps must be > 0, got {video_fps}")
+    patch = getattr(getattr(processor, "video_processor", None), "temporal_patch_size", 2)
+    return torch.tensor([patch / fps for fps in video_fps], dtype=torch.float32)
+
+
 def expand_group(inputs: dict, group_size: int) -> dict:
-    """Repeat every prompt `group_size` times: rows repeat-interleaved, visual patches repeated per sample."""
+    """Repeat every prompt `group_size` times: rows repeat-interleaved, visual patches repeated per sample
+    (and each video's `second_per_grid_ts` with its video)."""
     out = {}
     for key, value in inputs.items():
         if key in _ROW_KEYS:
             out[key] = value.repeat_interleave(group_size, dim=0)
+    if "second_per_grid_ts" in inputs:
+        out["second_per_grid_ts"] = inputs["second_per_grid_ts"].repeat_interleave(group_size, dim=0)
     for pixels_key, grid_key in _VISUAL:
         if pixels_key not in inputs:
             continue

@@ -1,16 +1,29 @@
 """Answer spans: which completion tokens carry the answer that CARE's reference likelihood scores.
 
-    answer_mask = answer_token_mask(completion_ids, completion_mask, tokenizer)   # bool [B, L]
+    answer_mask = answer_token_mask(completion_ids, completion_mask, tokenizer)                   # content
+    answer_mask = answer_token_mask(completion_ids, completion_mask, tokenizer, mode="official")  # the authors'
 
-A token is in the span when its characters overlap the content of the first `<answer>...</answer>` of the
-completion text, stripped, i.e. exactly the string the accuracy reward grades (`rewards.ANSWER_RE`). With
-Qwen's BPE `<answer>A</answer>` gives the single token `>A` and `<answer> A </answer>` the token ` A`. No
-closed `<answer>` tag, or an empty answer, gives an empty span (likelihood exp(0) = 1, as the authors').
+Two rules (config `answer_span`), each applied to every row on its own, with any left or right padding (only
+tokens inside `completion_mask` count):
 
-Departure from the authors' `get_thinking_answer_masks` (grpo_care.md 5.2, 11.2): they find the last
-`<answer>` token of the whole sequence assuming one unpadded prompt per device and end the span 3 tokens
-before EOS (so a "\\n" after `</answer>` shifts it). Here every row is handled on its own, with any left or
-right padding (only tokens inside `completion_mask` count), and the span is the graded content.
+- `content` (default): a token is in the span when its characters overlap the content of the first
+  `<answer>...</answer>` of the completion text, stripped, i.e. exactly the string the accuracy reward grades
+  (`rewards.ANSWER_RE`). With Qwen's BPE `<answer>A</answer>` gives the single token `>A` and
+  `<answer> C </answer>` the token ` C`. No closed `<answer>` tag, or an empty answer, gives an empty span.
+- `official`: the authors' `get_thinking_answer_masks` (grpo_care.md 5.2), per row. Scanning the row's
+  tokens (their vocabulary strings, the pad token dropped) backwards, the answer token `a` is the last one
+  whose string contains `answer` and whose window (previous, itself, next) joined contains `<answer>`; the
+  authors' scan never looks at the last two tokens, nor does this. The span is the tokens after it up to 3
+  before EOS: `a < j < max(a + 1, eos - 3)`, eos = the index of the row's EOS, or the row's length when it has
+  none. So `<answer> C </answer>` gives [`>`, ` C`], and anything between `</answer>` and EOS shifts the span
+  (a trailing "\\n" merges into `>\\n` with Qwen's BPE and does not; a trailing " " does). No match: empty.
+  Departures, neither reachable by a chat-templated Qwen prompt: the window of the completion's first token
+  starts at it (the authors' includes the prompt's last token), and a row that ended with `<|endoftext|>`
+  ends its span before that token (the authors' mask, which only knows `<|im_end|>`, ran to the padded width).
+
+An empty span gives likelihood exp(0) = 1, as the authors'. The two rules choose different correct rollouts
+above the group's mean likelihood (the `>` of the tag is almost certain under the reference), which is why
+`official` exists: to reproduce the authors' bonus, not only their paper.
 
 Token-to-character offsets come from each token's bytes for byte-level BPE tokenizers (Qwen, Llama 3, GPT-2),
 and from prefix decoding for others.
@@ -131,24 +144,63 @@ def token_pieces(tokenizer) -> TokenPieces:
     return _PIECES[key]
 
 
-def answer_token_mask(completion_ids: torch.Tensor, completion_mask: torch.Tensor, tokenizer) -> torch.Tensor:
+def official_span(tokens: list[str], ends_with_eos: bool) -> list[int]:
+    """The authors' answer span over one row's token strings (grpo_care.md 5.2), as indices into `tokens`.
+
+    `tokens`: the row's completion tokens as vocabulary strings (`convert_ids_to_tokens`) with the pad token
+    dropped, as the authors drop it (Qwen's pad is `<|endoftext|>`, so a row ending with it loses that EOS
+    here). `ends_with_eos`: the last of `tokens` is the row's EOS; otherwise the EOS index is len(tokens)
+    (a row cut at the length limit, or one whose EOS was the dropped pad).
+    """
+    answer = None
+    for i in range(len(tokens) - 3, -1, -1):  # the authors' scan never reaches the last two tokens
+        if "answer" in tokens[i] and "<answer>" in "".join(tokens[max(i - 1, 0) : i + 2]):
+            answer = i
+            break
+    if answer is None:
+        return []
+    eos = len(tokens) - 1 if ends_with_eos else len(tokens)
+    return list(range(answer + 1, max(answer + 1, eos - 3)))
+
+
+def _official_positions(ids: list[int], tokenizer) -> list[int]:
+    """official_span over a row's masked ids, as indices into `ids`."""
+    pad = tokenizer.pad_token_id
+    kept = [j for j, i in enumerate(ids) if i != pad]
+    ends_with_eos = bool(kept) and kept[-1] == len(ids) - 1 and ids[-1] == tokenizer.eos_token_id
+    tokens = [tokenizer.convert_ids_to_tokens(ids[j]) or "" for j in kept]
+    return [kept[k] for k in official_span(tokens, ends_with_eos)]
+
+
+ANSWER_SPAN_MODES = ("content", "official")
+
+
+def answer_token_mask(
+    completion_ids: torch.Tensor, completion_mask: torch.Tensor, tokenizer, mode: str = "content"
+) -> torch.Tensor:
     """bool [B, L]: the tokens of each row's answer span; rows may be padded anywhere.
 
     completion_ids [B, L] int, completion_mask [B, L] (nonzero = a real completion token, EOS included).
+    mode: `content` (the graded answer's tokens) or `official` (the authors' span); see the module doc.
     """
     if completion_ids.shape != completion_mask.shape or completion_ids.dim() != 2:
         raise ValueError(
             f"completion_ids and completion_mask must both be [B, L], got {tuple(completion_ids.shape)} "
             f"and {tuple(completion_mask.shape)}"
         )
-    pieces = token_pieces(tokenizer)
+    if mode not in ANSWER_SPAN_MODES:
+        raise ValueError(f"answer span mode must be one of {ANSWER_SPAN_MODES}, got {mode!r}")
+    pieces = token_pieces(tokenizer) if mode == "content" else None
     out = torch.zeros(completion_ids.shape, dtype=torch.bool)
     ids_cpu, mask_cpu = completion_ids.cpu(), completion_mask.cpu().bool()
     for row in range(ids_cpu.shape[0]):
         positions = mask_cpu[row].nonzero()[:, 0]
         ids = ids_cpu[row, positions].tolist()
-        text, starts = pieces.char_offsets(ids)
-        picked = span_of_tokens(starts, answer_char_span(text))
+        if mode == "content":
+            text, starts = pieces.char_offsets(ids)
+            picked = span_of_tokens(starts, answer_char_span(text))
+        else:
+            picked = _official_positions(ids, tokenizer)
         if picked:
             out[row, positions[picked]] = True
     return out.to(completion_ids.device)

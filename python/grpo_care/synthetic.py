@@ -114,6 +114,61 @@ def write_seed_bench_r1(
     return paths
 
 
+# Table 4's six benchmarks in Video-R1's evaluation layout: file name -> (folder, [(problem_type, extra fields)])
+GENERAL_BENCHMARKS = {
+    "vsibench": ("VSI-Bench", [("multiple choice", {}), ("regression", {}), ("regression", {})]),
+    "videommmu": ("VideoMMMU", [("multiple choice", {}), ("numerical", {})]),
+    "mmvu": ("MMVU", [("multiple choice", {}), ("multiple choice", {})]),
+    "mvbench": ("MVBench", [("multiple choice", {}), ("multiple choice", {})]),
+    "tempcompass": ("TempCompass", [("multiple choice", {"dim": "speed"}), ("multiple choice", {"dim": "order"})]),
+    "videomme": ("VideoMME", [("multiple choice", {"duration": "short"}), ("multiple choice", {"duration": "long"})]),
+}
+
+
+def _general_record(name: str, folder: str, i: int, problem_type: str, extra: dict, rng: random.Random) -> dict:
+    record = {
+        "problem_id": i,
+        "problem": f"{folder} question {i}: what happens to the red square in the video?",
+        "data_type": "video",
+        "problem_type": problem_type,
+        "path": f"./Evaluation/{folder}/videos/{name}_{i}.mp4",
+        "data_source": folder,
+        **extra,
+    }
+    if problem_type == "multiple choice":
+        record["options"] = [f"{letter}. {action}" for letter, action in zip("ABCD", rng.sample(ACTIONS, 4))]
+        record["solution"] = f"<answer>{rng.choice('ABCD')}</answer>"
+    elif problem_type == "numerical":
+        record["options"] = []
+        record["solution"] = f"<answer>{rng.randint(2, 9)}</answer>"
+    else:  # regression: a measurement, graded by mean relative accuracy
+        record["options"] = []
+        record["solution"] = f"<answer>{rng.randint(10, 40) / 10}</answer>"
+    return record
+
+
+def write_video_r1_eval(
+    root: str | Path, seed: int = 0, num_frames: int = 12, long_num_frames: int | None = None
+) -> dict:
+    """Write root/Evaluation/eval_<name>.json for Table 4's six benchmarks in Video-R1's evaluation layout
+    (a JSON list of {problem_id, problem, data_type, problem_type, options, solution, path, ...}) and their
+    clips under root/Evaluation/<Bench>/videos/; return {name: path}. `long_num_frames`: the first clip of
+    every file gets that many frames (a clip long enough to be capped by the frame budget)."""
+    root = Path(root)
+    rng = random.Random(seed)
+    paths = {}
+    for name, (folder, items) in GENERAL_BENCHMARKS.items():
+        records = [_general_record(name, folder, i, kind, extra, rng) for i, (kind, extra) in enumerate(items)]
+        for i, record in enumerate(records):
+            frames = long_num_frames if (i == 0 and long_num_frames) else num_frames
+            write_video(root / record["path"][2:], num_frames=frames, seed=rng.randint(0, 10**6))
+        path = root / "Evaluation" / f"eval_{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records, indent=1))
+        paths[name] = str(path)
+    return paths
+
+
 def write_tiny_model(out_dir: str | Path, qwen_vocab: bool = False) -> str:
     """A tiny Qwen2.5-VL and its processor, saved with save_pretrained (loadable by grpo-care train/eval).
 

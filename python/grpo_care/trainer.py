@@ -16,8 +16,9 @@ One micro-batch (grpo_care.md 3-6):
      and entropy for the metrics, and backward sends the gradient through the backbone. 8NHV of head GEMMs
      per step with a reference, and no [N, L, V] logits are ever built.
 Then, per optimizer step: gradient clipping, AdamW, the LR schedule, and every `ref_ema_update_every` steps
-the fp32 EMA update of the reference (ema.py). Plain GRPO (`use_care: false`) keeps a frozen reference when
-`beta > 0` and none otherwise.
+the fp32 EMA update of the reference (ema.py). A reference exists for CARE and for `beta > 0`; it follows the
+EMA whenever `ref_ema_decay` is set below 1 (plain GRPO with a decay is Table 3's KL-EMA) and stays the
+initial model, with no fp32 shadow, at 1.0; unset, CARE's is an EMA (0.995) and plain GRPO's is frozen.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ import torch
 import care_kernels as ck
 from grpo_care import checkpoint as ckpt
 from grpo_care import distributed, fsdp_init, sharded_state
+from grpo_care.batch import with_pinned_batch
 from grpo_care.care import consistency_bonus, total_rewards
 from grpo_care.config import GRPOCareConfig
 from grpo_care.data import build_messages, load_samples
-from grpo_care.ema import EMAReference
+from grpo_care.ema import EMAReference, ema_decay, ema_moves
 from grpo_care.logging_utils import MetricsLogger
 from grpo_care.metrics import MicroBatchResult, completion_records, k3_kl, masked_mean, step_metrics
 from grpo_care.modeling import (
@@ -74,8 +76,9 @@ def train(config: GRPOCareConfig, model=None, processor=None, tokenizer=None) ->
 
 class Trainer:
     def __init__(self, config: GRPOCareConfig, model=None, processor=None, tokenizer=None):
-        self.config = config
         self.dist = distributed.setup(config)  # one process: a no-op env, device from config.device
+        # a pinned prompts_per_step sets the accumulation for this world size (the paper's batch on 1 or 4 GPUs)
+        config = self.config = with_pinned_batch(config, self.dist.world_size)
         self.device = self.dist.device
         self.output_dir = Path(config.output_dir)
         self.resume_from = self._prepare_output_dir()  # the checkpoint to continue from, or None
@@ -140,11 +143,18 @@ class Trainer:
         if not skeleton:  # a skeleton gets rank 0's weights by `materialize` below
             distributed.broadcast_module(self.model, self.dist)  # identical start on every rank
         self.reference = None
+        self.ema_decay = ema_decay(config)  # ref_ema_decay, or the method's own when unset
         if config.use_care or config.beta > 0:
             # Under FSDP the reference starts as a meta skeleton and gets its weights and fp32 shadow from the
-            # policy's local shards (shard_reference): no rank holds a second whole model.
+            # policy's local shards (shard_reference): no rank holds a second whole model. A reference that never
+            # moves (decay 1.0, or plain GRPO's unset) keeps no fp32 shadow.
             policy = fsdp_init.meta_copy(self.model) if fsdp else self.model
-            self.reference = EMAReference(policy, dtype=self._reference_dtype(), build_shadow=not fsdp)
+            self.reference = EMAReference(
+                policy,
+                dtype=self._reference_dtype(),
+                build_shadow=not fsdp,
+                frozen=not ema_moves(self.ema_decay),
+            )
         self.engine = distributed.wrap(self.model, config, self.dist)  # what the step's forward runs through
         if skeleton:  # FSDP start-up from files (rank 0 holds `source`)
             fsdp_init.materialize(self.model, source, self.dist)
@@ -380,8 +390,10 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 grad_norm = self._optimizer_step()
                 self.global_step += 1
-                if c.use_care and self.global_step % c.ref_ema_update_every == 0:
-                    self.reference.update(self.model, c.ref_ema_decay)
+                # whenever the decay is set, as the authors' trainer (with use_care false: Table 3's KL-EMA)
+                ema_step = self.global_step % c.ref_ema_update_every == 0
+                if ema_step and self.reference is not None and not self.reference.frozen:
+                    self.reference.update(self.model, self.ema_decay)
                 metrics = self._step_metrics(results, grad_norm, lr, time.perf_counter() - started)
                 metrics = distributed.reduce_metrics(metrics, self.dist)
                 self.losses.append(metrics["loss"])

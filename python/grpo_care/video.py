@@ -1,6 +1,7 @@
 """Frames and images at GRPO-CARE's visual budget (grpo_care.md 2.3, qwen_vl_utils' rules).
 
     frames = read_video(path, VisualBudget())     # uint8 [T, H, W, 3], T even, H and W multiples of 28
+    clip = read_video_clip(path, VisualBudget())  # the same frames and the rate they were sampled at
     image = read_image(path, VisualBudget())      # uint8 [H, W, 3]
 
 Frame count: `nframes = clamp(total / video_fps * fps, min_frames, min(max_frames, total))` floored to an even
@@ -9,6 +10,10 @@ number (min rounded up, max down), frames at `linspace(0, total - 1, nframes).ro
 1.05 * video_min_pixels)`. Videos are decoded with decord, or PyAV when decord is missing or fails; both are
 optional (`pip install care-kernels[video]`) and imported on first use. Frames are resized here (bicubic,
 antialiased) and handed to the processor with its own resize off, so the budget lives in one place.
+
+The sampled rate is `nframes / total * video_fps`, qwen_vl_utils' `sample_fps` (2.0 for a clip at the 2 fps
+budget, less for a clip capped at max_frames); a container that states no frame rate gives `fps` (the rate
+asked for). Evaluation can give it to M-RoPE (`eval_real_video_timing`, rollout.encode_prompts).
 """
 
 from __future__ import annotations
@@ -111,15 +116,27 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _read_decord(path: str, budget: VisualBudget) -> np.ndarray:
+@dataclass(frozen=True)
+class VideoClip:
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    sampled_fps: float  # frames per second of video time that the T frames stand for
+
+
+def sampled_fps(total_frames: int, video_fps: float, n: int, budget: VisualBudget) -> float:
+    """qwen_vl_utils' sample_fps: n frames over total / video_fps seconds (the budget's fps when unknown)."""
+    return n / total_frames * video_fps if video_fps > 0 and total_frames > 0 else budget.fps
+
+
+def _read_decord(path: str, budget: VisualBudget) -> tuple[np.ndarray, float]:
     import decord
 
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     total, fps = len(reader), float(reader.get_avg_fps())
-    return reader.get_batch(frame_indices(total, num_frames(total, fps, budget))).asnumpy()
+    n = num_frames(total, fps, budget)
+    return reader.get_batch(frame_indices(total, n)).asnumpy(), sampled_fps(total, fps, n, budget)
 
 
-def _read_pyav(path: str, budget: VisualBudget) -> np.ndarray:
+def _read_pyav(path: str, budget: VisualBudget) -> tuple[np.ndarray, float]:
     """Keeps only the sampled frames in memory (a long clip's decoded frames would not fit). The count comes from
     the container when it states one, else from a first decoding pass; a count that proves wrong is redone."""
     import av
@@ -132,14 +149,16 @@ def _read_pyav(path: str, budget: VisualBudget) -> np.ndarray:
         total = _decode_pyav(path, keep=set())[0]
     if total <= 0:
         raise VideoReadError(f"no decodable frames in {path}")
-    picked = frame_indices(total, num_frames(total, fps, budget))
+    n = num_frames(total, fps, budget)
+    picked = frame_indices(total, n)
     decoded, kept = _decode_pyav(path, keep=set(picked))
     if decoded != total:  # the container's count was off: sample from the true one
         if decoded <= 0:
             raise VideoReadError(f"no decodable frames in {path}")
-        picked = frame_indices(decoded, num_frames(decoded, fps, budget))
+        total, n = decoded, num_frames(decoded, fps, budget)
+        picked = frame_indices(total, n)
         kept = _decode_pyav(path, keep=set(picked))[1]
-    return np.stack([kept[i] for i in picked])
+    return np.stack([kept[i] for i in picked]), sampled_fps(total, fps, n, budget)
 
 
 def _decode_pyav(path: str, keep: set[int]) -> tuple[int, dict[int, np.ndarray]]:
@@ -156,6 +175,11 @@ def _decode_pyav(path: str, keep: set[int]) -> tuple[int, dict[int, np.ndarray]]
 
 def read_video(path: str, budget: VisualBudget) -> np.ndarray:
     """Sampled, resized frames uint8 [T, H, W, 3]; VideoReadError if the file is missing or undecodable."""
+    return read_video_clip(path, budget).frames
+
+
+def read_video_clip(path: str, budget: VisualBudget) -> VideoClip:
+    """read_video's frames and the rate they were sampled at; VideoReadError as read_video."""
     import os
 
     if not os.path.isfile(path):
@@ -163,7 +187,7 @@ def read_video(path: str, budget: VisualBudget) -> np.ndarray:
     errors = []
     for reader in (_read_decord, _read_pyav):
         try:
-            frames = reader(path, budget)
+            frames, fps = reader(path, budget)
             break
         except VideoReadError:
             raise
@@ -174,7 +198,7 @@ def read_video(path: str, budget: VisualBudget) -> np.ndarray:
     else:
         raise VideoReadError(f"cannot decode video {path}: " + "; ".join(errors))
     height, width = frame_pixels(frames.shape[1], frames.shape[2], frames.shape[0], budget)
-    return resize_frames(frames, height, width)
+    return VideoClip(resize_frames(frames, height, width), fps)
 
 
 def read_image(path: str, budget: VisualBudget) -> np.ndarray:
