@@ -55,6 +55,12 @@ def info() -> dict:
     else:
         device_name = f"{cpu_model()} ({threads} threads, {os.cpu_count()} CPUs)"
         device_slug = f"cpu-{slug(cpu_model())}-{threads}t"
+    try:
+        from care_kernels import cpu_backend
+
+        cpp_isa = cpu_backend.isa()
+    except Exception:  # noqa: BLE001
+        cpp_isa = None
     return {
         "device": "cuda" if cuda else "cpu",
         "device_name": device_name,
@@ -62,6 +68,9 @@ def info() -> dict:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
+        # Ratios can differ between instruction sets: ATen's kernels and the C++ epilogues follow this choice.
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "cpp_isa": cpp_isa,
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
         "triton": triton_version,

@@ -248,7 +248,9 @@ def _machine_lines(m: dict) -> list[str]:
         f"- torch {m.get('torch')}, triton {m.get('triton')}, care_kernels {m.get('care_kernels')}; "
         f"peers: trl {m.get('trl')}, liger-kernel {m.get('liger_kernel')}, "
         f"cut-cross-entropy {m.get('cut_cross_entropy')}; python {m.get('python')}",
-        f"- CPU: {m.get('cpu_model')} ({m.get('cpu_count')} CPUs, torch threads {m.get('torch_threads')})",
+        f"- CPU: {m.get('cpu_model')} ({m.get('cpu_count')} CPUs, torch threads {m.get('torch_threads')}"
+        + (f", instruction set {m['cpu_isa']} (ATen; C++ epilogues: {m.get('cpp_isa')})" if m.get("cpu_isa") else "")
+        + ")",
         f"- date: {m.get('date')}" + _load_note(m),
     ]
 
