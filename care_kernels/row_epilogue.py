@@ -7,6 +7,8 @@ kernels do each epilogue in one fused OpenMP pass; the torch versions are the fa
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from care_kernels import backends
@@ -53,8 +55,8 @@ def row_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, i
     logprobs = torch.where(valid, z_target - lse, 0.0)
     entropy = None
     if with_entropy:  # relative to the max: log s - sum e (z - m) / s, no cancellation for large logits
-        t = torch.bmm(e[:, None, :], z[:, :, None])[:, 0, 0]
-        entropy = torch.where(valid, (s.log() - t / s).clamp(min=0.0), 0.0)
+        t = z.mul_(e).sum(dim=1)  # (z is not needed after this)
+        entropy = torch.where(valid, (s.log() - t / s).clamp(min=0.0, max=math.log(logits.shape[1])), 0.0)
     return logprobs, lse, entropy
 
 

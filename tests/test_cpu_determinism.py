@@ -64,10 +64,11 @@ def _inputs(dtype, seed=0):
     return hidden, weight, bias, targets, ref_hidden, ref_weight
 
 
-def _single(dtype):
+def _single(dtype, impl="cpp", vocab=V):
     hidden, weight, bias, targets, _, _ = _inputs(dtype)
+    weight, bias, targets = weight[:vocab], bias[:vocab], targets.where(targets < vocab, IGNORE)
     h, w, b = (x.detach().requires_grad_() for x in (hidden, weight, bias))
-    logprobs, entropy = ck.linear_logprobs(h, w, targets, b, temperature=0.8, return_entropy=True, impl="cpp")
+    logprobs, entropy = ck.linear_logprobs(h, w, targets, b, temperature=0.8, return_entropy=True, impl=impl)
     g = torch.Generator().manual_seed(1)
     (logprobs * torch.randn(N, generator=g) + entropy * torch.randn(N, generator=g)).sum().backward()
     return [logprobs, entropy, h.grad, w.grad, b.grad]
@@ -98,7 +99,13 @@ def _fused_loss(dtype):
     return [loss, *metrics, h.grad, w.grad, bb.grad]
 
 
-CASES = {"linear_logprobs": _single, "dual_linear_logprobs": _dual, "FusedLinearGRPOLoss": _fused_loss}
+CASES = {
+    "linear_logprobs": _single,
+    "dual_linear_logprobs": _dual,
+    "FusedLinearGRPOLoss": _fused_loss,
+    "one vocabulary tile": lambda dtype: _single(dtype, vocab=1000),  # one range: BLAS threads the GEMMs itself
+    "impl=torch": lambda dtype: _single(dtype, impl="torch"),
+}
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -138,15 +145,36 @@ _EPILOGUE_SCRIPT = textwrap.dedent(
 )
 
 
-def _epilogues_under(capability):
+_FULL_OP_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, numpy as np, torch
+    import care_kernels as ck
+    from care_kernels import cpu_backend
+    rng = np.random.default_rng(1)
+    h = torch.from_numpy(rng.standard_normal((300, 24), dtype=np.float32)).requires_grad_()
+    w = torch.from_numpy(rng.standard_normal((3000, 24), dtype=np.float32) * 0.6).requires_grad_()
+    b = torch.from_numpy(rng.standard_normal(3000, dtype=np.float32) * 0.5)  # the epilogues' bias path
+    y = torch.from_numpy(rng.integers(0, 3000, 300))
+    lp, ent = ck.linear_logprobs(h, w, y, b, temperature=0.7, return_entropy=True, impl="cpp")
+    (lp.sum() - 0.5 * ent.sum()).backward()
+    digest = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in (lp, ent, h.grad, w.grad))).hexdigest()
+    print(json.dumps({"isa": cpu_backend.isa(), "digest": digest}))
+    """
+)
+
+
+def _epilogues_under(capability, script=_EPILOGUE_SCRIPT):
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-    out = subprocess.run([sys.executable, "-c", _EPILOGUE_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_row_epilogue_builds_return_the_same_bits():
+@pytest.mark.parametrize(
+    "script", [_EPILOGUE_SCRIPT, _FULL_OP_SCRIPT], ids=["epilogue_ops", "linear_logprobs_with_bias"]
+)
+def test_row_epilogue_builds_return_the_same_bits(script):
     native = torch.backends.cpu.get_cpu_capability().lower()
-    results = {cap: _epilogues_under(cap) for cap in ("default", "avx2", "avx512")}
+    results = {cap: _epilogues_under(cap, script) for cap in ("default", "avx2", "avx512")}
     assert results["default"]["isa"] == "default"
     if native in ("avx2", "avx512"):
         assert results["avx2"]["isa"] == "avx2"  # ATen's choice is followed (and clamped to the CPU)
@@ -154,3 +182,14 @@ def test_row_epilogue_builds_return_the_same_bits():
         assert results["avx512"]["isa"] == "avx512"
     digests = {cap: r["digest"] for cap, r in results.items()}
     assert len(set(digests.values())) == 1, f"the SIMD builds disagree: {digests}"
+
+
+def test_backward_in_several_row_passes_gives_the_same_bits(monkeypatch):
+    """With more scored rows than the dH partials' budget, the backward runs in passes over the rows; the
+    passes start at token-tile boundaries, so every sum keeps its order and the bits do not change."""
+    with _threads(2):
+        one_pass = [x.detach().clone() for x in _single(torch.float32)]
+        monkeypatch.setenv("CARE_KERNELS_CPU_PARTIAL_DH_BYTES", str(512 * H * 4))  # 512 rows per pass: 2 passes
+        passes = _single(torch.float32)
+    for a, b in zip(one_pass, passes):
+        assert torch.equal(a, b)

@@ -169,7 +169,7 @@ class HeadFlopCounter(TorchDispatchMode):
 
     def __init__(self, vocab: int):
         super().__init__()
-        self.vocab, self.paused, self.flops, self.ref_rows = vocab, False, [], []
+        self.vocab, self.paused, self.flops, self.ref_rows, self.logits_rows = vocab, False, [], [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -187,6 +187,8 @@ class HeadFlopCounter(TorchDispatchMode):
             a, b = args[-2], args[-1]
             if self.vocab in (*a.shape[-2:], *b.shape[-1:]):
                 self.flops.append(2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1))
+                if b.shape[-1] == self.vocab:  # a logits GEMM: [rows, H] @ [H, V]
+                    self.logits_rows.append(a.shape[-2])
         return out
 
 
@@ -216,14 +218,34 @@ def test_step_runs_8nhv_of_head_gemms_with_a_reference_and_6nhv_without(assets, 
     assert summary["global_step"] == 1
     metrics = _read_jsonl(summary["metrics_file"])[-1]
     assert math.isfinite(metrics["entropy"]) and metrics["entropy"] > 0
-    n = config.per_device_train_batch_size * config.num_generations * config.max_completion_length
+    scored = sum(counter.logits_rows)  # the completion tokens the loss head scored (its logits GEMMs' rows)
+    assert 0 < scored <= config.per_device_train_batch_size * config.num_generations * config.max_completion_length
     if arm == "care":
-        assert len(counter.ref_rows) == 1 and 0 < counter.ref_rows[0] <= n  # one reference pass, scored rows
-        n = counter.ref_rows[0]
-        assert sum(counter.flops) == 8 * n * hidden * vocab, counter.flops
+        assert counter.ref_rows == [scored]  # one reference pass over the same tokens
+        assert sum(counter.flops) == 8 * scored * hidden * vocab, counter.flops
     else:
         assert counter.ref_rows == []
-        assert sum(counter.flops) % (6 * hidden * vocab) == 0 and 0 < sum(counter.flops) <= 6 * n * hidden * vocab
+        assert sum(counter.flops) == 6 * scored * hidden * vocab, counter.flops
+
+
+@pytest.mark.parametrize("poisoned", ["policy", "reference"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_non_finite_policy_or_reference_stops_the_run_with_a_clear_error(assets, tmp_path, monkeypatch, poisoned, beta):
+    """The step checks its loss and the reference's log-probs within its one host sync. A NaN reference at
+    beta = 0 touches no loss (care_bonus gives a NaN likelihood no bonus): it must still stop the run."""
+    from grpo_care import trainer as trainer_module
+
+    model = _tiny_vl(assets)
+    real = trainer_module.backbone_hidden
+
+    def poison(m, inputs):
+        hidden = real(m, inputs)
+        return hidden * math.nan if (m is model) == (poisoned == "policy") else hidden
+
+    monkeypatch.setattr(trainer_module, "backbone_hidden", poison)
+    config = _config(assets, tmp_path, max_steps=1, use_care=True, beta=beta)
+    with pytest.raises(FloatingPointError, match=f"step 1: the {'loss' if poisoned == 'policy' else 'reference'}"):
+        train(config, model=model, processor=assets["processor"])
 
 
 def gold_is_a(completions, **columns):

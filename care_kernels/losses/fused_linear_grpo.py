@@ -208,6 +208,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None,
                 ref_bias=None, num_items_in_batch=None, *, return_token_stats=False, return_entropy=False):
+        if return_entropy and not return_token_stats:
+            raise ValueError("return_entropy=True needs return_token_stats=True (the entropy comes back in TokenStats)")
         _validate.check_head(_input, lin_weight, bias, "_input", "lin_weight", "bias")
         if _input.dim() != 3:
             raise ValueError(f"_input must be [B, T, H], got {tuple(_input.shape)}")

@@ -16,7 +16,8 @@
 // partial per range that is added to dH in range order. Every sum therefore runs in an order fixed by the
 // inputs and the thread count alone: the same inputs and thread count give the same bits, whatever the
 // threads' timing. Workspace: O(N) statistics and one tile per thread, plus (backward, threads > 1) one
-// [rows, H] fp32 partial per extra thread, at most kPartialDhBytes (more rows run in several passes).
+// [rows, H] fp32 partial per extra thread: at most kPartialDhBytes in all (more rows run in several passes),
+// but never fewer than kBlockRows rows each ((threads - 1) * kBlockRows * H * 4 bytes).
 //
 // Ops (schemas at the bottom):
 //   linear_logprobs_fwd_cpu, linear_logprobs_bwd_cpu   the blocked op and its backward
@@ -31,6 +32,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
@@ -63,8 +65,18 @@ constexpr int64_t kBlockVocab = 1024;
 // Column ranges start at multiples of this (cache lines, whole SIMD lanes).
 constexpr int64_t kRangeAlign = 16;
 // The backward's dH partials of the ranges after the first (which adds into dH itself) take at most this many
-// bytes; beyond it the rows run in several passes over the vocabulary.
+// bytes (but at least kBlockRows rows each); beyond it the rows run in several passes over the vocabulary.
+// CARE_KERNELS_CPU_PARTIAL_DH_BYTES overrides it (tests force several passes with a small value).
 constexpr int64_t kPartialDhBytes = int64_t(256) << 20;
+
+int64_t partial_dh_bytes() {
+  if (const char* env = std::getenv("CARE_KERNELS_CPU_PARTIAL_DH_BYTES")) {
+    char* end = nullptr;
+    const long long value = std::strtoll(env, &end, 10);
+    if (end != env && *end == '\0' && value > 0) return value;
+  }
+  return kPartialDhBytes;
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Online per-row statistics over vocabulary tiles.
@@ -504,7 +516,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_bwd_cpu(
     const int64_t n_ranges = split.ranges();
     int64_t pass_rows = rows.count;
     if (n_ranges > 1) {
-      const int64_t fit = kPartialDhBytes / ((n_ranges - 1) * std::max<int64_t>(h, 1) * int64_t(c10::elementSize(acc)));
+      const int64_t row_bytes = (n_ranges - 1) * std::max<int64_t>(h, 1) * int64_t(c10::elementSize(acc));
+      const int64_t fit = partial_dh_bytes() / row_bytes;
       pass_rows = std::min(rows.count, std::max(kBlockRows, fit / kBlockRows * kBlockRows));
     }
     std::vector<std::optional<BackwardRange>> ranges(n_ranges);

@@ -42,7 +42,10 @@ struct FloatKernels {
   }
 
 CK_ROW_EPILOGUE_BUILD(baseline, , "default")
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(CARE_KERNELS_NO_ISA_BUILDS)
+// __builtin_cpu_supports("x86-64-v3"/"x86-64-v4") needs GCC >= 12 or Clang >= 18; older compilers keep the
+// baseline build only (correct everywhere, slower).
+#if defined(__x86_64__) && !defined(CARE_KERNELS_NO_ISA_BUILDS) && \
+    ((defined(__clang__) && __clang_major__ >= 18) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 12))
 #define CK_HAVE_ISA_BUILDS 1
 CK_ROW_EPILOGUE_BUILD(x86_64_v3, __attribute__((target("arch=x86-64-v3"))), "avx2")
 CK_ROW_EPILOGUE_BUILD(x86_64_v4, __attribute__((target("arch=x86-64-v4"))), "avx512")

@@ -303,6 +303,15 @@ def reduce_metrics(metrics: dict, env: DistEnv) -> dict:
     return out
 
 
+def max_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """values (any shape, on the step's device) -> their elementwise max over all ranks (itself on one rank)."""
+    if not env.enabled:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def broadcast_object(obj, env: DistEnv):
     if not env.enabled:
         return obj

@@ -510,12 +510,7 @@ class Trainer:
 
         loss, extras = distributed.forward(self.engine, policy_pass)
         policy, ref_logp, bonus, likelihood, span, total, advantages, loss_metrics = extras
-        loss_value = float(loss.detach())  # the step's one read of the loss, before its gradient spreads
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"the loss of step {self.global_step + 1} is {loss_value}: the policy's hidden states or LM head "
-                "hold non-finite values (try a lower learning_rate, max_grad_norm, or bf16: false)"
-            )
+        loss_value = self._checked_loss(loss, ref_logp, mask)
         (loss / c.gradient_accumulation_steps).backward()
         if self.reference is not None:
             distributed.reshard(self.reference.module)
@@ -543,14 +538,37 @@ class Trainer:
         dtype = torch.bfloat16 if (self.device.type == "cuda" and self.config.bf16) else weight.dtype
         return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
+    def _checked_loss(self, loss, ref_logp, mask) -> float:
+        """The micro-batch's loss as a float: the step's one host sync, which also brings back whether the loss or
+        the reference's log-probs are non-finite. Those flags are agreed over the ranks first, so every rank
+        raises the same error before backward (none is left waiting in a collective). A non-finite reference
+        would otherwise pass silently at beta = 0: `care_bonus` gives a NaN likelihood no bonus."""
+        zero = torch.zeros((), device=loss.device)
+        bad_ref = (~torch.isfinite(ref_logp[mask.bool()])).any().float() if ref_logp is not None else zero
+        flags = distributed.max_over_ranks(torch.stack([(~torch.isfinite(loss.detach())).float(), bad_ref]), self.dist)
+        value, bad_loss, bad_ref = torch.cat([loss.detach().float().reshape(1), flags.to(loss.device)]).tolist()
+        where = f"step {self.global_step + 1}" + (f", rank {self.dist.rank}" if self.dist.enabled else "")
+        if bad_ref:
+            raise FloatingPointError(
+                f"{where}: the reference's log-probs are non-finite (on this or another rank): its weights or "
+                "hidden states hold NaN or inf (a corrupt reference checkpoint, or an overflow under bf16: "
+                "try bf16: false)"
+            )
+        if bad_loss:
+            raise FloatingPointError(
+                f"{where}: the loss is non-finite (on this or another rank): the policy's hidden states or LM head "
+                "hold NaN or inf (try a lower learning_rate, max_grad_norm, or bf16: false)"
+            )
+        return value
+
     @torch.no_grad()
     def _score_reference(self, ref_hidden, targets):
         """The reference's per-token log-probs [N, L] (0 at ignored targets), one care_kernels pass (2NHV).
 
         At temperature 1 for CARE (the authors' likelihood uses raw logits), else at the sampling temperature
         (the KL of plain GRPO). No host sync: `check_finite=False` (the targets are the policy's own samples, in
-        range by construction and still range-checked without a sync); a non-finite state surfaces in the
-        step's loss, which `_micro_step` reads once anyway.
+        range by construction and still range-checked without a sync); `_checked_loss` checks the result for
+        non-finite values within the step's one read of the loss.
         """
         c = self.config
         ref_weight, ref_bias = map(distributed.full_tensor, lm_head_params(self.reference.module))
