@@ -20,7 +20,7 @@ import os
 import torch
 import triton
 
-from care_kernels.triton import fp32_gemm
+from care_kernels.triton import fp32_gemm, tuning
 from care_kernels.triton._backward_kernels import logits_slab_grad_kernel
 from care_kernels.triton._forward_kernels import logits_slab_stats_kernel
 
@@ -43,8 +43,8 @@ def _tile(bm: int, bn: int, warps: int) -> triton.Config:
 # along the columns; the backward's pass owns one [BLOCK_M, BLOCK_N] tile per program.
 FOLD_CONFIGS = [_tile(8, 512, 4), _tile(4, 1024, 8), _tile(2, 1024, 4), _tile(1, 2048, 8)]
 GRAD_CONFIGS = [_tile(16, 256, 4), _tile(8, 256, 4), _tile(32, 256, 8), _tile(16, 512, 8)]
-_fold_tuned = triton.autotune(configs=FOLD_CONFIGS, key=["HAS_BIAS", "WITH_ENTROPY"])(logits_slab_stats_kernel)
-_grad_tuned = triton.autotune(configs=GRAD_CONFIGS, key=["HAS_BIAS", "HAS_GRAD_ENTROPY"])(logits_slab_grad_kernel)
+_fold_tuned = tuning.autotune(FOLD_CONFIGS, ["HAS_BIAS", "WITH_ENTROPY"])(logits_slab_stats_kernel)
+_grad_tuned = tuning.autotune(GRAD_CONFIGS, ["HAS_BIAS", "HAS_GRAD_ENTROPY"])(logits_slab_grad_kernel)
 # Under the interpreter: one config with few programs (each costs ~ms there, whatever its size).
 _INTERPRET_TILE = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4)
 

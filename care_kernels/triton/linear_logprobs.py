@@ -23,7 +23,7 @@ import torch
 import triton
 
 from care_kernels.triton import _forward_kernels as fk
-from care_kernels.triton import cublas_logits, logits_gemm, tma
+from care_kernels.triton import cublas_logits, logits_gemm, tma, tuning, verified
 from care_kernels.triton._backward_kernels import dlogits_kernel
 from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel
 from care_kernels.triton.fp32_gemm import addmm_fp32_
@@ -50,21 +50,29 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, maxnreg: int | None
                          maxnreg=maxnreg)  # fmt: skip
 
 
+def _host_tma(config: triton.Config) -> bool:
+    """Whether the config loads through the host's TMA descriptors (warp-specialized ones build their own)."""
+    return bool(config.kwargs.get("USE_TMA")) and not config.kwargs.get("WARP_SPECIALIZE")
+
+
+def _with_block_shapes(config: triton.Config) -> triton.Config:
+    """Only configs that read the host's descriptors get the pre_hook that gives them the config's tile."""
+    config.pre_hook = tma.set_block_shapes if _host_tma(config) else None
+    return config
+
+
 def _bwd(bm, bn, bk, warps, stages, *, persistent=0, tma_loads=False, maxnreg=None, ws=False) -> triton.Config:
     """A dlogits config: tile; persistent = programs per SM (0: one program per tile); TMA loads; register cap;
     warp specialization (persistent TMA only)."""
-    config = _cfg(bm, bn, bk, warps, stages, maxnreg, PERSISTENT=persistent > 0, USE_TMA=tma_loads,
-                  PROGRAMS_PER_SM=max(persistent, 1), WARP_SPECIALIZE=ws)  # fmt: skip
-    config.pre_hook = tma.set_block_shapes
-    return config
+    return _with_block_shapes(_cfg(bm, bn, bk, warps, stages, maxnreg, PERSISTENT=persistent > 0, USE_TMA=tma_loads,
+                                   PROGRAMS_PER_SM=max(persistent, 1), WARP_SPECIALIZE=ws))  # fmt: skip
 
 
 def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None, ws=False) -> triton.Config:
     """A forward config: tile, loop shape (nested or flat), operand loads (pointers or TMA), register cap,
     warp specialization (nested TMA loop only)."""
-    config = _cfg(bm, bn, bk, warps, stages, maxnreg, FLAT_LOOP=flat, USE_TMA=tma_loads, WARP_SPECIALIZE=ws)
-    config.pre_hook = tma.set_block_shapes
-    return config
+    return _with_block_shapes(_cfg(bm, bn, bk, warps, stages, maxnreg, FLAT_LOOP=flat, USE_TMA=tma_loads,
+                                   WARP_SPECIALIZE=ws))  # fmt: skip
 
 
 # GPU configurations. BLOCK_M and BLOCK_K are fixed within a forward list and BLOCK_K within a backward list
@@ -131,13 +139,33 @@ def _check_config_lists() -> None:
                             (_BWD_CONFIGS_32, bwd)]:  # fmt: skip
         assert len({tuple(c.kwargs[k] for k in shared) for c in configs}) == 1, shared
     assert all(_COL_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in _FWD_CONFIGS_16_TMA + _FWD_CONFIGS_32)
-    # the untuned first configs launch without descriptors
-    firsts = [c[0] for c in (_FWD_CONFIGS_16, _FWD_CONFIGS_16_TMA, _FWD_CONFIGS_32, _BWD_CONFIGS_16,
-                             _BWD_CONFIGS_16_TMA, _BWD_CONFIGS_32)]  # fmt: skip
-    assert not any(c.kwargs["USE_TMA"] for c in firsts)
+    # the untuned first configs launch without descriptors, and are always candidates (verified.py)
+    lists = (_FWD_CONFIGS_16, _FWD_CONFIGS_16_TMA, _FWD_CONFIGS_32, _BWD_CONFIGS_16, _BWD_CONFIGS_16_TMA,
+             _BWD_CONFIGS_32)  # fmt: skip
+    assert not any(c[0].kwargs["USE_TMA"] or verified.needs_verification(c[0]) for c in lists)
+    # verification records name configs by label, within a family
+    for configs in lists:
+        assert len({config_label(c) for c in configs}) == len(configs)
 
 
+config_label = verified.config_label
 _check_config_lists()
+
+
+def config_families() -> dict[str, list[triton.Config]]:
+    """Every shipped Triton config of the log-prob kernels, by verification family."""
+    return {"forward 16-bit": _FWD_CONFIGS_16_TMA, "forward fp32": _FWD_CONFIGS_32,
+            "dlogits 16-bit": _BWD_CONFIGS_16_TMA, "dlogits fp32": _BWD_CONFIGS_32}  # fmt: skip
+
+
+# Each shipped config's family in the verification records (care_kernels.triton.verified).
+_FAMILY = {id(c): family for family, configs in config_families().items() for c in configs}
+
+
+def config_allowed(config: triton.Config, device: torch.device) -> bool:
+    """Whether `config` may be an autotuner candidate on `device` (verified.allowed, by the config's family)."""
+    return verified.allowed(_FAMILY.get(id(config), "?"), config, device)
+
 
 # Constexpr flags that change the work per program are part of the key (Triton keys on the listed
 # arguments and the tensors' dtypes only; EVEN_K follows from H).
@@ -150,7 +178,7 @@ def warp_specialized(config: triton.Config) -> bool:
 
 def warp_specialization_enabled() -> bool:
     """False when CARE_KERNELS_WARP_SPECIALIZE=0: the autotuner never tries warp-specialized configs (an escape
-    hatch for a Triton or driver whose warp specialization misbehaves; gpu_check.sh sets it when they fail)."""
+    hatch for a Triton or driver whose warp specialization misbehaves, whatever the verification records say)."""
     return os.environ.get("CARE_KERNELS_WARP_SPECIALIZE", "1") != "0"
 
 
@@ -163,6 +191,7 @@ def spills_with_bias(config: triton.Config) -> bool:
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **launch) -> list[triton.Config]:
     """Autotuner early prune (forward and dlogits) of the configs that cannot run here, or run badly:
+    - those never verified on this GPU architecture (config_allowed; the first of each list always stays);
     - warp-specialized ones off Hopper (sm_90: other architectures run another warp-specialization pass that
       nobody here has compiled or checked), under CARE_KERNELS_WARP_SPECIALIZE=0, and in a dual forward whose
       models differ in dtype (one loop nest serves both; linear_logprob_stats_kernel);
@@ -174,41 +203,23 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **launch) -> 
     same_dtype = not args.get("DUAL") or args["ref_h_ptr"].dtype == args["h_ptr"].dtype
     keep_ws = hopper and same_dtype and warp_specialization_enabled()
     biased_forward = "DUAL" in args and bool(args.get("HAS_BIAS") or args.get("REF_HAS_BIAS"))
-    return [c for c in configs if (keep_ws or not warp_specialized(c)) and not (biased_forward and spills_with_bias(c))]
+    return [c for c in configs if config_allowed(c, device) and (keep_ws or not warp_specialized(c))
+            and not (biased_forward and spills_with_bias(c))]  # fmt: skip
 
 
-_PRUNE = {"early_config_prune": _prune_configs}
-_fwd_tuned_16 = triton.autotune(configs=_FWD_CONFIGS_16, key=_FWD_KEY, prune_configs_by=_PRUNE)(
-    linear_logprob_stats_kernel
-)
-_fwd_tuned_16_tma = triton.autotune(configs=_FWD_CONFIGS_16_TMA, key=_FWD_KEY, prune_configs_by=_PRUNE)(
-    linear_logprob_stats_kernel
-)
-_fwd_tuned_32 = triton.autotune(configs=_FWD_CONFIGS_32, key=_FWD_KEY)(linear_logprob_stats_kernel)
+# SafeAutotuner: a candidate that raises is dropped (never the call), and tuning results are kept on disk.
+_fwd_tuned_16 = tuning.autotune(_FWD_CONFIGS_16, _FWD_KEY, _prune_configs)(linear_logprob_stats_kernel)
+_fwd_tuned_16_tma = tuning.autotune(_FWD_CONFIGS_16_TMA, _FWD_KEY, _prune_configs)(linear_logprob_stats_kernel)
+_fwd_tuned_32 = tuning.autotune(_FWD_CONFIGS_32, _FWD_KEY, _prune_configs)(linear_logprob_stats_kernel)
 _BWD_KEY = ["H", "N_CLASS", "HAS_BIAS", "HAS_GRAD_ENTROPY"]
-_bwd_tuned_16 = triton.autotune(configs=_BWD_CONFIGS_16, key=_BWD_KEY)(dlogits_kernel)
-_bwd_tuned_16_tma = triton.autotune(configs=_BWD_CONFIGS_16_TMA, key=_BWD_KEY, prune_configs_by=_PRUNE)(dlogits_kernel)
-_bwd_tuned_32 = triton.autotune(configs=_BWD_CONFIGS_32, key=_BWD_KEY)(dlogits_kernel)
+_bwd_tuned_16 = tuning.autotune(_BWD_CONFIGS_16, _BWD_KEY, _prune_configs)(dlogits_kernel)
+_bwd_tuned_16_tma = tuning.autotune(_BWD_CONFIGS_16_TMA, _BWD_KEY, _prune_configs)(dlogits_kernel)
+_bwd_tuned_32 = tuning.autotune(_BWD_CONFIGS_32, _BWD_KEY, _prune_configs)(dlogits_kernel)
 # Which (tuner, configs) a launch uses: fp32 when any operand is fp32, the TMA lists when TMA is usable.
 _FWD_LISTS = {"fp32": (_fwd_tuned_32, _FWD_CONFIGS_32), "16-bit": (_fwd_tuned_16, _FWD_CONFIGS_16),
               "16-bit TMA": (_fwd_tuned_16_tma, _FWD_CONFIGS_16_TMA)}  # fmt: skip
 _BWD_LISTS = {"fp32": (_bwd_tuned_32, _BWD_CONFIGS_32), "16-bit": (_bwd_tuned_16, _BWD_CONFIGS_16),
               "16-bit TMA": (_bwd_tuned_16_tma, _BWD_CONFIGS_16_TMA)}  # fmt: skip
-
-
-def config_label(config: triton.Config) -> str:
-    """Short name of a config, e.g. '128x128x64 w8 s3 flat tma r128' (tile, warps, stages, variant, cap);
-    'persistent x2': two persistent programs per SM; 'ws': warp-specialized."""
-    c = config.kwargs
-    tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
-    label = f"{tile} w{config.num_warps} s{config.num_stages}"
-    if "FLAT_LOOP" in c:
-        label += " flat" if c["FLAT_LOOP"] else " nested"
-    if c.get("PERSISTENT"):
-        label += f" persistent x{c['PROGRAMS_PER_SM']}"
-    label += " tma" if c.get("USE_TMA") else ""
-    label += " ws" if c.get("WARP_SPECIALIZE") else ""
-    return label + (f" r{config.maxnreg}" if config.maxnreg else "")
 
 
 def _tuners() -> dict:
@@ -276,7 +287,7 @@ def _plan_launch(plain, lists: dict, interpreter_variant: dict, n_class: int, *t
 
     lists: {"fp32" | "16-bit" | "16-bit TMA": (tuner, configs)}: fp32 when any operand is fp32, the TMA list
     when every operand can back a descriptor. with_descriptors: pass TMA descriptors (a TMA config launched
-    as is, or a tuner whose list has TMA configs: their pre_hook sets the block shapes).
+    as is, or a tuner with host-TMA candidates on this device: their pre_hook sets the block shapes).
     """
     wide = not _is_16bit(*tensors)
     tma_usable = not wide and tma.usable(*tensors, interpret=_INTERPRET)
@@ -285,8 +296,11 @@ def _plan_launch(plain, lists: dict, interpreter_variant: dict, n_class: int, *t
     if _INTERPRET:  # the variant's TMA loads (and warp specialization, which needs them) where TMA is usable
         meta.update({k: v and tma_usable if k in ("USE_TMA", "WARP_SPECIALIZE") else v
                      for k, v in interpreter_variant.items()})  # fmt: skip
-    with_descriptors = meta.get("USE_TMA", False) or (kernel is tuned and tma_usable)
-    if with_descriptors and not _INTERPRET:
+    device = tensors[0].device
+    with_descriptors = meta.get("USE_TMA", False) or (
+        kernel is tuned and tma_usable and any(_host_tma(c) and config_allowed(c, device) for c in configs)
+    )
+    if tma_usable and not _INTERPRET:
         tma.ensure_scratch_allocator()  # warp-specialized configs build their descriptors in the kernel
     return kernel, tuned, config, meta, with_descriptors
 
@@ -358,9 +372,23 @@ def _merge_splits(part: torch.Tensor, with_entropy: bool):
 
 def _run_chosen(key: tuple, candidates: dict, n_rows: int, device: torch.device):
     """Run the candidate logits_gemm picks for `key` (timed on first sight only for large calls on CUDA, the
-    calls the Triton autotuner tunes too)."""
+    calls the Triton autotuner tunes too). If it raises, the other candidates are tried in turn
+    (logits_gemm.fall_back): an error reaches the caller only when every candidate fails (the first one's)."""
     tune = not _INTERPRET and device.type == "cuda" and _n_class(n_rows) >= _TUNE_FROM_N_CLASS
-    return candidates[logits_gemm.choose(key, candidates, tune=tune, device=device)]()
+    name = logits_gemm.choose(key, candidates, tune=tune, device=device)
+    tried: list[str] = []
+    errors: list[Exception] = []
+    while True:
+        try:
+            return candidates[name]()
+        except Exception as exc:
+            tried.append(name)
+            errors.append(exc)
+            name = logits_gemm.fall_back(key, candidates, tried, exc)
+            if name is None:
+                if len(errors) == 1:
+                    raise
+                raise errors[0]  # noqa: B904 - its context is the last candidate's error
 
 
 def _fused_partial_stats(hidden, weight, bias, targets, ref_models, scale2: float, planes: int):

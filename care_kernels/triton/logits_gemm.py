@@ -14,6 +14,10 @@ config. Both keep fp32 logits, so the choice changes speed, not precision (resul
 Calls made while a CUDA graph is captured are never timed: they take the fused kernels until the key has
 been tuned outside a capture. A forced strategy that cannot run on a call (cublas on fp32 operands, or a
 torch without cuBLAS's fp32-output GEMM) falls back to the fused kernels.
+
+A strategy that raises anything while timed is never picked for the key (logged once, see tuning.dropped());
+one that raises when it runs for a call hands the call to the next strategy (fall_back). The caller sees an
+error only when every strategy fails.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import statistics
 from collections.abc import Callable, Iterator
 
 import torch
+
+from care_kernels.triton import tuning
 
 ENV = "CARE_KERNELS_LOGITS_GEMM"
 STRATEGIES = ("fused", "cublas")
@@ -78,16 +84,17 @@ def _elapsed_ms(run: Callable[[], object]) -> float:
 
 
 def _median_ms(run: Callable[[], object]) -> float:
-    """Median time of `run` after one untimed call; inf if it runs out of GPU memory (the cuBLAS strategy's
-    slab may not fit where the fused kernels' buffers do)."""
-    try:
-        run()  # the first call compiles (and, for the fused kernels, autotunes): not timed
-        times = [_elapsed_ms(run)]
-        while len(times) < (TIMED_RUNS_SLOW if times[0] > SLOW_MS else TIMED_RUNS):
-            times.append(_elapsed_ms(run))
-    except torch.OutOfMemoryError:
-        return math.inf
+    """Median time of `run` after one untimed call."""
+    run()  # the first call compiles (and, for the fused kernels, autotunes): not timed
+    times = [_elapsed_ms(run)]
+    while len(times) < (TIMED_RUNS_SLOW if times[0] > SLOW_MS else TIMED_RUNS):
+        times.append(_elapsed_ms(run))
     return statistics.median(times)
+
+
+def _where(key: tuple) -> str:
+    args = dict(zip(KEY_ARGS.get(key[0], []), key[1:]))
+    return f"logits GEMM strategy of the {key[0]} {args}"
 
 
 def _capturing() -> bool:
@@ -101,7 +108,9 @@ def choose(key: tuple, candidates: dict[str, Callable[[], object]], *, tune: boo
     candidates: {name: a thunk running that strategy on the call's inputs}, those that can run here, the fused
     one first. tune: whether timing is allowed for this call (large, on CUDA); otherwise the first candidate
     runs unless the key was tuned before or a strategy is forced. device: the inputs' CUDA device (timed there).
-    A candidate that runs out of memory while timed is never picked for the key; if all do, the error is raised.
+    A candidate that raises while timed (out of memory: the cuBLAS strategy's slab may not fit where the fused
+    kernels' buffers do; or anything else) is never picked for the key, and logged once; if all do, the first
+    one's error is raised.
     """
     first = next(iter(candidates))
     want = requested()
@@ -111,13 +120,35 @@ def choose(key: tuple, candidates: dict[str, Callable[[], object]], *, tune: boo
         return _picks[key]
     if len(candidates) == 1 or not tune or _capturing():
         return first
+    timings: dict[str, float] = {}
+    errors: dict[str, Exception] = {}
     with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
-        timings = {name: _median_ms(run) for name, run in candidates.items()}
+        for name, run in candidates.items():
+            try:
+                timings[name] = _median_ms(run)
+            except Exception as exc:  # noqa: BLE001 - a failing strategy is dropped, never the call
+                tuning.note_dropped(_where(key), name, exc)
+                timings[name], errors[name] = math.inf, exc
     if all(math.isinf(ms) for ms in timings.values()):
-        candidates[first]()  # raises the out-of-memory error the caller would have had
+        raise errors[first]
     _timings[key] = timings
     _picks[key] = min(timings, key=timings.__getitem__)
     return _picks[key]
+
+
+def fall_back(key: tuple, candidates: dict[str, Callable[[], object]], tried: list[str],
+              exc: BaseException) -> str | None:  # fmt: skip
+    """The strategy to run a call with after `tried[-1]` raised `exc` on it (those in `tried` already failed for
+    this call), or None when none is left or a CUDA graph is being captured (the caller then re-raises). The
+    failure is logged once; unless it ran out of memory (which another call's shape may not), the key keeps
+    the next strategy from now on."""
+    left = [name for name in candidates if name not in tried]
+    if not left or _capturing():
+        return None
+    tuning.note_dropped(_where(key), tried[-1], exc)
+    if not isinstance(exc, torch.OutOfMemoryError):
+        _picks[key] = left[0]
+    return left[0]
 
 
 def picks() -> list[dict]:
