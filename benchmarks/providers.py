@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -111,10 +112,11 @@ def _ck():
 
 def _ck_impl_available(impl: str):
     def available(case, device):
-        if impl == "triton" and device.type != "cuda":
+        dry_run = os.environ.get("CK_BENCH_INTERPRETER") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+        if impl == "triton" and device.type != "cuda" and not dry_run:
             return False, (
                 "Triton runs on CPU only under TRITON_INTERPRET=1, a correctness tool; "
-                "benchmarked on CUDA only"
+                "benchmarked on CUDA only (CK_BENCH_INTERPRETER=1 with TRITON_INTERPRET=1: dry runs)"
             )
         try:
             from care_kernels import backends
