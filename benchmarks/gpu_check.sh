@@ -171,7 +171,7 @@ if [[ -s "$VERIFIED" ]]; then
   export CARE_KERNELS_VERIFIED_CONFIGS="$VERIFIED"
 fi
 bench "d ours: with the configs (c) passed" "$(cap 150 60)" d-verified \
-  ck_triton,ck_triton_x2,ck_triton_fused,ck_triton_cublas grpo_head,dual,fwd_bwd
+  ck_triton,ck_triton_x2,ck_triton_fused,ck_triton_cublas,ck_triton_cublas16 grpo_head,dual,fwd_bwd
 
 # e. where the time goes: one iteration of each head under torch.profiler
 phase "e profiler kernel tables" "$(cap 60 20)" "$PROFILE" "$PY" benchmarks/profile_head.py "${PROFILE_ARGS[@]}"

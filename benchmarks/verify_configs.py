@@ -213,9 +213,10 @@ class _Patch:
 
 
 @contextlib.contextmanager
-def forced(family: str, config, toy: bool):
+def forced(family: str, config, toy: bool, slab_strategy: str = "cublas"):
     """Launch `config` as is wherever its family's kernel runs (on a GPU), or its code path under the
-    interpreter (toy). The logits GEMM runs in the fused kernels, or in cuBLAS for the slab families."""
+    interpreter (toy). The logits GEMM runs in the fused kernels, or in cuBLAS for the slab families
+    (slab_strategy: cublas, an fp32 slab, or cublas16, a 16-bit one)."""
     from care_kernels.triton import cublas_logits, logits_gemm, tuning
     from care_kernels.triton import linear_logprobs as tlp
 
@@ -232,7 +233,7 @@ def forced(family: str, config, toy: bool):
                     ["HAS_BIAS", "HAS_GRAD_ENTROPY"],
                 )
             patch.attr(cublas_logits, name, tuning.autotune([config], keys)(kernel))
-            strategy = "cublas"
+            strategy = slab_strategy
         else:
             forward = family.startswith("forward")
             if toy:
@@ -250,16 +251,25 @@ def forced(family: str, config, toy: bool):
         patch.restore()
 
 
+def _slab_strategies(device) -> list[str]:
+    """The cuBLAS strategies that can run here (the fp32 slab needs torch's fp32-output GEMM for bf16)."""
+    import torch
+
+    from care_kernels.triton import cublas_logits
+
+    probe = torch.zeros(1, 1, dtype=torch.bfloat16, device=device)
+    return [name for name, usable in (("cublas", cublas_logits.usable), ("cublas16", cublas_logits.usable16))
+            if usable(probe)]  # fmt: skip
+
+
 def runnable(family: str, config, toy: bool, device) -> str:
     """Why `config` is no candidate here ("" when it is one)."""
     import torch
 
-    from care_kernels.triton import cublas_logits
     from care_kernels.triton import linear_logprobs as tlp
 
     if family.startswith("slab"):
-        probe = torch.zeros(1, 1, dtype=torch.bfloat16, device=device)
-        return "" if cublas_logits.usable(probe) else "no fp32-output cuBLAS GEMM for bf16 in this torch"
+        return "" if _slab_strategies(device) else "neither cuBLAS strategy can run here"
     if tlp.warp_specialized(config) and not toy:
         if torch.cuda.get_device_capability(device)[0] != 9:
             return "warp-specialized configs run on Hopper (sm_90) only"
@@ -322,6 +332,7 @@ def check_backward(family, config, shapes, truths, device, toy) -> list[str]:
     import torch
 
     from care_kernels.triton import linear_logprobs as tlp
+    from care_kernels.triton import logits_gemm
 
     dtype = torch.float32 if family.endswith("fp32") else torch.bfloat16
     variants = [("tails bias grad-entropy", shapes.tails, True)]
@@ -336,10 +347,17 @@ def check_backward(family, config, shapes, truths, device, toy) -> list[str]:
         g_ent = torch.randn(n, generator=gen, device=device) if with_entropy else None
         temperature = 0.7 if bias else 1.0
         args = (inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"])
-        # the forward's statistics from the always-on first config (this family is the backward's)
+        # the forward's statistics from the always-on first config (this family is the backward's), from logits of
+        # the backward's precision (a cublas16 backward reads 16-bit logits: its forward must have too)
         forward_family = "forward fp32" if dtype == torch.float32 else "forward 16-bit"
-        with forced(forward_family, tlp.config_families()[forward_family][0], toy):
-            _, ent, lse, _ = tlp.forward(*args, temperature=temperature, ignore_index=IGNORE, with_entropy=with_entropy)
+        if logits_gemm.requested() == "cublas16":
+            with logits_gemm.use("cublas16"):
+                _, ent, lse, _ = tlp.forward(*args, temperature=temperature, ignore_index=IGNORE,
+                                             with_entropy=with_entropy)  # fmt: skip
+        else:
+            with forced(forward_family, tlp.config_families()[forward_family][0], toy):
+                _, ent, lse, _ = tlp.forward(*args, temperature=temperature, ignore_index=IGNORE,
+                                             with_entropy=with_entropy)  # fmt: skip
         grads = tlp.backward(g_lp, g_ent, *args, lse, ent, temperature=temperature, ignore_index=IGNORE)
         truth, base = truths.get(f"{name} {dtype}", inputs, temperature, g_lp, g_ent, grads=True)
         for what, got, t, b in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, truth[3:], base[3:]):
@@ -357,12 +375,16 @@ def check_backward(family, config, shapes, truths, device, toy) -> list[str]:
 
 
 def check(family, config, shapes, truths, device, toy) -> list[str]:
-    if family in ("forward 16-bit", "forward fp32", "slab stats"):
-        family_check = check_forward
-    else:
-        family_check = check_backward
-    with forced(family, config, toy):
-        return family_check(family, config, shapes, truths, device, toy)
+    """Every check of one config; a slab pass's configs under both cuBLAS strategies (fp32 and 16-bit slabs)."""
+    family_check = check_forward if family in ("forward 16-bit", "forward fp32", "slab stats") else check_backward
+    if not family.startswith("slab"):
+        with forced(family, config, toy):
+            return family_check(family, config, shapes, truths, device, toy)
+    ran = []
+    for strategy in _slab_strategies(device):
+        with forced(family, config, toy, strategy):
+            ran += [f"{strategy}: {name}" for name in family_check(family, config, shapes, truths, device, toy)]
+    return ran
 
 
 # ------------------------------------------------------------------------------------------------ the worker

@@ -137,16 +137,21 @@ def shipped_cases() -> list[Case]:
 
 
 def _slab_stats_cases() -> list[Case]:
-    """The cuBLAS strategy's passes over its fp32 slab (bf16 bias), every autotuner config: the forward's fold
-    (a streaming reduction) and the backward's dlogits (elementwise, bf16 out); no GEMM."""
-    types = _types(logits_slab_stats_kernel, "fp32", dict(b_ptr="*bf16", tgt_ptr="*i64", scale2="fp32"))
-    grad_types = _types(logits_slab_grad_kernel, "fp32", dict(b_ptr="*bf16", tgt_ptr="*i64", dz_ptr="*bf16",
-                                                               scale2="fp32", inv_temp="fp32"))  # fmt: skip
-    cases = [Case(f"slab stats fp32{' bias' if bias else ''}", logits_slab_stats_kernel, types,
-                  dict(HAS_BIAS=bias, WITH_ENTROPY=True), c)
-             for bias in (False, True) for c in cublas_logits.FOLD_CONFIGS]  # fmt: skip
-    cases += [Case("slab dlogits fp32", logits_slab_grad_kernel, grad_types,
-                   dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True), c) for c in cublas_logits.GRAD_CONFIGS]  # fmt: skip
+    """The cuBLAS strategies' passes over their slab (bf16 bias), every autotuner config: the forward's fold
+    (a streaming reduction) and the backward's dlogits (elementwise, bf16 out); no GEMM. fp32 slab: `cublas`;
+    bf16 slab, the dlogits written over it: `cublas16`."""
+    cases = []
+    for slab in ("fp32", "bf16"):
+        types = _types(logits_slab_stats_kernel, "fp32", dict(z_ptr=f"*{slab}", b_ptr="*bf16", tgt_ptr="*i64",
+                                                               scale2="fp32"))  # fmt: skip
+        grad_overrides = dict(z_ptr=f"*{slab}", b_ptr="*bf16", tgt_ptr="*i64", dz_ptr="*bf16", scale2="fp32",
+                              inv_temp="fp32")  # fmt: skip
+        grad_types = _types(logits_slab_grad_kernel, "fp32", grad_overrides)
+        cases += [Case(f"slab stats {slab}{' bias' if bias else ''}", logits_slab_stats_kernel, types,
+                       dict(HAS_BIAS=bias, WITH_ENTROPY=True), c)
+                  for bias in (False, True) for c in cublas_logits.FOLD_CONFIGS]  # fmt: skip
+        cases += [Case(f"slab dlogits {slab}", logits_slab_grad_kernel, grad_types,
+                       dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True), c) for c in cublas_logits.GRAD_CONFIGS]  # fmt: skip
     return cases
 
 

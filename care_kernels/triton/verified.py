@@ -5,9 +5,9 @@
 
 A config whose code path has run on a GPU before (the nested loop with pointer loads: what every list starts
 with) is always a candidate. The others (flat loop, TMA loads, persistent programs, warp specialization, a
-register cap) compile for Hopper without spills (sm90_report) but may still fault, hang or compute wrong
-results on hardware, and an autotuner cannot recover from a fault that corrupts the CUDA context. They are
-candidates on a GPU only where a verification record says they were run there and gave the right answers.
+register cap, gathered target logits) compile for Hopper without spills (sm90_report) but may still fault, hang or
+compute wrong results on hardware, and an autotuner cannot recover from a fault that corrupts the CUDA context.
+They are candidates on a GPU only where a verification record says they were run there and gave the right answers.
 
 The records. `benchmarks/gpu_check.sh` phase (c) runs every config of every list on a GPU against a float64
 reference (shapes with tails, and the benchmark's shape) and writes `$OUT/verified.json`; a developer commits
@@ -73,15 +73,16 @@ def config_label(config: triton.Config) -> str:
         label += f" persistent x{c['PROGRAMS_PER_SM']}"
     label += " tma" if c.get("USE_TMA") else ""
     label += " ws" if c.get("WARP_SPECIALIZE") else ""
+    label += " gather" if c.get("GATHER_TARGET") else ""
     return label + (f" r{config.maxnreg}" if config.maxnreg else "")
 
 
 def needs_verification(config: triton.Config) -> bool:
     """Whether the config's code path is one no GPU had run when it was written: a flat loop, TMA loads,
-    persistent programs, warp specialization or a register cap."""
+    persistent programs, warp specialization, a register cap, gathered target logits."""
     c = config.kwargs
     return bool(c.get("FLAT_LOOP") or c.get("USE_TMA") or c.get("PERSISTENT") or c.get("WARP_SPECIALIZE")
-                or config.maxnreg)  # fmt: skip
+                or c.get("GATHER_TARGET") or config.maxnreg)  # fmt: skip
 
 
 def mode() -> str:
