@@ -143,10 +143,11 @@ def _autotuned_configs() -> list[dict]:
     if device().type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return []
     try:
+        from care_kernels.losses import fused_head_chunks
         from care_kernels.triton import linear_logprobs
     except ImportError:  # a CUDA machine without Triton
         return []
-    return linear_logprobs.autotuned_configs()
+    return linear_logprobs.autotuned_configs() + fused_head_chunks.picks()
 
 
 def _dropped_candidates() -> list[dict]:

@@ -13,14 +13,14 @@
 #      a1 the peers, in a process of their own: bare GEMMs (the 5- and 4-GEMM lines), TRL's
 #         ChunkedLogProbFunction, Liger's triton_grpo_loss and LigerFusedLinearGRPOLoss (GRPO head); bare GEMMs and
 #         TRL for the dual pass and forward+backward
-#      a2 our FusedLinearGRPOLoss (cuBLAS GEMMs + the row epilogues), in another
+#      a2 our FusedLinearGRPOLoss (cuBLAS GEMMs + the row epilogues; its two-sweep loop), in another
 #   b  our autograd GRPO head (impl=triton) and the dual pass vs two single passes, in a new process, with the
 #      shipped configs only: those that need no verdict, and those a committed record verified on this GPU's
 #      architecture (care_kernels/triton/verified.py), none of the ones (c) has yet to check
 #   c  every Triton config on its own against float64, on shapes with tails and the benchmark's shape
 #      (verify_configs.py; a worker that crashes or hangs is replaced) -> verified.json
 #   d  b's lines again with the configs (c) passed (CARE_KERNELS_VERIFIED_CONFIGS=verified.json), each logits GEMM
-#      strategy forced, and our forward+backward
+#      strategy forced, our forward+backward, and our fused loss choosing its loop variant by timing
 #   e  a one-iteration torch.profiler kernel table of our autograd head and our fused loss, with (c)'s configs
 #   f  the remaining GPU tests, then the extension build (CPU kernels + CUDA twins) and its GPU tests, with the
 #      time left
@@ -106,11 +106,12 @@ phase() {
   echo "$name: $status, $(( $(date +%s) - t0 )) s" | tee -a "$SUMMARY"
   return $rc
 }
-# bench NAME TIMEOUT TAG PROVIDERS CASES: one benchmark phase (pytest benchmarks/, its own process)
+# bench NAME TIMEOUT TAG PROVIDERS CASES [VAR=VALUE ...]: one benchmark phase (pytest benchmarks/, its own process)
 bench() {
   local name=$1 t=$2 tag=$3 providers=$4 cases=$5
-  CK_BENCH_TAG="$tag" CK_BENCH_PROVIDERS="$providers" CK_BENCH_CASES="$cases" CK_BENCH_BUDGET_S=$(( t - 15 )) \
-    phase "$name" "$t" "$LOG" "$PY" -m pytest benchmarks/test_bench_grpo_head.py benchmarks/test_bench_dual.py \
+  shift 5
+  phase "$name" "$t" "$LOG" env "$@" CK_BENCH_TAG="$tag" CK_BENCH_PROVIDERS="$providers" CK_BENCH_CASES="$cases" \
+    CK_BENCH_BUDGET_S=$(( t - 15 )) "$PY" -m pytest benchmarks/test_bench_grpo_head.py benchmarks/test_bench_dual.py \
     benchmarks/test_bench_logprobs.py -q -p no:cacheprovider -rs --benchmark-columns=min,median,max,rounds
 }
 key_numbers() { "$PY" benchmarks/key_numbers.py "$BENCH" --picks "$PICKS" 2>&1; }
@@ -153,7 +154,7 @@ for d in ('trl', 'liger-kernel'):
 # a. the key numbers: the peers, then our fused loss, each in its own process
 bench "a1 peers: bare GEMMs, TRL, Liger" "$(cap 150 330)" "" \
   torch_mm,torch_mm_x4,trl_chunked,liger_triton,liger grpo_head,dual,fwd_bwd
-bench "a2 ours: FusedLinearGRPOLoss" "$(cap 80 270)" "" ck_fused grpo_head
+bench "a2 ours: FusedLinearGRPOLoss" "$(cap 80 270)" "" ck_fused grpo_head CARE_KERNELS_FUSED_HEAD=two_sweeps
 { echo "--- key numbers after (a)"; key_numbers; } | tee -a "$SUMMARY"
 
 # b. our autograd head and the dual pass, with the shipped configs only
@@ -171,7 +172,7 @@ if [[ -s "$VERIFIED" ]]; then
   export CARE_KERNELS_VERIFIED_CONFIGS="$VERIFIED"
 fi
 bench "d ours: with the configs (c) passed" "$(cap 150 60)" d-verified \
-  ck_triton,ck_triton_x2,ck_triton_fused,ck_triton_cublas,ck_triton_cublas16 grpo_head,dual,fwd_bwd
+  ck_triton,ck_triton_x2,ck_triton_fused,ck_triton_cublas,ck_triton_cublas16,ck_fused grpo_head,dual,fwd_bwd
 
 # e. where the time goes: one iteration of each head under torch.profiler
 phase "e profiler kernel tables" "$(cap 60 20)" "$PROFILE" "$PY" benchmarks/profile_head.py "${PROFILE_ARGS[@]}"

@@ -8,7 +8,8 @@ effective TFLOP/s and peak extra memory, fastest first; then the goals of issue 
     extra memory;
   - the fused loss (FusedLinearGRPOLoss) at least as fast as Liger's materialized-logits triton_grpo_loss;
   - the dual pass faster than two single passes.
-With --picks: the logits GEMM strategies `auto` picked (every candidate's time) and any candidate dropped for failing.
+With --picks: the logits GEMM strategies and fused-head variants `auto` picked (every candidate's time) and any
+candidate dropped for failing.
 Records from several processes (gpu_check's phases) compare directly: each is a median of its own rounds.
 """
 
@@ -93,7 +94,7 @@ def goals(records: list[dict]) -> list[str]:
 def picks(entries: list[dict]) -> list[str]:
     lines = []
     for e in entries:
-        if e.get("type") == "pick" and e.get("kernel", "").endswith("strategy"):
+        if e.get("type") == "pick" and e.get("kernel", "").endswith(("strategy", "variant")):
             times = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(e.get("timings_ms", {}).items()))
             lines.append(f"  [{e.get('tag') or '-'}] {e['kernel']} {dict(zip(e['key_args'], e['key']))}: "
                          f"{e['label']} ({times})")  # fmt: skip

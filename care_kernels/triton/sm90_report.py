@@ -25,14 +25,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from care_kernels.triton import cublas_logits, fp32_gemm
+from care_kernels.triton import cublas_logits, fp32_gemm, row_epilogue
 from care_kernels.triton import linear_logprobs as tlp
 from care_kernels.triton._backward_kernels import dlogits_kernel, logits_slab_grad_kernel, matmul_accumulate_kernel
 from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel, logits_slab_stats_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Integer arguments that are multiples of 16 at the benchmark shape (the others, e.g. N_CLASS = 2, are not).
-_SIZE_ARGS = ("N", "H", "V", "split_cols", "col_begin", "n_cols", "M", "K", "stride_am", "stride_bk", "stride_cm")
+_SIZE_ARGS = ("N", "H", "V", "split_cols", "col_begin", "n_cols", "M", "K", "stride_am", "stride_bk", "stride_cm",
+              "n_rows", "stride")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +134,17 @@ def shipped_cases() -> list[Case]:
         Case("matmul-accumulate bf16", matmul_accumulate_kernel, matmul_types, matmul_flags,
              fp32_gemm.MATMUL_CONFIG_16),
         *_slab_stats_cases(),
+        *_row_cases(),
     ]
+
+
+def _row_cases() -> list[Case]:
+    """The fused GRPO head's one-sweep row pass over its bf16 logits buffer (stats, then the probabilities written
+    in place), every autotuner config, with and without the entropy."""
+    types = _types(row_epilogue._row_stats_probs_kernel, "fp32", dict(z_ptr="*bf16", tgt_ptr="*i64", inv_t="fp32"))
+    return [Case(f"row probs bf16{' entropy' if entropy else ''}", row_epilogue._row_stats_probs_kernel, types,
+                 dict(WITH_ENTROPY=entropy), c)
+            for entropy in (False, True) for c in row_epilogue.PROBS_CONFIGS]  # fmt: skip
 
 
 def _slab_stats_cases() -> list[Case]:

@@ -94,8 +94,8 @@ class SafeAutotuner(Autotuner):
     """triton's Autotuner with two changes: a candidate that raises anything is dropped (infinite time, logged
     once), and the tuning results go to a disk cache that keeps pre_hooks (see the module docstring)."""
 
-    def __init__(self, fn, arg_names, configs, key, prune_configs_by=None, do_bench=None):
-        super().__init__(fn, arg_names, configs, key, reset_to_zero=None, restore_value=None,
+    def __init__(self, fn, arg_names, configs, key, prune_configs_by=None, do_bench=None, restore_value=None):
+        super().__init__(fn, arg_names, configs, key, reset_to_zero=None, restore_value=restore_value,
                          prune_configs_by=prune_configs_by, do_bench=do_bench)  # fmt: skip
         self.cache_results = not _interpreting()  # whether to consult check_disk_cache; the env is read there
         self._benching: triton.Config | None = None
@@ -166,12 +166,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def autotune(configs: list[triton.Config], key: list[str], prune: Callable | None = None, do_bench=None):
-    """Decorator like `triton.autotune(configs=..., key=..., prune_configs_by={"early_config_prune": prune})`, with
-    a SafeAutotuner. do_bench: a benchmarker `(kernel_call, quantiles) -> [median, p20, p80]` (tests)."""
+def autotune(configs: list[triton.Config], key: list[str], prune: Callable | None = None, do_bench=None,
+             restore_value: list[str] | None = None):  # fmt: skip
+    """Decorator like `triton.autotune(configs=..., key=..., prune_configs_by={"early_config_prune": prune},
+    restore_value=...)`, with a SafeAutotuner. do_bench: a benchmarker `(kernel_call, quantiles) -> [median, p20,
+    p80]` (tests). restore_value: arguments a kernel writes in place, restored after each timed run."""
 
     def decorator(fn):
         by = {"early_config_prune": prune} if prune is not None else None
-        return SafeAutotuner(fn, fn.arg_names, configs, key, prune_configs_by=by, do_bench=do_bench)
+        return SafeAutotuner(fn, fn.arg_names, configs, key, prune_configs_by=by, do_bench=do_bench,
+                             restore_value=restore_value)  # fmt: skip
 
     return decorator

@@ -66,6 +66,8 @@ def config_label(config: triton.Config) -> str:
     'persistent x2': two persistent programs per SM; 'ws': warp-specialized. Unique within a list."""
     c = config.kwargs
     tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
+    if "BLOCK" in c:  # a row pass: lanes per step, programs per SM
+        tile = f"{c['BLOCK']} x{c.get('PROGRAMS_PER_SM', 1)}/SM"
     label = f"{tile} w{config.num_warps} s{config.num_stages}"
     if "FLAT_LOOP" in c:
         label += " flat" if c["FLAT_LOOP"] else " nested"
