@@ -144,7 +144,8 @@ setup(
     packages=find_packages(include=["care_kernels", "care_kernels.*"])
     + find_packages("python", include=["grpo_care", "grpo_care.*"]),
     package_dir={"grpo_care": "python/grpo_care"},
-    package_data={"care_kernels": ["_build_info.json"], "grpo_care": ["configs/*.yaml"]},
+    package_data={"care_kernels": ["_build_info.json"], "care_kernels.triton": ["verified_configs.json"],
+                  "grpo_care": ["configs/*.yaml"]},
     ext_modules=[CMakeExtension("care_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

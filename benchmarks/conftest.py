@@ -12,6 +12,12 @@ Environment (besides those in shapes.py):
   CK_BENCH_JSON=PATH|0      where the pytest-benchmark JSON goes when --benchmark-json is not given
                             (default .benchmarks/care_kernels-<device>.json; 0 = nowhere)
   CK_BENCH_JSONL=PATH       also append each finished result as a JSON line (survives a killed run)
+  CK_BENCH_TAG=TEXT         record care_kernels' providers as "<provider>@TEXT", labelled "... [TEXT]" (one
+                            provider measured under two settings in one report, e.g. gpu_check's phases)
+  CK_BENCH_PICKS=PATH       after each test, append the Triton autotuner's and the logits GEMM strategy's new
+                            picks, and any candidate dropped for failing, as JSON lines
+  CK_BENCH_CASES, CK_BENCH_PROVIDERS   only these cases / providers (comma-separated; _params.py)
+  CK_BENCH_WARMUP=N         untimed rounds before the timed ones (default: chosen from the case's cost)
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ def pytest_collection_modifyitems(config, items):
 
     def key(item):
         spec = getattr(getattr(item, "callspec", None), "params", {}).get("spec")
-        if spec is None:
+        if not isinstance(spec, Spec):  # none, or pytest's placeholder of an empty parameter set
             return (0, 0, 0, 0)
         case = _CASE_PRIORITY.index(spec.case) if spec.case in _CASE_PRIORITY else len(_CASE_PRIORITY)
         return (int(spec.headline), case, spec.n, providers.PROVIDERS[spec.provider].order)
@@ -128,18 +134,46 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "session_s": round(_elapsed(), 1),
         "budget_s": _budget_s(),
         "triton_autotuned": _autotuned_configs(),
+        "dropped_candidates": _dropped_candidates(),
     }
 
 
 def _autotuned_configs() -> list[dict]:
     """The Triton autotuner's picks in this session (tile, loop shape, warps, stages per kernel and key)."""
-    if device().type != "cuda":
+    if device().type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return []
     try:
+        from care_kernels.losses import fused_head_chunks
         from care_kernels.triton import linear_logprobs
     except ImportError:  # a CUDA machine without Triton
         return []
-    return linear_logprobs.autotuned_configs()
+    return linear_logprobs.autotuned_configs() + fused_head_chunks.picks()
+
+
+def _dropped_candidates() -> list[dict]:
+    try:
+        from care_kernels.triton import tuning
+    except ImportError:
+        return []
+    return tuning.dropped()
+
+
+_PICKS_WRITTEN: set[str] = set()
+
+
+def _append_picks(test: str) -> None:
+    """New autotuner / strategy picks and dropped candidates since the last call, one JSON line each."""
+    path = os.environ.get("CK_BENCH_PICKS")
+    if not path:
+        return
+    entries = [{"type": "pick", **p} for p in _autotuned_configs()]
+    entries += [{"type": "dropped", **d} for d in _dropped_candidates()]
+    with open(path, "a") as fh:
+        for entry in entries:
+            ident = json.dumps(entry, sort_keys=True)
+            if ident not in _PICKS_WRITTEN:
+                _PICKS_WRITTEN.add(ident)
+                fh.write(json.dumps({**entry, "after_test": test, "tag": os.environ.get("CK_BENCH_TAG", "")}) + "\n")
 
 
 # -------------------------------------------------------------------------------------------- the fixture
@@ -175,6 +209,8 @@ def _estimate_run_s(spec: Spec) -> float:
 def _rounds(spec: Spec, est_s: float) -> tuple[int, int]:
     """(warmup rounds, timed rounds)."""
     forced = os.environ.get("CK_BENCH_ROUNDS")
+    if os.environ.get("CK_BENCH_WARMUP"):
+        return int(os.environ["CK_BENCH_WARMUP"]), int(forced or 1)
     compiles = providers.PROVIDERS[spec.provider].compiles
     if device().type == "cuda":  # warmup: Triton compiles and autotunes on the first calls
         return (2, int(forced or 5)) if est_s < 0.5 else (1, int(forced or 3))
@@ -298,12 +334,14 @@ def run_case(benchmark):
         head = HEADS.get(spec.head)
         f = cases.flops(spec)
         b, t = batch_layout(spec.n) if head else (None, None)
+        tag = os.environ.get("CK_BENCH_TAG", "") if prov.kind == "ours" else ""
         info = benchmark.extra_info
         info.update(
             {
                 "case": spec.case,
-                "provider": spec.provider,
-                "label": prov.label,
+                "provider": f"{spec.provider}@{tag}" if tag else spec.provider,
+                "label": f"{prov.label} [{tag}]" if tag else prov.label,
+                "tag": tag,
                 "kind": prov.kind,
                 "head": spec.head,
                 "model": head.model if head else None,
@@ -330,5 +368,6 @@ def run_case(benchmark):
         _RESULTS.setdefault(spec.key, {})[spec.provider] = info
         _update_ratios(spec.key)
         _append_jsonl(info)
+        _append_picks(str(spec))
 
     return run

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -111,10 +112,11 @@ def _ck():
 
 def _ck_impl_available(impl: str):
     def available(case, device):
-        if impl == "triton" and device.type != "cuda":
+        dry_run = os.environ.get("CK_BENCH_INTERPRETER") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+        if impl == "triton" and device.type != "cuda" and not dry_run:
             return False, (
                 "Triton runs on CPU only under TRITON_INTERPRET=1, a correctness tool; "
-                "benchmarked on CUDA only"
+                "benchmarked on CUDA only (CK_BENCH_INTERPRETER=1 with TRITON_INTERPRET=1: dry runs)"
             )
         try:
             from care_kernels import backends
@@ -192,8 +194,8 @@ def _ck_logprobs(impl: str, case: str, single_x2: bool = False):
 
 
 def _ck_triton_strategy(name: str, case: str):
-    """impl=triton with its logits GEMM forced to `name` (fused or cublas; `auto` times both and keeps the faster
-    per shape and pass): the sweep records both, whichever `auto` picks."""
+    """impl=triton with its logits GEMM forced to `name` (fused, cublas or cublas16; `auto` times them and keeps
+    the fastest per shape and pass): the sweep records each, whichever `auto` picks."""
 
     def build(inp: LogprobInputs, device) -> Built:
         from care_kernels.triton import logits_gemm
@@ -202,7 +204,7 @@ def _ck_triton_strategy(name: str, case: str):
         run = built.run
 
         def forced():
-            with logits_gemm.use(name):
+            with logits_gemm.isolated(), logits_gemm.use(name):  # auto's later picks and precisions: its own
                 return run()
 
         built.run = forced
@@ -651,11 +653,12 @@ def _register() -> dict[str, Provider]:
                 order=60 + rank,
             )
         )
-    for rank, name in enumerate(("fused", "cublas")):
+    strategy_labels = {"fused": "fused", "cublas": "in cuBLAS (fp32 slab)", "cublas16": "in cuBLAS (16-bit slab)"}
+    for rank, name in enumerate(("fused", "cublas", "cublas16")):
         reg.append(
             Provider(
                 f"ck_triton_{name}",
-                f"care_kernels impl=triton, logits GEMM {'fused' if name == 'fused' else 'in cuBLAS'}",
+                f"care_kernels impl=triton, logits GEMM {strategy_labels[name]}",
                 "ours",
                 {c: _ck_triton_strategy(name, c) for c in ("forward", "fwd_bwd", "dual", "grpo_head")},
                 _ck_triton_cublas_available if name == "cublas" else _ck_impl_available("triton"),

@@ -33,6 +33,7 @@ HEADS = {
         Head("qwen2.5-1.5b", "Qwen2.5-1.5B", 1536, 151936),
         Head("qwen2.5-vl-7b", "Qwen2.5-VL-7B", 3584, 152064),
         Head("llama-3-8b", "Llama-3-8B", 4096, 128256),
+        Head("toy", "toy head (gpu_check.sh --dry-run)", 32, 300),
     )
 }
 

@@ -60,6 +60,24 @@ def row_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, i
     return logprobs, lse, entropy
 
 
+def row_stats_probs_(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, *,
+                     with_entropy: bool = False):  # fmt: skip
+    """row_stats (logprobs, lse, entropy or None) and, in place, logits <- (onehot(y) - softmax(logits / T)) / T:
+    the logits' gradient per unit of each row's log-prob gradient (the fused head scales rows by d loss / d logprob
+    afterwards). One launch on CUDA (Triton: the row's second read from L2), torch elsewhere. Rows with an ignored
+    target get -softmax / T. Returns (logprobs, lse, entropy or None)."""
+    if logits.is_cuda and (rows := _triton_rows()) is not None:
+        return rows.row_stats_probs_(logits, targets, temperature, ignore_index, with_entropy=with_entropy)
+    stats = row_stats(logits, targets, temperature, ignore_index, with_entropy=with_entropy)
+    lse = stats[1]
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    q = torch.exp(logits.float() / temperature - lse[:, None]).neg_()
+    q.scatter_add_(1, safe[:, None], valid.to(q.dtype)[:, None])
+    logits.copy_(q.div_(temperature))
+    return stats[0], lse, (stats[2] if with_entropy else None)
+
+
 def row_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_logprobs: torch.Tensor,
               temperature: float, ignore_index: int) -> torch.Tensor:
     """Overwrite logits [n, V] with d(sum g * logprobs)/d logits = g (onehot(y) - softmax(logits / T)) / T.
@@ -69,12 +87,15 @@ def row_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, gr
     if logits.is_cuda and (rows := _triton_rows()) is not None:
         return rows.row_grad_(logits, targets, lse, grad_logprobs, temperature, ignore_index)
     valid = targets != ignore_index
-    g = torch.where(valid, grad_logprobs.to(logits.dtype), 0.0)
+    g = torch.where(valid, grad_logprobs.float(), 0.0)
     if _use_cpp(logits):
         torch.ops.care_kernels.logits_grad_cpu_(logits, targets, lse, torch.zeros_like(g), g, None,
                                                 temperature, ignore_index)
         return logits
     safe = torch.where(valid, targets, torch.zeros_like(targets))
-    logits.div_(temperature).sub_(lse[:, None]).exp_().mul_(-g[:, None])
-    logits.scatter_add_(1, safe[:, None], g[:, None])
-    return logits.div_(temperature)
+    # fp32 math: in place for an fp32 buffer, through an fp32 copy for a 16-bit one (rounded once at the end)
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    z.div_(temperature).sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    z.scatter_add_(1, safe[:, None], g[:, None])
+    z.div_(temperature)
+    return logits if z is logits else logits.copy_(z)

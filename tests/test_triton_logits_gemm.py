@@ -194,6 +194,72 @@ def test_usable_only_for_16bit_operands(device, monkeypatch):
         assert cublas_logits.usable(fp16, fp16) and not cublas_logits.usable(fp16, bf16)
 
 
+# ------------------------------------------------------------------------------------------ cublas16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "n,h,v,temperature,bias,chunk_bytes,chunks",
+    [
+        (130, 100, 1000, 0.7, True, None, 1),  # one chunk each
+        (130, 96, 1000, 1.3, True, 130 * 256 * 2, 4),  # 4 chunks of 256 columns each way, the last short (232)
+        (7, 300, 1000, 0.7, False, 7 * 512 * 2, 2),  # several K tiles in the GEMM, 2 chunks each
+    ],
+)
+def test_cublas16_strategy_matches_truth_with_16bit_logits(device, monkeypatch, dtype, n, h, v, temperature, bias,
+                                                           chunk_bytes, chunks):  # fmt: skip
+    """cuBLAS writes 16-bit logits (as `hidden @ W.T` in the input dtype): log-probs, entropy, lse and gradients within
+    2x the same-dtype torch error of the float64 truth; the forward's slab is 16-bit, under its own budget, and the
+    backward's dlogits overwrite the logits in place (one slab, the dlogits slab's budget)."""
+    if chunk_bytes:
+        monkeypatch.setattr(cublas_logits, "SLAB16_BYTES", chunk_bytes)
+        monkeypatch.setattr(cublas_logits, "SLAB_BYTES", 1)  # the fp32 slab's budget is not the 16-bit one's
+        monkeypatch.setattr(tlp, "DLOGITS_SLAB_BYTES", chunk_bytes)
+    inputs = make_inputs(n, h, v, dtype, device, bias=bias)
+    forward_calls, backward_calls = _spy_cublas(monkeypatch), _spy_cublas(monkeypatch, "dlogits_")
+    with logits_gemm.use("cublas16"):
+        ours = check_against_naive(inputs, temperature)
+    [forward_args] = forward_calls
+    assert len(backward_calls) == chunks
+    for out, z, *_ in backward_calls:
+        assert z.data_ptr() == out.data_ptr() and z.dtype == dtype, "dlogits written over the 16-bit logits"
+    with logits_gemm.use("fused"):
+        fused = _forward(inputs, temperature)
+    for got, want in zip(ours[:3], fused[:3]):  # 16-bit logits against fp32 ones: within their rounding
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert forward_args[0] is inputs["hidden"]
+
+
+def test_cublas16_forward_slab_is_16bit_and_bounded_on_its_own(device, monkeypatch):
+    for n_rows, vocab in [(16384, 152064), (4096, 151936), (1, 5)]:
+        cols = cublas_logits.chunk_columns(n_rows, vocab, 2)
+        assert n_rows * cols * 2 <= max(cublas_logits.SLAB16_BYTES, n_rows * 256 * 2) or cols == vocab
+    assert cublas_logits.chunk_columns(16384, 152064, 2) == 30464  # 5 chunks at Qwen2.5-VL-7B's head, not 10
+    seen = []
+    real = cublas_logits._logits_gemm_
+    monkeypatch.setattr(cublas_logits, "_logits_gemm_", lambda z, h, w: seen.append(z) or real(z, h, w))
+    monkeypatch.setattr(cublas_logits, "SLAB16_BYTES", 7 * 256 * 2)
+    inputs = make_inputs(7, 16, 1000, torch.bfloat16, device, ref_dtype=torch.bfloat16)
+    with logits_gemm.use("cublas16"):
+        _forward(inputs, dual=True)
+    assert [z.shape[1] for z in seen] == [256, 256, 256, 232] * 2, "4 chunks per model, through one slab"
+    assert all(z.dtype == torch.bfloat16 and z.data_ptr() == seen[0].data_ptr() for z in seen)
+
+
+def test_cublas16_needs_one_16bit_dtype(device):
+    bf16 = torch.zeros(2, 2, device=device, dtype=torch.bfloat16)
+    assert cublas_logits.usable16(bf16, bf16, None, None) and cublas_logits.usable16(bf16.half(), bf16.half())
+    assert not cublas_logits.usable16(bf16, bf16.half())  # one slab, one dtype
+    assert not cublas_logits.usable16(bf16.float(), bf16.float()) and not cublas_logits.usable16(None)
+    inputs = make_inputs(130, 96, 1000, torch.float16, device, ref_dtype=torch.bfloat16)
+    with logits_gemm.use("cublas16"):  # not usable here: the fused kernels, values unchanged
+        forced = _forward(inputs, dual=True)
+    with logits_gemm.use("fused"):
+        fused = _forward(inputs, dual=True)
+    for got, want in zip(forced, fused):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------ the choice
 
 
@@ -244,6 +310,63 @@ def test_a_candidate_out_of_gpu_memory_is_never_picked(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):  # nothing fits: the caller gets the error, nothing is cached
         logits_gemm.choose(("forward", "k2"), {"cublas": run_cublas, "other": run_cublas}, tune=True)
     assert len(logits_gemm.picks()) == 1
+
+
+def test_a_backward_reads_the_logits_at_the_precision_its_forward_pinned(monkeypatch):
+    """16-bit logits (cublas16) only in a backward whose shape's forward ran on them: never mixed with an fp32 lse."""
+    ran = _timed(monkeypatch, {"fused": 3.0, "cublas": 2.5, "cublas16": 1.0})
+    names = ("fused", "cublas", "cublas16")
+    shape = (3584, 152064, 2, 15, False, "torch.bfloat16", "cuda:0")
+    assert len(shape) == len(logits_gemm.PRECISION_KEY_ARGS)
+    backward = ("backward", "b")
+    # no forward pinned this shape: a backward stays with fp32 logits, however fast cublas16 would be
+    assert logits_gemm.choose(backward, _candidates(ran, names), tune=True, precision_key=shape) == "cublas"
+    logits_gemm.reset()
+    assert logits_gemm.choose(("forward", "f"), _candidates(ran, names), tune=True, precision_key=shape) == "cublas16"
+    assert logits_gemm.choose(backward, _candidates(ran, names), tune=True, precision_key=shape) == "cublas16"
+    # later forwards of the shape, other keys included, stay at 16 bits; another shape is free
+    assert logits_gemm.choose(("forward", "f2"), _candidates(ran, ("fused", "cublas16")), tune=True,
+                              precision_key=shape) == "cublas16"  # fmt: skip
+    assert logits_gemm.choose(("forward", "f3"), _candidates(ran, ("fused", "cublas")), tune=False,
+                              precision_key=(1,)) == "fused"  # fmt: skip
+    assert logits_gemm.choose(("backward", "b3"), _candidates(ran, names), tune=True, precision_key=(1,)) == "cublas"
+    # a forced forward runs as asked and re-pins; a forced backward runs as asked
+    with logits_gemm.use("fused"):
+        assert logits_gemm.choose(("forward", "f"), _candidates(ran, names), tune=True, precision_key=shape) == "fused"
+    assert logits_gemm.choose(("backward", "b4"), _candidates(ran, names), tune=True, precision_key=shape) == "cublas"
+    with logits_gemm.use("cublas16"):
+        assert logits_gemm.choose(backward, _candidates(ran, names), tune=True, precision_key=shape) == "cublas16"
+    # isolated(): a block's picks and pins do not outlive it
+    with logits_gemm.isolated(), logits_gemm.use("cublas16"):
+        logits_gemm.choose(("forward", "f"), _candidates(ran, names), tune=True, precision_key=shape)
+    assert logits_gemm._pinned[shape] == "fp32"
+    # a failing strategy hands the call to one of its own precision first
+    assert logits_gemm.fall_back(backward, _candidates(ran, names), ["cublas16"], RuntimeError("x")) == "fused"
+    assert logits_gemm.fall_back(backward, _candidates(ran, names), ["fused"], RuntimeError("x")) == "cublas"
+
+
+def test_a_forward_forced_to_16bit_logits_gets_a_matching_backward(device, monkeypatch):
+    """with use("cublas16") around the forward only: the backward, run outside the block under `auto`, reads 16-bit
+    logits too (the shape's forward pinned them), so its gradients are within 2x the bf16 torch error."""
+    inputs = make_inputs(130, 96, 1000, torch.bfloat16, device)
+    hidden = inputs["hidden"].detach().requires_grad_()
+    weight = inputs["weight"].detach().requires_grad_()
+    calls = _spy_cublas(monkeypatch, "dlogits_")
+    with logits_gemm.use("cublas16"):
+        lp = ck.linear_logprobs(hidden, weight, inputs["targets"], inputs["bias"], temperature=0.7, impl="triton")
+    g = torch.randn(130, device=device)
+    (lp * g).sum().backward()
+    assert len(calls) == 1 and calls[0][0].dtype == torch.bfloat16, "the backward ran cublas16"
+    from test_triton_logprobs import naive_outputs
+
+    truth = naive_outputs(inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"], 0.7, g, None,
+                          torch.float64)  # fmt: skip
+    base = naive_outputs(inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"], 0.7, g, None,
+                         torch.bfloat16)  # fmt: skip
+    from care_kernels.testing import assert_error_within
+
+    assert_error_within(hidden.grad, truth[3], base[3], name="grad_hidden")
+    assert_error_within(weight.grad, truth[4], base[4], name="grad_weight")
 
 
 def test_untuned_calls_take_the_first_candidate_unless_the_key_was_tuned(monkeypatch):

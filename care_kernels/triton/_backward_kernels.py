@@ -279,7 +279,8 @@ def logits_slab_grad_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_M), cdiv(n_cols, BLOCK_N)). dlogits of columns [col_begin, col_begin + n_cols) from
-    logits someone else multiplied out: z [N, n_cols] fp32, contiguous, bias not added -> dz [N, n_cols].
+    logits someone else multiplied out: z [N, n_cols] fp32 or 16-bit, contiguous, bias not added -> dz [N, n_cols],
+    which may be z itself (each program reads its tile before it writes it).
 
     dlogits_kernel's epilogue with a load in place of its K-loop: the backward that runs the recompute GEMM in
     cuBLAS (care_kernels.triton.cublas_logits) turns its slab into dlogits here.
@@ -289,7 +290,7 @@ def logits_slab_grad_kernel(
     rows_ld = tl.minimum(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), N - 1).to(tl.int64)
     local_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.load(z_ptr + rows_ld[:, None] * n_cols + local_cols[None, :], mask=(local_cols < n_cols)[None, :],
-                  other=0.0)  # fmt: skip
+                  other=0.0).to(tl.float32)  # fmt: skip
     _store_dlogits(
         acc, pid_m, pid_n, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, N, V,
         col_begin, n_cols, scale2, inv_temp, ignore_index, HAS_BIAS, HAS_GRAD_ENTROPY, BLOCK_M, BLOCK_N,

@@ -8,9 +8,10 @@ tempered logits `z2 = (hidden @ weight.T + bias) * log2(e) / temperature`:
     m = max z2,   s = sum 2^(z2 - m),   u = sum 2^(z2 - m) * (z2 - m),   t = z2[target]
 
 `u` is kept relative to the running max (not as `sum p * z`) so the entropy `ln2 * (log2 s - u / s)` never
-subtracts two large numbers. The per-split statistics go to a small [planes, splits, N] fp32 buffer that
-the launcher merges. Nothing of size [N, V] exists. `logits_slab_stats_kernel` folds the same way logits that
-cuBLAS computed into a bounded slab (the `cublas` strategy, see logits_gemm).
+subtracts two large numbers. `t` comes either from a compare and select on every tile, or (GATHER_TARGET) from
+one dot product per row outside the tile loop. The per-split statistics go to a small [planes, splits, N] fp32
+buffer that the launcher merges. Nothing of size [N, V] exists. `logits_slab_stats_kernel` folds the same way
+logits that cuBLAS computed into a bounded slab (the `cublas` and `cublas16` strategies, see logits_gemm).
 
 Offsets are int64 (N*H and V*H can exceed 2^31); the big dimension is on grid axis 0 only.
 """
@@ -113,8 +114,11 @@ def _add_bias(acc, b_ptr, cols_ld, bias_on):
 
 
 @triton.jit
-def _fold_tile(acc, cols, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY: tl.constexpr):
-    """Fold one fp32 logits tile (bias included) into the running (m, s, u, t); columns >= col_end drop out."""
+def _fold_tile(acc, cols, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY: tl.constexpr,
+               SELECT_TARGET: tl.constexpr = True):  # fmt: skip
+    """Fold one fp32 logits tile (bias included) into the running (m, s, u, t); columns >= col_end drop out.
+    SELECT_TARGET: pick each row's target logit out of the tile (a compare and select on every logit); without
+    it t_i is left alone (_gathered_target computes it apart)."""
     z = tl.where((cols < col_end)[None, :], acc * scale2, NEG_BIG)
     m_new = tl.maximum(m_i, tl.max(z, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -123,8 +127,32 @@ def _fold_tile(acc, cols, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WIT
     if WITH_ENTROPY:
         u_i = alpha * (u_i + (m_i - m_new) * s_i) + tl.sum(p * zc, axis=1)
     s_i = alpha * s_i + tl.sum(p, axis=1)
-    t_i += tl.sum(tl.where(cols[None, :] == target_local[:, None], z, 0.0), axis=1)
+    if SELECT_TARGET:
+        t_i += tl.sum(tl.where(cols[None, :] == target_local[:, None], z, 0.0), axis=1)
     return m_new, s_i, u_i, t_i
+
+
+@triton.jit
+def _gathered_target(h_ptr, w_ptr, b_ptr, bias_on, rows, target_local, H, scale2, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """z2 at each row's target where this program's split holds it (target_local >= 0), else 0: one dot product
+    hidden[row] . weight[target] (+ bias[target]) per row, in fp32, outside the tile loop. N * H multiply-adds in
+    all, where selecting the target out of every tile costs a compare and a select per logit (N * V)."""
+    here = target_local >= 0
+    cols = tl.where(here, target_local, 0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k in range(0, H, BLOCK_K):
+        mask = here[:, None]
+        if not EVEN_K:
+            mask = mask & ((k + offs_k) < H)[None, :]
+        a = tl.load(h_ptr + rows[:, None] * H + (k + offs_k)[None, :], mask=mask, other=0.0)
+        b = tl.load(w_ptr + cols[:, None] * H + (k + offs_k)[None, :], mask=mask, other=0.0)
+        acc += a.to(tl.float32) * b.to(tl.float32)
+    t = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        t += tl.load(b_ptr + cols, mask=here & bias_on, other=0.0).to(tl.float32)
+    return tl.where(here, t * scale2, 0.0)
 
 
 @triton.jit
@@ -154,8 +182,10 @@ def _split_stats(
     FLAT_LOOP: tl.constexpr,
     USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    SELECT_TARGET: tl.constexpr,
 ):
-    """Online (m, s, u, t) of z2 over columns [col_begin, col_end); target_local is -1 outside them.
+    """Online (m, s, u, t) of z2 over columns [col_begin, col_end); target_local is -1 outside them (t stays 0
+    without SELECT_TARGET).
     HAS_BIAS: add b_ptr[cols] where bias_on (see _add_bias).
 
     Two loop shapes with the same arithmetic, chosen by the autotuner:
@@ -200,7 +230,7 @@ def _split_stats(
                 if HAS_BIAS:
                     acc = _add_bias(acc, b_ptr, cols_ld, bias_on)
                 m_i, s_i, u_i, t_i = _fold_tile(
-                    acc, n + offs_n, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY
+                    acc, n + offs_n, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY, SELECT_TARGET
                 )
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
@@ -214,7 +244,8 @@ def _split_stats(
                 acc = logits_tile(h_ptr, w_ptr, rows, cols_ld, H, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE)
             if HAS_BIAS:
                 acc = _add_bias(acc, b_ptr, cols_ld, bias_on)
-            m_i, s_i, u_i, t_i = _fold_tile(acc, cols, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY)
+            m_i, s_i, u_i, t_i = _fold_tile(acc, cols, col_end, target_local, m_i, s_i, u_i, t_i, scale2, WITH_ENTROPY,
+                                            SELECT_TARGET)  # fmt: skip
     return m_i, s_i, u_i, t_i
 
 
@@ -249,12 +280,18 @@ def _score_split(
     FLAT_LOOP: tl.constexpr,
     USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    GATHER_TARGET: tl.constexpr,
 ):
-    """_split_stats of one model on one (row block, split), stored to its planes of part at `out`."""
+    """_split_stats of one model on one (row block, split), stored to its planes of part at `out`; the target
+    logits selected out of the tiles, or with GATHER_TARGET one dot product per row after the tile loop."""
     m, s, u, t = _split_stats(
         h_ptr, w_ptr, b_ptr, bias_on, h_desc, w_desc, row0, rows, target_local, col_begin, col_end, H, V, scale2,
         HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP, USE_TMA, WARP_SPECIALIZE,
+        not GATHER_TARGET,
     )  # fmt: skip
+    if GATHER_TARGET:
+        t = _gathered_target(h_ptr, w_ptr, b_ptr, bias_on, rows, target_local, H, scale2, HAS_BIAS, BLOCK_M, BLOCK_K,
+                             EVEN_K)  # fmt: skip
     tl.store(part_ptr + PLANE_MAX * plane + out, m, mask=row_mask)
     tl.store(part_ptr + PLANE_SUMEXP * plane + out, s, mask=row_mask)
     tl.store(part_ptr + PLANE_TARGET * plane + out, t, mask=row_mask)
@@ -301,6 +338,7 @@ def linear_logprob_stats_kernel(
     FLAT_LOOP: tl.constexpr,
     USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    GATHER_TARGET: tl.constexpr = False,
 ):
     """Grid: (cdiv(N, BLOCK_M) * num_splits * (2 if DUAL else 1),). Writes per-split statistics.
 
@@ -356,20 +394,21 @@ def linear_logprob_stats_kernel(
             hp, wp, bp, bias_on, pp, h_dev, w_dev, row0, rows_ld, row_mask, out, plane, target_local, col_begin,
             col_end, H, V, scale2,
             HAS_BIAS or REF_HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP,
-            USE_TMA, WARP_SPECIALIZE,
+            USE_TMA, WARP_SPECIALIZE, GATHER_TARGET,
         )  # fmt: skip
     elif DUAL and pid >= programs_per_model:
         _score_split(
             ref_h_ptr, ref_w_ptr, ref_b_ptr, True, ref_part_ptr, ref_h_desc, ref_w_desc, row0, rows_ld, row_mask,
             out, plane, target_local, col_begin, col_end, H, V, scale2,
             REF_HAS_BIAS, False, BLOCK_M, BLOCK_N, BLOCK_K, REF_EVEN_K, REF_UPCAST, REF_IEEE, FLAT_LOOP, USE_TMA,
-            False,
+            False, GATHER_TARGET,
         )  # fmt: skip
     else:
         _score_split(
             h_ptr, w_ptr, b_ptr, True, part_ptr, h_desc, w_desc, row0, rows_ld, row_mask, out, plane, target_local,
             col_begin, col_end, H, V, scale2,
             HAS_BIAS, WITH_ENTROPY, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, IEEE, FLAT_LOOP, USE_TMA, False,
+            GATHER_TARGET,
         )  # fmt: skip
 
 
@@ -391,7 +430,7 @@ def logits_slab_stats_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Grid: (cdiv(N, BLOCK_M),). The statistics of split `split`, vocabulary columns [col_begin, col_begin +
-    n_cols), from logits someone else multiplied out: z [N, n_cols] fp32, contiguous, bias not added.
+    n_cols), from logits someone else multiplied out: z [N, n_cols] fp32 or 16-bit, contiguous, bias not added.
 
     The same fold (and the same `part` layout) as linear_logprob_stats_kernel, with loads in place of the
     K-loop: the forward that runs the GEMM in cuBLAS (care_kernels.triton.cublas_logits) folds its slab here.
@@ -411,7 +450,7 @@ def logits_slab_stats_kernel(
     row_base = z_ptr + rows_ld[:, None] * n_cols
     for n in range(0, n_cols, BLOCK_N):
         local = n + offs_n
-        acc = tl.load(row_base + local[None, :], mask=(local < n_cols)[None, :], other=0.0)
+        acc = tl.load(row_base + local[None, :], mask=(local < n_cols)[None, :], other=0.0).to(tl.float32)
         if HAS_BIAS:
             acc = _add_bias(acc, b_ptr, (col_begin + tl.minimum(local, n_cols - 1)).to(tl.int64), True)
         m_i, s_i, u_i, t_i = _fold_tile(acc, col_begin + local, col_end, target_local, m_i, s_i, u_i, t_i, scale2,

@@ -1,16 +1,21 @@
-"""The `cublas` strategy (see logits_gemm): the logits GEMM in cuBLAS, one vocabulary chunk at a time, into an
-fp32 slab that a Triton pass reads back once.
+"""The `cublas` and `cublas16` strategies (see logits_gemm): the logits GEMM in cuBLAS, one vocabulary chunk at a
+time, into a slab that a Triton pass reads back once.
 
-    forward,  each chunk c:  z = hidden @ weight[c].T     (cuBLAS, fp32 accumulate and output)
+    forward,  each chunk c:  z = hidden @ weight[c].T     (cuBLAS)
                              part[:, c] = statistics of (z + bias[c]) * log2(e) / T      (logits_slab_stats_kernel)
     backward, each chunk c:  z = hidden @ weight[c].T;  dlogits[:, c] = f(z + bias[c], lse, entropy, g)
                                                                                           (logits_slab_grad_kernel)
 
-The fused kernels multiply in Triton and consume each logits tile on chip. This strategy lets cuBLAS multiply,
-which runs nearer the tensor cores' peak, and pays 8 bytes of HBM traffic per logit (the fp32 slab written,
-then read back) and the slab itself (bounded). The logits are fp32 in both strategies (the same products,
-summed in another order), so the choice never changes the precision; the forward's partial statistics have
-the fused kernel's layout (one merge serves both), the backward's dlogits the fused kernel's values.
+The fused kernels multiply in Triton and consume each logits tile on chip. These strategies let cuBLAS multiply,
+which runs nearer the tensor cores' peak, and pay for a slab (bounded) and its HBM traffic:
+- `cublas`: an fp32 slab (fp32 accumulate and output): 8 bytes per logit (written, read back). The logits are fp32
+  as in the fused kernels (the same products summed in another order), so the choice never changes the precision.
+  The backward keeps two slabs (fp32 logits, 16-bit dlogits) under one budget.
+- `cublas16`: a slab in the operands' 16-bit dtype: cuBLAS rounds each logit to 16 bits, as `hidden @ weight.T`
+  in bf16 does (and TRL's and Liger's heads): 4 bytes per logit in the forward, as theirs; the backward writes the
+  dlogits over the logits in place (one slab, 2 bytes per element, its own budget: the dlogits slab's).
+The forward's partial statistics have the fused kernel's layout (one merge serves all), the backward's dlogits
+the fused kernel's formula.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import os
 import torch
 import triton
 
-from care_kernels.triton import fp32_gemm
+from care_kernels.triton import fp32_gemm, tuning
 from care_kernels.triton._backward_kernels import logits_slab_grad_kernel
 from care_kernels.triton._forward_kernels import logits_slab_stats_kernel
 
@@ -30,6 +35,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Qwen's vocabulary; the same bound as the backward's slabs (linear_logprobs.DLOGITS_SLAB_BYTES), so a training
 # step's peak does not grow.
 SLAB_BYTES = 1 << 30
+# Upper bound of the cublas16 forward's 16-bit slab (bytes), its own (at N = 16k: chunks of 32k columns, 5 for Qwen's
+# vocabulary).
+SLAB16_BYTES = 1 << 30
 _COL_ALIGN = 256
 
 
@@ -43,8 +51,8 @@ def _tile(bm: int, bn: int, warps: int) -> triton.Config:
 # along the columns; the backward's pass owns one [BLOCK_M, BLOCK_N] tile per program.
 FOLD_CONFIGS = [_tile(8, 512, 4), _tile(4, 1024, 8), _tile(2, 1024, 4), _tile(1, 2048, 8)]
 GRAD_CONFIGS = [_tile(16, 256, 4), _tile(8, 256, 4), _tile(32, 256, 8), _tile(16, 512, 8)]
-_fold_tuned = triton.autotune(configs=FOLD_CONFIGS, key=["HAS_BIAS", "WITH_ENTROPY"])(logits_slab_stats_kernel)
-_grad_tuned = triton.autotune(configs=GRAD_CONFIGS, key=["HAS_BIAS", "HAS_GRAD_ENTROPY"])(logits_slab_grad_kernel)
+_fold_tuned = tuning.autotune(FOLD_CONFIGS, ["HAS_BIAS", "WITH_ENTROPY"])(logits_slab_stats_kernel)
+_grad_tuned = tuning.autotune(GRAD_CONFIGS, ["HAS_BIAS", "HAS_GRAD_ENTROPY"])(logits_slab_grad_kernel)
 # Under the interpreter: one config with few programs (each costs ~ms there, whatever its size).
 _INTERPRET_TILE = dict(BLOCK_M=128, BLOCK_N=256, num_warps=4)
 
@@ -74,6 +82,26 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     return all(t.is_cuda and fp32_gemm.cublas_writes_fp32(t.device, t.dtype) for t in present)
 
 
+def usable16(*tensors: torch.Tensor | None) -> bool:
+    """Whether the `cublas16` strategy can run on these operands (None skipped): all of one 16-bit dtype (the slab's),
+    on a GPU, or under the interpreter (CPU tests; torch's GEMM)."""
+    present = [t for t in tensors if t is not None]
+    if not present or present[0].dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if any(t.dtype != present[0].dtype for t in present):
+        return False
+    return _INTERPRET or all(t.is_cuda for t in present)
+
+
+def _logits_gemm_(z: torch.Tensor, hidden: torch.Tensor, weight_chunk: torch.Tensor) -> None:
+    """z [N, n_cols] = hidden @ weight_chunk.T, in z's dtype: fp32 accumulated and kept (addmm_fp32_), or a 16-bit
+    GEMM whose fp32 sums cuBLAS rounds to z's dtype."""
+    if z.dtype == torch.float32:
+        fp32_gemm.addmm_fp32_(z, hidden, weight_chunk.T, accumulate=False)
+    else:
+        torch.mm(hidden, weight_chunk.T, out=z)
+
+
 def equal_chunks(vocab: int, most: int) -> int:
     """Columns per chunk to cover [0, vocab) in as few chunks of at most `most` (a multiple of 256) columns as
     possible, all of one width rounded up to 256 (a short last chunk would run its GEMM below the peak)."""
@@ -83,9 +111,11 @@ def equal_chunks(vocab: int, most: int) -> int:
     return min(most, triton.cdiv(triton.cdiv(vocab, chunks), _COL_ALIGN) * _COL_ALIGN)
 
 
-def chunk_columns(n_rows: int, vocab: int) -> int:
-    """Columns per forward chunk: equal chunks whose fp32 slab fits SLAB_BYTES (at least 256 columns)."""
-    return equal_chunks(vocab, max(_COL_ALIGN, SLAB_BYTES // max(1, 4 * n_rows) // _COL_ALIGN * _COL_ALIGN))
+def chunk_columns(n_rows: int, vocab: int, element_size: int = 4) -> int:
+    """Columns per forward chunk: equal chunks whose slab fits its budget (SLAB_BYTES for the fp32 slab, SLAB16_BYTES
+    for a 16-bit one; at least 256 columns)."""
+    budget = SLAB_BYTES if element_size == 4 else SLAB16_BYTES
+    return equal_chunks(vocab, max(_COL_ALIGN, budget // max(1, element_size * n_rows) // _COL_ALIGN * _COL_ALIGN))
 
 
 def partial_stats(
@@ -101,21 +131,22 @@ def partial_stats(
     """Per-chunk base-2 statistics [planes, chunks, N] (planes 3: max, sumexp, target; 4: and entropy) of
     z2 = (hidden @ weight.T + bias) * scale2, as linear_logprob_stats_kernel writes them with one split per chunk.
 
-    hidden [N, H], weight [V, H] 16-bit (usable()), bias [V] or None, targets [N] int64 (outside [0, V): no
-    target term). slab: a flat fp32 buffer of at least N * chunk_columns(N, V) elements to reuse (a dual call
-    scores its two models through one), else one is allocated.
+    hidden [N, H], weight [V, H] 16-bit (usable(), or usable16() for a 16-bit slab), bias [V] or None, targets [N]
+    int64 (outside [0, V): no target term). slab: a flat buffer of at least slab_elements(N, V, its element size)
+    elements to reuse (a dual call scores its two models through one), whose dtype is the logits' (fp32: the
+    `cublas` strategy; the operands' 16-bit dtype: `cublas16`), else an fp32 one is allocated.
     """
     n_rows = hidden.shape[0]
     vocab = weight.shape[0]
-    cols = chunk_columns(n_rows, vocab)
-    chunks = triton.cdiv(vocab, cols)
     if slab is None:
-        slab = torch.empty(n_rows * cols, dtype=torch.float32, device=hidden.device)
+        slab = torch.empty(slab_elements(n_rows, vocab), dtype=torch.float32, device=hidden.device)
+    cols = chunk_columns(n_rows, vocab, slab.element_size())
+    chunks = triton.cdiv(vocab, cols)
     part = torch.empty((planes, chunks, n_rows), dtype=torch.float32, device=hidden.device)
     for chunk, col_begin in enumerate(range(0, vocab, cols)):
         n_cols = min(cols, vocab - col_begin)
         z = slab[: n_rows * n_cols].view(n_rows, n_cols)
-        fp32_gemm.addmm_fp32_(z, hidden, weight[col_begin : col_begin + n_cols].T, accumulate=False)
+        _logits_gemm_(z, hidden, weight[col_begin : col_begin + n_cols])
         _launch(
             _fold_tuned, logits_slab_stats_kernel, lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),),
             z, bias if bias is not None else z, part, targets, n_rows, n_cols, col_begin, chunk, chunks, scale2,
@@ -124,9 +155,10 @@ def partial_stats(
     return part
 
 
-def slab_elements(n_rows: int, vocab: int) -> int:
-    """Elements of the flat slab partial_stats needs for N rows and a vocabulary of V."""
-    return n_rows * chunk_columns(n_rows, vocab)
+def slab_elements(n_rows: int, vocab: int, element_size: int = 4) -> int:
+    """Elements of the flat slab partial_stats needs for N rows and a vocabulary of V (elements of element_size
+    bytes: 4 for the fp32 slab, 2 for a 16-bit one)."""
+    return n_rows * chunk_columns(n_rows, vocab, element_size)
 
 
 def dlogits_(
@@ -147,10 +179,12 @@ def dlogits_(
     ignore_index: int,
 ) -> torch.Tensor:
     """out [N, n_cols] (any float dtype) = the dlogits of vocabulary columns [col_begin, col_begin + n_cols), the
-    values linear_logprobs' dlogits_kernel writes (see linear_logprobs.backward); z: an fp32 [N, n_cols]
-    scratch (contiguous) for the logits. hidden [N, H], weight [V, H] 16-bit (usable()). Returns out."""
+    values linear_logprobs' dlogits_kernel writes (see linear_logprobs.backward) from logits z [N, n_cols]
+    (contiguous) that cuBLAS writes first: an fp32 scratch (`cublas`; hidden, weight usable()), or out itself, in
+    the operands' 16-bit dtype (`cublas16`: each element read, then overwritten by its dlogit; usable16()).
+    Returns out."""
     n_rows, n_cols = out.shape
-    fp32_gemm.addmm_fp32_(z, hidden, weight[col_begin : col_begin + n_cols].T, accumulate=False)
+    _logits_gemm_(z, hidden, weight[col_begin : col_begin + n_cols])
     _launch(
         _grad_tuned, logits_slab_grad_kernel,
         lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(n_cols, meta["BLOCK_N"])),

@@ -23,7 +23,7 @@ import torch
 import triton
 
 from care_kernels.triton import _forward_kernels as fk
-from care_kernels.triton import cublas_logits, logits_gemm, tma
+from care_kernels.triton import cublas_logits, logits_gemm, tma, tuning, verified
 from care_kernels.triton._backward_kernels import dlogits_kernel
 from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel
 from care_kernels.triton.fp32_gemm import addmm_fp32_
@@ -50,21 +50,36 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, maxnreg: int | None
                          maxnreg=maxnreg)  # fmt: skip
 
 
+def _host_tma(config: triton.Config) -> bool:
+    """Whether the config loads through the host's TMA descriptors (warp-specialized ones build their own)."""
+    return bool(config.kwargs.get("USE_TMA")) and not config.kwargs.get("WARP_SPECIALIZE")
+
+
+def _with_block_shapes(config: triton.Config) -> triton.Config:
+    """Only configs that read the host's descriptors get the pre_hook that gives them the config's tile."""
+    config.pre_hook = tma.set_block_shapes if _host_tma(config) else None
+    return config
+
+
 def _bwd(bm, bn, bk, warps, stages, *, persistent=0, tma_loads=False, maxnreg=None, ws=False) -> triton.Config:
     """A dlogits config: tile; persistent = programs per SM (0: one program per tile); TMA loads; register cap;
     warp specialization (persistent TMA only)."""
-    config = _cfg(bm, bn, bk, warps, stages, maxnreg, PERSISTENT=persistent > 0, USE_TMA=tma_loads,
-                  PROGRAMS_PER_SM=max(persistent, 1), WARP_SPECIALIZE=ws)  # fmt: skip
-    config.pre_hook = tma.set_block_shapes
-    return config
+    return _with_block_shapes(_cfg(bm, bn, bk, warps, stages, maxnreg, PERSISTENT=persistent > 0, USE_TMA=tma_loads,
+                                   PROGRAMS_PER_SM=max(persistent, 1), WARP_SPECIALIZE=ws))  # fmt: skip
 
 
-def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None, ws=False) -> triton.Config:
+def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None, ws=False,
+         gather=False) -> triton.Config:  # fmt: skip
     """A forward config: tile, loop shape (nested or flat), operand loads (pointers or TMA), register cap,
-    warp specialization (nested TMA loop only)."""
-    config = _cfg(bm, bn, bk, warps, stages, maxnreg, FLAT_LOOP=flat, USE_TMA=tma_loads, WARP_SPECIALIZE=ws)
-    config.pre_hook = tma.set_block_shapes
-    return config
+    warp specialization (nested TMA loop only), target logits gathered (one dot per row) or selected per tile."""
+    return _with_block_shapes(_cfg(bm, bn, bk, warps, stages, maxnreg, FLAT_LOOP=flat, USE_TMA=tma_loads,
+                                   WARP_SPECIALIZE=ws, GATHER_TARGET=gather))  # fmt: skip
+
+
+def _gathering(config: triton.Config) -> triton.Config:
+    """The same forward config with the target logits from a dot product per row (GATHER_TARGET)."""
+    return _with_block_shapes(triton.Config({**config.kwargs, "GATHER_TARGET": True}, num_warps=config.num_warps,
+                                            num_stages=config.num_stages, maxnreg=config.maxnreg))  # fmt: skip
 
 
 # GPU configurations. BLOCK_M and BLOCK_K are fixed within a forward list and BLOCK_K within a backward list
@@ -86,20 +101,24 @@ def _fwd(bm, bn, bk, warps, stages, *, flat=False, tma_loads=False, maxnreg=None
 #   Descriptors are built in the kernel (one loop nest serves both models of a dual launch), from global scratch.
 # With a bias the register-capped and the warp-specialized 128x256 configs spill: pruned (spills_with_bias).
 # Which wins is the autotuner's call on each GPU; benchmarks record its picks and every config's time.
-_FWD_CONFIGS_16 = [
+_FWD_POINTER_16 = [
     _fwd(128, 128, 64, 8, 3),
     _fwd(128, 256, 64, 8, 3),
     _fwd(128, 128, 64, 4, 3),
     _fwd(128, 128, 64, 8, 3, flat=True, maxnreg=128),
     _fwd(128, 256, 64, 8, 3, flat=True),
 ]
-_FWD_CONFIGS_16_TMA = [
-    *_FWD_CONFIGS_16,
+_FWD_TMA_16 = [
     _fwd(128, 128, 64, 8, 3, flat=True, tma_loads=True, maxnreg=128),
     _fwd(128, 256, 64, 8, 3, flat=True, tma_loads=True),
     _fwd(128, 128, 64, 4, 4, tma_loads=True, ws=True),
     _fwd(128, 256, 64, 4, 3, tma_loads=True, ws=True),
 ]
+# Each 16-bit config also with its target logits gathered (one dot product per row after the tile loop) instead of
+# selected out of every tile (a compare and a select per logit, ~3 of the fold's ~10 operations per element): the
+# autotuner keeps whichever is faster, config by config.
+_FWD_CONFIGS_16 = [*_FWD_POINTER_16, *map(_gathering, _FWD_POINTER_16)]
+_FWD_CONFIGS_16_TMA = [*_FWD_POINTER_16, *_FWD_TMA_16, *map(_gathering, _FWD_POINTER_16 + _FWD_TMA_16)]
 # dlogits: one tile per program (Triton 3.6: 122 registers at 128x128, two CTAs per SM; 254 at the larger
 # tiles). Where TMA is usable, also persistent programs (a fixed number per SM, each a flat loop over its
 # tiles' K steps; the epilogue's layout change takes 32 KB of shared memory more): 128x128 with 2 stages and
@@ -131,13 +150,33 @@ def _check_config_lists() -> None:
                             (_BWD_CONFIGS_32, bwd)]:  # fmt: skip
         assert len({tuple(c.kwargs[k] for k in shared) for c in configs}) == 1, shared
     assert all(_COL_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in _FWD_CONFIGS_16_TMA + _FWD_CONFIGS_32)
-    # the untuned first configs launch without descriptors
-    firsts = [c[0] for c in (_FWD_CONFIGS_16, _FWD_CONFIGS_16_TMA, _FWD_CONFIGS_32, _BWD_CONFIGS_16,
-                             _BWD_CONFIGS_16_TMA, _BWD_CONFIGS_32)]  # fmt: skip
-    assert not any(c.kwargs["USE_TMA"] for c in firsts)
+    # the untuned first configs launch without descriptors, and are always candidates (verified.py)
+    lists = (_FWD_CONFIGS_16, _FWD_CONFIGS_16_TMA, _FWD_CONFIGS_32, _BWD_CONFIGS_16, _BWD_CONFIGS_16_TMA,
+             _BWD_CONFIGS_32)  # fmt: skip
+    assert not any(c[0].kwargs["USE_TMA"] or verified.needs_verification(c[0]) for c in lists)
+    # verification records name configs by label, within a family
+    for configs in lists:
+        assert len({config_label(c) for c in configs}) == len(configs)
 
 
+config_label = verified.config_label
 _check_config_lists()
+
+
+def config_families() -> dict[str, list[triton.Config]]:
+    """Every shipped Triton config of the log-prob kernels, by verification family."""
+    return {"forward 16-bit": _FWD_CONFIGS_16_TMA, "forward fp32": _FWD_CONFIGS_32,
+            "dlogits 16-bit": _BWD_CONFIGS_16_TMA, "dlogits fp32": _BWD_CONFIGS_32}  # fmt: skip
+
+
+# Each shipped config's family in the verification records (care_kernels.triton.verified).
+_FAMILY = {id(c): family for family, configs in config_families().items() for c in configs}
+
+
+def config_allowed(config: triton.Config, device: torch.device) -> bool:
+    """Whether `config` may be an autotuner candidate on `device` (verified.allowed, by the config's family)."""
+    return verified.allowed(_FAMILY.get(id(config), "?"), config, device)
+
 
 # Constexpr flags that change the work per program are part of the key (Triton keys on the listed
 # arguments and the tensors' dtypes only; EVEN_K follows from H).
@@ -150,7 +189,7 @@ def warp_specialized(config: triton.Config) -> bool:
 
 def warp_specialization_enabled() -> bool:
     """False when CARE_KERNELS_WARP_SPECIALIZE=0: the autotuner never tries warp-specialized configs (an escape
-    hatch for a Triton or driver whose warp specialization misbehaves; gpu_check.sh sets it when they fail)."""
+    hatch for a Triton or driver whose warp specialization misbehaves, whatever the verification records say)."""
     return os.environ.get("CARE_KERNELS_WARP_SPECIALIZE", "1") != "0"
 
 
@@ -163,6 +202,7 @@ def spills_with_bias(config: triton.Config) -> bool:
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **launch) -> list[triton.Config]:
     """Autotuner early prune (forward and dlogits) of the configs that cannot run here, or run badly:
+    - those never verified on this GPU architecture (config_allowed; the first of each list always stays);
     - warp-specialized ones off Hopper (sm_90: other architectures run another warp-specialization pass that
       nobody here has compiled or checked), under CARE_KERNELS_WARP_SPECIALIZE=0, and in a dual forward whose
       models differ in dtype (one loop nest serves both; linear_logprob_stats_kernel);
@@ -174,41 +214,23 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **launch) -> 
     same_dtype = not args.get("DUAL") or args["ref_h_ptr"].dtype == args["h_ptr"].dtype
     keep_ws = hopper and same_dtype and warp_specialization_enabled()
     biased_forward = "DUAL" in args and bool(args.get("HAS_BIAS") or args.get("REF_HAS_BIAS"))
-    return [c for c in configs if (keep_ws or not warp_specialized(c)) and not (biased_forward and spills_with_bias(c))]
+    return [c for c in configs if config_allowed(c, device) and (keep_ws or not warp_specialized(c))
+            and not (biased_forward and spills_with_bias(c))]  # fmt: skip
 
 
-_PRUNE = {"early_config_prune": _prune_configs}
-_fwd_tuned_16 = triton.autotune(configs=_FWD_CONFIGS_16, key=_FWD_KEY, prune_configs_by=_PRUNE)(
-    linear_logprob_stats_kernel
-)
-_fwd_tuned_16_tma = triton.autotune(configs=_FWD_CONFIGS_16_TMA, key=_FWD_KEY, prune_configs_by=_PRUNE)(
-    linear_logprob_stats_kernel
-)
-_fwd_tuned_32 = triton.autotune(configs=_FWD_CONFIGS_32, key=_FWD_KEY)(linear_logprob_stats_kernel)
+# SafeAutotuner: a candidate that raises is dropped (never the call), and tuning results are kept on disk.
+_fwd_tuned_16 = tuning.autotune(_FWD_CONFIGS_16, _FWD_KEY, _prune_configs)(linear_logprob_stats_kernel)
+_fwd_tuned_16_tma = tuning.autotune(_FWD_CONFIGS_16_TMA, _FWD_KEY, _prune_configs)(linear_logprob_stats_kernel)
+_fwd_tuned_32 = tuning.autotune(_FWD_CONFIGS_32, _FWD_KEY, _prune_configs)(linear_logprob_stats_kernel)
 _BWD_KEY = ["H", "N_CLASS", "HAS_BIAS", "HAS_GRAD_ENTROPY"]
-_bwd_tuned_16 = triton.autotune(configs=_BWD_CONFIGS_16, key=_BWD_KEY)(dlogits_kernel)
-_bwd_tuned_16_tma = triton.autotune(configs=_BWD_CONFIGS_16_TMA, key=_BWD_KEY, prune_configs_by=_PRUNE)(dlogits_kernel)
-_bwd_tuned_32 = triton.autotune(configs=_BWD_CONFIGS_32, key=_BWD_KEY)(dlogits_kernel)
+_bwd_tuned_16 = tuning.autotune(_BWD_CONFIGS_16, _BWD_KEY, _prune_configs)(dlogits_kernel)
+_bwd_tuned_16_tma = tuning.autotune(_BWD_CONFIGS_16_TMA, _BWD_KEY, _prune_configs)(dlogits_kernel)
+_bwd_tuned_32 = tuning.autotune(_BWD_CONFIGS_32, _BWD_KEY, _prune_configs)(dlogits_kernel)
 # Which (tuner, configs) a launch uses: fp32 when any operand is fp32, the TMA lists when TMA is usable.
 _FWD_LISTS = {"fp32": (_fwd_tuned_32, _FWD_CONFIGS_32), "16-bit": (_fwd_tuned_16, _FWD_CONFIGS_16),
               "16-bit TMA": (_fwd_tuned_16_tma, _FWD_CONFIGS_16_TMA)}  # fmt: skip
 _BWD_LISTS = {"fp32": (_bwd_tuned_32, _BWD_CONFIGS_32), "16-bit": (_bwd_tuned_16, _BWD_CONFIGS_16),
               "16-bit TMA": (_bwd_tuned_16_tma, _BWD_CONFIGS_16_TMA)}  # fmt: skip
-
-
-def config_label(config: triton.Config) -> str:
-    """Short name of a config, e.g. '128x128x64 w8 s3 flat tma r128' (tile, warps, stages, variant, cap);
-    'persistent x2': two persistent programs per SM; 'ws': warp-specialized."""
-    c = config.kwargs
-    tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
-    label = f"{tile} w{config.num_warps} s{config.num_stages}"
-    if "FLAT_LOOP" in c:
-        label += " flat" if c["FLAT_LOOP"] else " nested"
-    if c.get("PERSISTENT"):
-        label += f" persistent x{c['PROGRAMS_PER_SM']}"
-    label += " tma" if c.get("USE_TMA") else ""
-    label += " ws" if c.get("WARP_SPECIALIZE") else ""
-    return label + (f" r{config.maxnreg}" if config.maxnreg else "")
 
 
 def _tuners() -> dict:
@@ -250,7 +272,7 @@ def autotuned_configs() -> list[dict]:
 
 
 # The kernels' variants under the interpreter (tests run each): loop shape, and TMA loads where usable.
-INTERPRETER_FORWARD = {"FLAT_LOOP": False, "USE_TMA": False, "WARP_SPECIALIZE": False}
+INTERPRETER_FORWARD = {"FLAT_LOOP": False, "USE_TMA": False, "WARP_SPECIALIZE": False, "GATHER_TARGET": False}
 INTERPRETER_BACKWARD = {"PERSISTENT": False, "USE_TMA": False, "PROGRAMS_PER_SM": 1, "WARP_SPECIALIZE": False}
 
 
@@ -276,7 +298,7 @@ def _plan_launch(plain, lists: dict, interpreter_variant: dict, n_class: int, *t
 
     lists: {"fp32" | "16-bit" | "16-bit TMA": (tuner, configs)}: fp32 when any operand is fp32, the TMA list
     when every operand can back a descriptor. with_descriptors: pass TMA descriptors (a TMA config launched
-    as is, or a tuner whose list has TMA configs: their pre_hook sets the block shapes).
+    as is, or a tuner with host-TMA candidates on this device: their pre_hook sets the block shapes).
     """
     wide = not _is_16bit(*tensors)
     tma_usable = not wide and tma.usable(*tensors, interpret=_INTERPRET)
@@ -285,8 +307,11 @@ def _plan_launch(plain, lists: dict, interpreter_variant: dict, n_class: int, *t
     if _INTERPRET:  # the variant's TMA loads (and warp specialization, which needs them) where TMA is usable
         meta.update({k: v and tma_usable if k in ("USE_TMA", "WARP_SPECIALIZE") else v
                      for k, v in interpreter_variant.items()})  # fmt: skip
-    with_descriptors = meta.get("USE_TMA", False) or (kernel is tuned and tma_usable)
-    if with_descriptors and not _INTERPRET:
+    device = tensors[0].device
+    with_descriptors = meta.get("USE_TMA", False) or (
+        kernel is tuned and tma_usable and any(_host_tma(c) and config_allowed(c, device) for c in configs)
+    )
+    if tma_usable and not _INTERPRET:
         tma.ensure_scratch_allocator()  # warp-specialized configs build their descriptors in the kernel
     return kernel, tuned, config, meta, with_descriptors
 
@@ -356,11 +381,25 @@ def _merge_splits(part: torch.Tensor, with_entropy: bool):
     return lse2, target2, entropy
 
 
-def _run_chosen(key: tuple, candidates: dict, n_rows: int, device: torch.device):
+def _run_chosen(key: tuple, candidates: dict, n_rows: int, device: torch.device, precision_key: tuple | None = None):
     """Run the candidate logits_gemm picks for `key` (timed on first sight only for large calls on CUDA, the
-    calls the Triton autotuner tunes too)."""
+    calls the Triton autotuner tunes too). If it raises, the other candidates are tried in turn
+    (logits_gemm.fall_back): an error reaches the caller only when every candidate fails (the first one's)."""
     tune = not _INTERPRET and device.type == "cuda" and _n_class(n_rows) >= _TUNE_FROM_N_CLASS
-    return candidates[logits_gemm.choose(key, candidates, tune=tune, device=device)]()
+    name = logits_gemm.choose(key, candidates, tune=tune, device=device, precision_key=precision_key)
+    tried: list[str] = []
+    errors: list[Exception] = []
+    while True:
+        try:
+            return candidates[name]()
+        except Exception as exc:
+            tried.append(name)
+            errors.append(exc)
+            name = logits_gemm.fall_back(key, candidates, tried, exc)
+            if name is None:
+                if len(errors) == 1:
+                    raise
+                raise errors[0]  # noqa: B904 - its context is the last candidate's error
 
 
 def _fused_partial_stats(hidden, weight, bias, targets, ref_models, scale2: float, planes: int):
@@ -408,11 +447,13 @@ def _fused_partial_stats(hidden, weight, bias, targets, ref_models, scale2: floa
     return part, (ref_part if dual else None)
 
 
-def _cublas_partial_stats(models, targets, scale2: float, planes: int):
+def _cublas_partial_stats(models, targets, scale2: float, planes: int, logits_dtype: torch.dtype = torch.float32):
     """(part, ref_part or None) from cublas_logits, one chunk per split; the models [(hidden, weight, bias), ...]
-    one after the other through one slab (the reference's entropy is not needed: 3 planes)."""
+    one after the other through one slab of logits_dtype (fp32: `cublas`; the operands' 16-bit dtype: `cublas16`;
+    the reference's entropy is not needed: 3 planes)."""
     n_rows, vocab = models[0][0].shape[0], models[0][1].shape[0]
-    slab = torch.empty(cublas_logits.slab_elements(n_rows, vocab), dtype=torch.float32, device=targets.device)
+    size = torch.finfo(logits_dtype).bits // 8
+    slab = torch.empty(cublas_logits.slab_elements(n_rows, vocab, size), dtype=logits_dtype, device=targets.device)
     parts = [cublas_logits.partial_stats(h, w, b, targets, scale2=scale2, planes=planes if i == 0 else 3, slab=slab)
              for i, (h, w, b) in enumerate(models)]  # fmt: skip
     return parts[0], (parts[1] if len(parts) > 1 else None)
@@ -457,11 +498,14 @@ def forward(
     candidates = {"fused": lambda: _fused_partial_stats(*models[0], targets, models[1:], scale2, planes)}
     if cublas_logits.usable(hidden, weight, ref_hidden, ref_weight):
         candidates["cublas"] = lambda: _cublas_partial_stats(models, targets, scale2, planes)
+    if cublas_logits.usable16(hidden, weight, ref_hidden, ref_weight):
+        candidates["cublas16"] = lambda: _cublas_partial_stats(models, targets, scale2, planes, hidden.dtype)
     dtypes = "/".join(str(t.dtype) for t in (hidden, ref_hidden) if t is not None)
     key = ("forward", hidden.shape[1], ref_hidden.shape[1] if dual else None, weight.shape[0], _n_class(n_rows),
            n_rows.bit_length(), dual, with_entropy, bias is not None, ref_bias is not None, dtypes,
            str(device))  # fmt: skip
-    part, ref_part = _run_chosen(key, candidates, n_rows, device)
+    precision_key = _precision_key(hidden, weight, bias)
+    part, ref_part = _run_chosen(key, candidates, n_rows, device, precision_key)
 
     valid = targets != ignore_index
     lse2, target2, entropy = _merge_splits(part, with_entropy)
@@ -522,21 +566,32 @@ def backward(
       - grad_hidden += slab @ weight[chunk]: fp32 accumulator across chunks (none when one chunk covers V).
     The slab is rounded to the input dtype before the GEMMs, exactly as autograd rounds the logits' gradient.
     Workspace: the slab, the fp32 dH accumulator [N, H] when V needs several chunks, O(N) otherwise.
-    For large 16-bit calls the recompute GEMM may instead run in cuBLAS into an fp32 slab that a Triton pass
-    turns into the dlogits slab (cublas_logits; the two slabs share DLOGITS_SLAB_BYTES), when timing on the
-    first call of a shape says that is faster (logits_gemm).
+    For large 16-bit calls the recompute GEMM may instead run in cuBLAS, when timing on the first call of a shape
+    says that is faster (logits_gemm): into an fp32 slab that a Triton pass turns into the dlogits slab
+    (`cublas`; the two slabs share DLOGITS_SLAB_BYTES), or into the 16-bit dlogits slab itself, the logits rounded
+    to the input dtype, then overwritten by their dlogits in place (`cublas16`, the whole budget for one slab).
     """
     n_rows = hidden.shape[0]
     if n_rows == 0:
         grad_bias = torch.zeros_like(bias) if bias is not None else None
         return torch.empty_like(hidden), torch.zeros_like(weight), grad_bias
     inputs = (grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index)
-    candidates = {"fused": lambda: _backward(*inputs, cublas=False)}
+    candidates = {"fused": lambda: _backward(*inputs, strategy="fused")}
     if cublas_logits.usable(hidden, weight):
-        candidates["cublas"] = lambda: _backward(*inputs, cublas=True)
+        candidates["cublas"] = lambda: _backward(*inputs, strategy="cublas")
+    if cublas_logits.usable16(hidden, weight):
+        candidates["cublas16"] = lambda: _backward(*inputs, strategy="cublas16")
     key = ("backward", hidden.shape[1], weight.shape[0], _n_class(n_rows), n_rows.bit_length(), bias is not None,
            grad_entropy is not None, str(hidden.dtype), str(hidden.device))  # fmt: skip
-    return _run_chosen(key, candidates, n_rows, hidden.device)
+    return _run_chosen(key, candidates, n_rows, hidden.device, _precision_key(hidden, weight, bias))
+
+
+def _precision_key(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """What one call's forward and backward share (logits_gemm.PRECISION_KEY_ARGS): their logits must have one
+    precision (the forward pins it)."""
+    n_rows = hidden.shape[0]
+    return (hidden.shape[1], weight.shape[0], _n_class(n_rows), n_rows.bit_length(), bias is not None,
+            str(hidden.dtype), str(hidden.device))  # fmt: skip
 
 
 def _fused_dlogits_filler(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
@@ -583,12 +638,13 @@ def _fused_dlogits_filler(grad_logprobs, grad_entropy, hidden, weight, bias, tar
 
 
 def _cublas_dlogits_filler(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
-                           ignore_index, *, logits_slab: torch.Tensor):  # fmt: skip
+                           ignore_index, *, logits_slab: torch.Tensor | None):  # fmt: skip
     """fill(dlogits [N, n_cols], col_begin): the chunk's logits by cuBLAS into logits_slab (fp32, as many elements
-    as the dlogits slab), then the gradient by a Triton pass (cublas_logits.dlogits_)."""
+    as the dlogits slab), or with logits_slab None into the dlogits slab itself (16-bit: `cublas16`), then the
+    gradient by a Triton pass (cublas_logits.dlogits_), in place over 16-bit logits."""
 
     def fill(dlogits: torch.Tensor, col_begin: int) -> None:
-        z = logits_slab[: dlogits.numel()].view(dlogits.shape)
+        z = dlogits if logits_slab is None else logits_slab[: dlogits.numel()].view(dlogits.shape)
         cublas_logits.dlogits_(
             dlogits, z, hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
             col_begin=col_begin, scale2=_LOG2E / temperature, inv_temp=1.0 / temperature, ignore_index=ignore_index,
@@ -598,8 +654,9 @@ def _cublas_dlogits_filler(grad_logprobs, grad_entropy, hidden, weight, bias, ta
 
 
 def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature: float,
-              ignore_index: int, *, cublas: bool):  # fmt: skip
-    """`backward` for N > 0, its recompute GEMM fused with the gradient in Triton, or in cuBLAS (cublas)."""
+              ignore_index: int, *, strategy: str):  # fmt: skip
+    """`backward` for N > 0, its recompute GEMM fused with the gradient in Triton ("fused"), or in cuBLAS: into an
+    fp32 logits slab beside the dlogits slab ("cublas"), or into the 16-bit dlogits slab itself ("cublas16")."""
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     dtype = hidden.dtype
@@ -607,9 +664,10 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
     grad_weight = torch.empty_like(weight)
     grad_bias = torch.empty_like(bias) if bias is not None else None
 
-    # Under the interpreter a bf16 store truncates; the slab is kept in fp32 there and rounded by torch.
-    slab_dtype = torch.float32 if (_INTERPRET and dtype == torch.bfloat16) else dtype
-    element_bytes = torch.finfo(slab_dtype).bits // 8 + (4 if cublas else 0)  # + the fp32 logits slab
+    # Under the interpreter a bf16 store truncates; the slab is kept in fp32 there and rounded by torch (not for
+    # cublas16, whose slab holds its 16-bit logits first: its dlogits truncate there).
+    slab_dtype = torch.float32 if (_INTERPRET and dtype == torch.bfloat16 and strategy != "cublas16") else dtype
+    element_bytes = torch.finfo(slab_dtype).bits // 8 + (4 if strategy == "cublas" else 0)  # + the fp32 logits
     chunk_cols = _slab_columns(n_rows, vocab, element_bytes)
     slab = torch.empty(n_rows * chunk_cols, dtype=slab_dtype, device=hidden.device)
     single_chunk = chunk_cols >= vocab
@@ -618,8 +676,10 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
         fp32_acc = torch.empty((n_rows, hidden_size), dtype=torch.float32, device=hidden.device)
 
     inputs = (grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index)
-    if cublas:
+    if strategy == "cublas":
         fill_dlogits = _cublas_dlogits_filler(*inputs, logits_slab=torch.empty_like(slab, dtype=torch.float32))
+    elif strategy == "cublas16":
+        fill_dlogits = _cublas_dlogits_filler(*inputs, logits_slab=None)
     else:
         fill_dlogits = _fused_dlogits_filler(*inputs)
 

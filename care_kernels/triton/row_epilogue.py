@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from care_kernels.triton import tuning
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 NEG_BIG = tl.constexpr(-1.0e30)  # finite stand-in for -inf: keeps exp(m_old - m_new) away from NaN
 _BLOCK = 4096 if not _INTERPRET else 1024
@@ -91,3 +93,96 @@ def row_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, gr
         _row_grad_kernel[(n,)](logits, targets, lse, grad_logprobs.float().contiguous(), v, logits.stride(0),
                                1.0 / temperature, ignore_index, BLOCK=_BLOCK, num_warps=8)
     return logits
+
+
+@triton.jit
+def _row_stats_probs_kernel(z_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, n_rows, V, stride, inv_t, ignore_index,
+                            WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+                            PROGRAMS_PER_SM: tl.constexpr):  # fmt: skip  (the launcher sizes the grid with it)
+    """Persistent programs, each taking rows pid, pid + programs, ...: pass 1 over a row folds its statistics
+    (online max and sum of exp per lane; the entropy's sum of p * (z - max)), pass 2 over the same row writes
+    q = (onehot(y) - p) / T over it. With few programs per SM the rows in flight fit the L2 cache, so pass 2 reads
+    them from there: one sweep of HBM reads per row instead of two."""
+    offs = tl.arange(0, BLOCK)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        base = z_ptr + tl.cast(row, tl.int64) * stride
+        m = tl.full([BLOCK], NEG_BIG, dtype=tl.float32)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        u = tl.zeros([BLOCK], dtype=tl.float32)  # sum exp(z - m) * (z - m), per lane
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            z = tl.where(cols < V, tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32) * inv_t, NEG_BIG)
+            m_new = tl.maximum(m, z)
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(z - m_new)
+            if WITH_ENTROPY:
+                u = alpha * (u + (m - m_new) * s) + e * (z - m_new)
+            s = s * alpha + e
+            m = m_new
+        m_row = tl.max(m, axis=0)
+        scale = tl.exp(m - m_row)
+        s_row = tl.sum(s * scale, axis=0)
+        lse = m_row + tl.log(s_row)
+        y = tl.load(tgt_ptr + row)
+        valid = y != ignore_index
+        z_y = tl.load(base + tl.where(valid, y, 0)).to(tl.float32) * inv_t
+        tl.store(logp_ptr + row, tl.where(valid, z_y - lse, 0.0))
+        tl.store(lse_ptr + row, lse)
+        if WITH_ENTROPY:
+            u_row = tl.sum(scale * (u + (m - m_row) * s), axis=0)
+            tl.store(ent_ptr + row, tl.where(valid, tl.maximum(tl.log(s_row) - u_row / s_row, 0.0), 0.0))
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            mask = cols < V
+            z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
+            q = tl.where((cols == y) & valid, 1.0, 0.0) - tl.exp(z - lse)
+            tl.store(base + cols, (q * inv_t).to(z_ptr.dtype.element_ty), mask=mask)
+
+
+# The one-sweep pass's launch shapes, timed once per (V, entropy, dtype) on a GPU: lanes per row step (registers vs
+# loads in flight) and programs per SM (rows in flight: L2 reuse vs latency hiding). Its kernel writes in place, so
+# the autotuner restores the logits after each timed run (a copy of the buffer while it tunes).
+PROBS_CONFIGS = [
+    triton.Config({"BLOCK": 4096, "PROGRAMS_PER_SM": 1}, num_warps=8),
+    triton.Config({"BLOCK": 8192, "PROGRAMS_PER_SM": 1}, num_warps=16),
+    triton.Config({"BLOCK": 4096, "PROGRAMS_PER_SM": 2}, num_warps=8),
+    triton.Config({"BLOCK": 2048, "PROGRAMS_PER_SM": 4}, num_warps=4),
+]
+
+_probs_tuned = tuning.autotune(PROBS_CONFIGS, ["V", "WITH_ENTROPY"], restore_value=["z_ptr"])(_row_stats_probs_kernel)
+_sm_count: dict[int, int] = {}
+
+
+def _programs(device: torch.device, per_sm: int) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_count:
+        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_count[index] * per_sm
+
+
+def row_stats_probs_(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, *,
+                     with_entropy: bool = False):  # fmt: skip
+    """One launch: (logprobs [n], lse [n], entropy [n] or None) float32 of logits / T, and, in place,
+    logits <- (onehot(y) - softmax(logits / T)) / T in the buffer's dtype (the logits' gradient per unit of the
+    log-prob's: the caller scales rows by d loss / d logprob). logits [n, V] (unit stride along V); rows whose
+    target is ignore_index get logprob (and entropy) 0 and -softmax / T.
+
+    Equivalent torch: z = logits.float() / T; lse = z.logsumexp(-1); p = (z - lse).exp()
+        logprobs = (z.gather(-1, y) - lse) * valid;  entropy = (lse - (p * z).sum(-1)) * valid
+        logits[:] = (onehot(y) * valid - p) / T
+    """
+    n, v = logits.shape
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if with_entropy else lse
+    if n:
+        args = (logits, targets, logp, lse, ent, n, v, logits.stride(0), 1.0 / temperature, ignore_index)
+        if _INTERPRET:
+            _row_stats_probs_kernel[(min(n, 4),)](*args, WITH_ENTROPY=with_entropy, BLOCK=_BLOCK, PROGRAMS_PER_SM=1,
+                                                  num_warps=8)  # fmt: skip
+        else:
+            grid = lambda meta: (min(n, _programs(logits.device, meta["PROGRAMS_PER_SM"])),)  # noqa: E731
+            _probs_tuned[grid](*args, WITH_ENTROPY=with_entropy)
+    return logp, lse, (ent if with_entropy else None)

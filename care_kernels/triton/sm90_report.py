@@ -25,14 +25,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from care_kernels.triton import cublas_logits, fp32_gemm
+from care_kernels.triton import cublas_logits, fp32_gemm, row_epilogue
 from care_kernels.triton import linear_logprobs as tlp
 from care_kernels.triton._backward_kernels import dlogits_kernel, logits_slab_grad_kernel, matmul_accumulate_kernel
 from care_kernels.triton._forward_kernels import linear_logprob_stats_kernel, logits_slab_stats_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Integer arguments that are multiples of 16 at the benchmark shape (the others, e.g. N_CLASS = 2, are not).
-_SIZE_ARGS = ("N", "H", "V", "split_cols", "col_begin", "n_cols", "M", "K", "stride_am", "stride_bk", "stride_cm")
+_SIZE_ARGS = ("N", "H", "V", "split_cols", "col_begin", "n_cols", "M", "K", "stride_am", "stride_bk", "stride_cm",
+              "n_rows", "stride")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,20 +134,35 @@ def shipped_cases() -> list[Case]:
         Case("matmul-accumulate bf16", matmul_accumulate_kernel, matmul_types, matmul_flags,
              fp32_gemm.MATMUL_CONFIG_16),
         *_slab_stats_cases(),
+        *_row_cases(),
     ]
 
 
+def _row_cases() -> list[Case]:
+    """The fused GRPO head's one-sweep row pass over its bf16 logits buffer (stats, then the probabilities written
+    in place), every autotuner config, with and without the entropy."""
+    types = _types(row_epilogue._row_stats_probs_kernel, "fp32", dict(z_ptr="*bf16", tgt_ptr="*i64", inv_t="fp32"))
+    return [Case(f"row probs bf16{' entropy' if entropy else ''}", row_epilogue._row_stats_probs_kernel, types,
+                 dict(WITH_ENTROPY=entropy), c)
+            for entropy in (False, True) for c in row_epilogue.PROBS_CONFIGS]  # fmt: skip
+
+
 def _slab_stats_cases() -> list[Case]:
-    """The cuBLAS strategy's passes over its fp32 slab (bf16 bias), every autotuner config: the forward's fold
-    (a streaming reduction) and the backward's dlogits (elementwise, bf16 out); no GEMM."""
-    types = _types(logits_slab_stats_kernel, "fp32", dict(b_ptr="*bf16", tgt_ptr="*i64", scale2="fp32"))
-    grad_types = _types(logits_slab_grad_kernel, "fp32", dict(b_ptr="*bf16", tgt_ptr="*i64", dz_ptr="*bf16",
-                                                               scale2="fp32", inv_temp="fp32"))  # fmt: skip
-    cases = [Case(f"slab stats fp32{' bias' if bias else ''}", logits_slab_stats_kernel, types,
-                  dict(HAS_BIAS=bias, WITH_ENTROPY=True), c)
-             for bias in (False, True) for c in cublas_logits.FOLD_CONFIGS]  # fmt: skip
-    cases += [Case("slab dlogits fp32", logits_slab_grad_kernel, grad_types,
-                   dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True), c) for c in cublas_logits.GRAD_CONFIGS]  # fmt: skip
+    """The cuBLAS strategies' passes over their slab (bf16 bias), every autotuner config: the forward's fold
+    (a streaming reduction) and the backward's dlogits (elementwise, bf16 out); no GEMM. fp32 slab: `cublas`;
+    bf16 slab, the dlogits written over it: `cublas16`."""
+    cases = []
+    for slab in ("fp32", "bf16"):
+        types = _types(logits_slab_stats_kernel, "fp32", dict(z_ptr=f"*{slab}", b_ptr="*bf16", tgt_ptr="*i64",
+                                                               scale2="fp32"))  # fmt: skip
+        grad_overrides = dict(z_ptr=f"*{slab}", b_ptr="*bf16", tgt_ptr="*i64", dz_ptr="*bf16", scale2="fp32",
+                              inv_temp="fp32")  # fmt: skip
+        grad_types = _types(logits_slab_grad_kernel, "fp32", grad_overrides)
+        cases += [Case(f"slab stats {slab}{' bias' if bias else ''}", logits_slab_stats_kernel, types,
+                       dict(HAS_BIAS=bias, WITH_ENTROPY=True), c)
+                  for bias in (False, True) for c in cublas_logits.FOLD_CONFIGS]  # fmt: skip
+        cases += [Case(f"slab dlogits {slab}", logits_slab_grad_kernel, grad_types,
+                       dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True), c) for c in cublas_logits.GRAD_CONFIGS]  # fmt: skip
     return cases
 
 
