@@ -249,10 +249,10 @@ def test_care_bonus_on_hand_written_completions_through_the_trainer(assets, tmp_
 
     from grpo_care import trainer as trainer_module
     from grpo_care.rollout import completion_mask
-    from grpo_care.spans import answer_token_mask
     from grpo_care.trainer import Trainer
 
     import care_kernels as ck
+    from care_kernels.answer_spans import answer_token_mask
 
     tok, seen = assets["tok"], {}
     real_generate = trainer_module.generate_rollouts

@@ -10,7 +10,7 @@ One micro-batch (grpo_care.md 3-6):
      positions; the reference backbone runs under no_grad on the same inputs;
   4. one no_grad care_kernels pass over the vocabulary scores the reference head (`linear_logprobs`, 2NHV;
      none without a reference): the per-token log-probs CARE's likelihood and the KL need;
-  5. CARE: answer spans (spans.py) -> `ck.answer_likelihood` -> `ck.care_bonus`; reward = sum + bonus;
+  5. CARE: answer spans (care_kernels.answer_spans) -> `ck.answer_likelihood` -> `ck.care_bonus`; reward = sum + bonus;
   6. `ck.group_advantages`, then `ck.FusedLinearGRPOLoss` on the policy hidden states and the LM-head
      weight: it forms the per-token gradient during its forward (6NHV) and hands back the policy's log-probs
      and entropy for the metrics, and backward sends the gradient through the backbone. 8NHV of head GEMMs
