@@ -721,13 +721,17 @@ def test_none_and_infinite_accuracy_reach_the_bonus_unchanged(assets, tmp_path, 
 
 
 def test_prompts_per_step_sets_the_accumulation(assets, tmp_path, monkeypatch):
-    """prompts_per_step 4 with 1 prompt per micro-batch on one process: 4 micro-batches per step, whatever
-    gradient_accumulation_steps says (under torchrun it is divided by the world size; test_grpo_care_batch)."""
+    """prompts_per_step 4 with 1 prompt per micro-batch on one process: 4 micro-batches per step (under torchrun
+    it is divided by the world size; test_grpo_care_batch); a gradient_accumulation_steps that disagrees is
+    refused, not replaced."""
     from grpo_care.tiny import tiny_qwen2
     from grpo_care.trainer import Trainer
 
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2 disagrees with prompts_per_step=4"):
+        Trainer(_config(assets, tmp_path / "two", prompts_per_step=4, per_device_train_batch_size=1,
+                        gradient_accumulation_steps=2), model=tiny_qwen2(assets["tok"]), tokenizer=assets["tok"])
     config = _config(assets, tmp_path, prompts_per_step=4, per_device_train_batch_size=1,
-                     gradient_accumulation_steps=1, max_steps=2, max_completion_length=4, report_to=["none"],
+                     gradient_accumulation_steps=4, max_steps=2, max_completion_length=4, report_to=["none"],
                      log_completions=False)
     trainer = Trainer(config, model=tiny_qwen2(assets["tok"]), tokenizer=assets["tok"])
     calls = []

@@ -60,6 +60,7 @@ from grpo_care.rollout import (
     tokenizer_of,
     unsampleable_ids,
 )
+from grpo_care.user_errors import UsageError
 from grpo_care.video import VisualBudget
 
 IGNORE_INDEX = -100
@@ -206,8 +207,8 @@ class Trainer:
         resume_from, problem = distributed.broadcast_object(verdict, self.dist)
         if error is not None:
             raise error
-        if problem:
-            raise ValueError(problem)
+        if problem:  # the user's to resolve (every rank says it in one line under grpo-care train)
+            raise UsageError(problem, source=self.config.describe_source("output_dir"))
         return resume_from
 
     def _clean_output_dir(self) -> tuple[Path | None, str | None]:
