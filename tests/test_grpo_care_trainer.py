@@ -647,8 +647,21 @@ def test_an_fp32_shadow_only_when_the_reference_moves(assets, tmp_path, monkeypa
 
 
 def test_no_kl_and_no_care_builds_no_reference(assets, tmp_path):
-    trainer, _, summary = _run_tiny_qwen2(assets, tmp_path, use_care=False, beta=0.0, ref_ema_decay=0.995)
+    """...and says that a ref_ema_decay it was given has nothing to act on (it was silently ignored)."""
+    with pytest.warns(UserWarning, match=r"ref_ema_decay=0.995 is ignored: with use_care false and beta 0 no "
+                      r"reference is built .* For Table 3's KL-EMA set beta > 0"):
+        trainer, _, summary = _run_tiny_qwen2(assets, tmp_path, use_care=False, beta=0.0, ref_ema_decay=0.995)
     assert trainer.reference is None and ckpt.load_trainer_state(summary["checkpoint"])["ema"] is None
+
+
+def test_unused_decay_is_named_only_when_nothing_reads_it():
+    from grpo_care.config import GRPOCareConfig
+    from grpo_care.ema import unused_decay
+
+    assert unused_decay(GRPOCareConfig(use_care=False, beta=0.0, ref_ema_decay=0.9))
+    for values in (dict(use_care=False, beta=0.0), dict(use_care=False, beta=0.04, ref_ema_decay=0.9),
+                   dict(use_care=True, beta=0.0, ref_ema_decay=0.9)):
+        assert unused_decay(GRPOCareConfig(**values)) is None, values
 
 
 # ------------------------------------------------------------------------------------------------------------
