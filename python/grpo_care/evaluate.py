@@ -91,6 +91,8 @@ def _accuracy_table(records: list[dict], key: str) -> dict:
         table[name] = {"accuracy": scores["accuracy"], "num_samples": len(rows)}
         if scores["mra"] is not None:
             table[name]["mra"] = scores["mra"]
+        table[name]["mean_score"] = scores["mean_score"]
+        table[name]["per_problem_type"] = _per_problem_type(rows)
     return table
 
 
@@ -493,22 +495,27 @@ def evaluate_files(
 
 def _group_summary(records: list[dict], judged: bool) -> dict:
     n = len(records)
-    kinds: dict[str, list[float]] = defaultdict(list)
-    for r in records:
-        kinds[r.get("problem_type", "multiple choice")].append(record_score(r))
     summary = {
         **summarize_scores(records),  # accuracy (non-regression), mra (regression), mean_score (all)
         "num_samples": n,
         "num_correct": sum(1 for r in records if r["correct"]),
         "format_rate": sum(1 for r in records if r["format_ok"]) / n if n else None,
-        "per_problem_type": {
-            kind: {"mean_score": sum(v) / len(v), "num_samples": len(v), "metric": _metric(kind)}
-            for kind, v in sorted(kinds.items())
-        },
+        "per_problem_type": _per_problem_type(records),
     }
     if judged:
         summary["consistency"] = consistency_summary([r.get("consistency") for r in records])
     return summary
+
+
+def _per_problem_type(records: list[dict]) -> dict:
+    """{problem_type: {"mean_score", "num_samples", "metric"}}: accuracy or VSI-Bench's MRA, kept apart."""
+    kinds: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        kinds[r.get("problem_type", "multiple choice")].append(record_score(r))
+    return {
+        kind: {"mean_score": sum(v) / len(v), "num_samples": len(v), "metric": _metric(kind)}
+        for kind, v in sorted(kinds.items())
+    }
 
 
 def _metric(problem_type: str) -> str:
