@@ -117,4 +117,7 @@ def test_demo_clips_decode_to_the_same_frames_with_or_without_decord(tmp_path):
     assert len(clips) >= 8
     budget = video.VisualBudget(min_frames=4, max_frames=4, video_min_pixels=3136, video_max_pixels=10**7)
     for clip in clips:
-        assert np.array_equal(video._read_decord(str(clip), budget), video._read_pyav(str(clip), budget)), clip
+        decord_frames, decord_fps = video._read_decord(str(clip), budget)
+        pyav_frames, pyav_fps = video._read_pyav(str(clip), budget)
+        assert np.array_equal(decord_frames, pyav_frames), clip
+        assert pyav_fps == pytest.approx(decord_fps, rel=1e-6), clip

@@ -197,3 +197,130 @@ def test_config_records_where_each_value_came_from(tmp_path):
 ])
 def test_looks_local(name, local):
     assert looks_local(name) is local
+
+
+# ------------------------------------------------------------------------------------------------------------
+# everything else a user can get wrong, said in one line before the model loads
+
+RECORD = {"sample_id": 0, "question": "what next?", "answer": "pick up spoon", "video_source": "EpicKitchens",
+          "video_basename": "clip_0.mp4", "current_observation_basename": "obs_0.png",
+          "negative_answers": ["open fridge", "close tap", "turn off light"]}
+
+
+def tiny_inputs(root: Path) -> list[str]:
+    """A saved-looking model directory and a one-record annotation file: what `train` checks before loading."""
+    model = saved_model(root / "m")
+    (root / "train.jsonl").write_text(json.dumps(RECORD) + "\n")
+    return ["--model_name_or_path", str(model), "--train_file", "train.jsonl", "--data_root", str(root)]
+
+
+def test_options_are_never_abbreviated(capsys, elsewhere):
+    """argparse's prefix matching took `--lr 1e-5` as --lr_scheduler_type and `--num_gen` as --num_generations."""
+    err = one_line_error(capsys, ["train", "--config", str(TINY), "--lr", "1e-5"])
+    assert "unrecognized arguments: --lr 1e-5" in err
+    err = one_line_error(capsys, ["train", "--config", str(TINY), "--num_gen", "4"])
+    assert "unrecognized arguments: --num_gen 4 (did you mean --num_generations?)" in err
+    with pytest.raises(UsageError, match="unrecognized arguments: --lr cosine"):
+        GRPOCareConfig.from_cli(["--lr", "cosine"])
+    # eval: its own options and the config fields; the hint is eval's, not train's
+    err = one_line_error(capsys, ["eval", "--mod", "m", "--data", "v.jsonl"], "eval")
+    assert "the following arguments are required: --model" in err
+    err = one_line_error(capsys, ["eval", "--model", "m", "--data", "v.jsonl", "--mdoel", "x"], "eval")
+    assert "unrecognized arguments: --mdoel x (did you mean --model?)" in err and "`grpo-care eval --help`" in err
+    err = one_line_error(capsys, ["eval", "--model", "m", "--data", "v.jsonl", "--eval_video_max_frame", "32"],
+                         "eval")
+    assert "(did you mean --eval_video_max_frames?)" in err and "grpo-care train --help" not in err
+
+
+def test_each_bad_number_is_blamed_on_its_own_field(capsys, elsewhere):
+    err = one_line_error(capsys, ["train", "--config", str(TINY), "--max_grad_norm", "inf"])
+    assert "max_grad_norm must be a finite number, got inf (given on the command line as --max_grad_norm inf)" in err
+    assert "learning_rate" not in err
+    (elsewhere / "mine.yaml").write_text("learning_rate: -1\n")
+    err = one_line_error(capsys, ["train", "--config", "mine.yaml"])
+    assert "learning_rate must be >= 0, got -1.0 (set in mine.yaml as learning_rate: -1)" in err
+    err = one_line_error(capsys, ["train", "--config", str(TINY), "--lr_scheduler_type", "cosine_with_min_lr"])
+    assert "lr_scheduler_type must be one of linear, cosine," in err and "got 'cosine_with_min_lr'" in err
+
+
+def test_reward_functions_are_resolved_before_loading(capsys, elsewhere):
+    inputs = tiny_inputs(elsewhere)
+    err = one_line_error(capsys, ["train", *inputs, "--reward_funcs", "acuracy,format"])
+    assert "unknown reward function 'acuracy'" in err and "given on the command line as --reward_funcs" in err
+    err = one_line_error(capsys, ["train", *inputs, "--reward_funcs", "no_such_pkg.rewards.f"])
+    assert "cannot import module 'no_such_pkg.rewards'" in err
+
+
+def test_the_batch_is_checked_against_torchrun_world_size(capsys, elsewhere, monkeypatch):
+    inputs = tiny_inputs(elsewhere)
+    paper = str(ROOT / "configs" / "seed_bench_r1_care.yaml")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    err = one_line_error(capsys, ["train", "--config", paper, *inputs])
+    assert "prompts_per_step=4 cannot be split into micro-batches of per_device_train_batch_size=1 on 3 rank(s)" in err
+    assert f"(set in {paper} as prompts_per_step: 4)" in err
+    err = one_line_error(capsys, ["train", "--config", paper, *inputs, "--distributed", "none"])
+    assert "distributed=none, but torchrun launched 3 ranks" in err
+    monkeypatch.setenv("WORLD_SIZE", "4")  # 4 ranks: 1 micro-batch each; asking for 4 disagrees
+    err = one_line_error(capsys, ["train", "--config", paper, *inputs, "--gradient_accumulation_steps", "4"])
+    assert "gradient_accumulation_steps=4 disagrees with prompts_per_step=4" in err
+    assert "pass --gradient_accumulation_steps 1" in err and "--prompts_per_step 16" in err
+
+
+def test_malformed_annotation_file_is_one_line(capsys, elsewhere):
+    inputs = tiny_inputs(elsewhere)
+    (elsewhere / "bad.jsonl").write_text(json.dumps(RECORD) + '\n{"a": 1\n')
+    err = one_line_error(capsys, ["train", *inputs, "--train_file", "bad.jsonl"])
+    assert "bad.jsonl:2: malformed JSON line" in err
+    (elsewhere / "partial.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
+    err = one_line_error(capsys, ["train", *inputs, "--train_file", "partial.jsonl"])
+    assert "partial.jsonl:1: bad seed_bench_r1 record: missing field 'answer'" in err
+    err = one_line_error(capsys, ["eval", "--model", str(elsewhere / "m"), "--data", "bad.jsonl"], "eval")
+    assert "bad.jsonl:2: malformed JSON line" in err
+    with pytest.raises(UsageError, match="malformed JSON line"):
+        cli.main(["eval", "--model", str(elsewhere / "m"), "--data", "bad.jsonl", "--debug"])
+
+
+def test_output_dir_of_another_run_is_one_line(capsys, elsewhere):
+    inputs = tiny_inputs(elsewhere)
+    (elsewhere / "run" / "checkpoint-2").mkdir(parents=True)
+    (elsewhere / "run" / "checkpoint-2" / "trainer_state.pt").write_bytes(b"")
+    err = one_line_error(capsys, ["train", "--config", str(TINY), *inputs, "--output_dir", "run"])
+    assert "output_dir run holds checkpoints of an earlier run (checkpoint-2)" in err
+    assert "--overwrite_output_dir true" in err and "given on the command line as --output_dir run" in err
+    err = one_line_error(capsys, ["train", "--config", str(TINY), *inputs, "--resume_from_checkpoint", "m"])
+    assert "resume_from_checkpoint: 'm' is not a checkpoint (no trainer_state.pt)" in err
+    # eval: samples.jsonl written for another model
+    (elsewhere / "ev").mkdir()
+    (elsewhere / "ev" / "samples.jsonl").write_text(json.dumps({"meta": {"model": "another"}}) + "\n")
+    err = one_line_error(capsys, ["eval", "--model", str(elsewhere / "m"), "--data", "train.jsonl",
+                                  "--output_dir", "ev"], "eval")
+    assert "ev/samples.jsonl was written under other evaluation settings" in err and "--overwrite" in err
+
+
+def test_judge_spec_is_checked_before_loading(capsys, elsewhere):
+    tiny_inputs(elsewhere)
+    model = str(elsewhere / "m")
+    err = one_line_error(capsys, ["eval", "--model", model, "--data", "train.jsonl", "--judge", "bogus"], "eval")
+    assert "judge must be none, offline, http or a dotted path" in err and "as --judge bogus" in err
+    err = one_line_error(capsys, ["eval", "--model", model, "--data", "train.jsonl", "--judge", "no_pkg.j:make"],
+                         "eval")
+    assert "cannot import module 'no_pkg.j'" in err
+    (elsewhere / "judging.yaml").write_text("eval_judge: json:no_such_factory\n")
+    err = one_line_error(capsys, ["eval", "--model", model, "--data", "train.jsonl", "--config", "judging.yaml"],
+                         "eval")
+    assert "json has no callable 'no_such_factory' (set in judging.yaml as eval_judge:" in err
+
+
+def test_train_hub_failure_is_one_line(capsys, elsewhere, monkeypatch):
+    inputs = tiny_inputs(elsewhere)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    import transformers
+
+    def unreachable(name, *args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
+    err = one_line_error(capsys, ["train", *inputs, "--model_name_or_path", "someone/model"])
+    assert "model_name_or_path: 'someone/model' could not be loaded from the Hugging Face hub: We couldn't" in err
+    assert "given on the command line as --model_name_or_path someone/model" in err

@@ -139,3 +139,36 @@ def test_new_fields_are_checked():
             GRPOCareConfig(**bad)
     config = GRPOCareConfig()
     assert (config.answer_span, config.prompts_per_step, config.eval_real_video_timing) == ("content", 0, True)
+
+
+@pytest.mark.parametrize("field, bad, match", [
+    ("learning_rate", -1.0, "learning_rate must be >= 0"),
+    ("learning_rate", float("nan"), "learning_rate must be a finite number"),
+    ("max_grad_norm", -5.0, "max_grad_norm must be >= 0"),
+    ("max_grad_norm", float("inf"), "max_grad_norm must be a finite number"),
+    ("temperature", float("inf"), "temperature must be a finite number"),
+    ("consistency_margin", float("nan"), "consistency_margin must be a finite number"),
+    ("accuracy_floor", float("nan"), "accuracy_floor must be a finite number"),
+    ("bonus_coefficient", -0.5, "bonus_coefficient must be >= 0"),
+    ("kl_clamp", float("inf"), r"kl_clamp must be a finite number \(null: unclamped\)"),
+    ("warmup_ratio", 1.5, "warmup_ratio must be in"),
+    ("eval_temperature", 0.0, "eval_temperature must be > 0"),
+])
+def test_numbers_out_of_range_are_refused_one_field_at_a_time(field, bad, match):
+    """Each check names its own field (a combined check blamed `--max_grad_norm inf` on learning_rate); NaN and
+    inf are refused everywhere (a NaN margin reached care_bonus only at the first step)."""
+    with pytest.raises(ValueError, match=match):
+        GRPOCareConfig(**{field: bad})
+    with pytest.raises(ValueError, match=f"given on the command line as --{field} "):
+        GRPOCareConfig.from_cli([f"--{field}", str(bad)])
+
+
+def test_lr_scheduler_type_is_one_the_trainer_can_run():
+    from grpo_care.config import lr_scheduler_names
+    from transformers.trainer_utils import SchedulerType
+
+    assert {"cosine", "linear", "constant"} <= set(lr_scheduler_names()) <= {s.value for s in SchedulerType}
+    assert "reduce_lr_on_plateau" not in lr_scheduler_names()  # needs a metric at every step
+    for name in ("cosin", "reduce_lr_on_plateau", "warmup_stable_decay"):
+        with pytest.raises(ValueError, match=f"lr_scheduler_type must be one of .* got '{name}'"):
+            GRPOCareConfig(lr_scheduler_type=name)

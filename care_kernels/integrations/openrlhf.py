@@ -16,11 +16,13 @@ the backbone's last hidden states and the LM head's weight. It builds the model 
 position ids from the attention mask for text models, the model's own (M-RoPE) positions and the image / video
 token types for vision-language models. Without `return_entropy` only the action positions are scored.
 
-Not covered (NotImplementedError naming it, with the way back): `packing_samples` (flash-attention varlen and
-ring attention), calls that want the logits themselves (no `action_mask` and no `return_logprobs`), MoE models'
-load-balancing loss (`output_router_logits`), and DeepSpeed ZeRO-3, which partitions the LM head outside its
-module's forward. Matmuls run in the model's dtype with float32 accumulation, where OpenRLHF rounds the logits to
-the model's dtype before its float32 cast.
+A LoRA actor (OpenRLHF wraps the model with peft's `get_peft_model`) is scored through `get_base_model()`, the
+adapters in its layers included. Not covered (NotImplementedError naming it, with the way back):
+`packing_samples` (flash-attention varlen and ring attention), calls that want the logits themselves (no
+`action_mask` and no `return_logprobs`), MoE models' load-balancing loss (`output_router_logits`), an adapter on
+the LM head itself, and DeepSpeed ZeRO-3, which partitions the LM head outside its module's forward. Matmuls run
+in the model's dtype with float32 accumulation, where OpenRLHF rounds the logits to the model's dtype before its
+float32 cast.
 
 Nothing here imports OpenRLHF (which needs Ray, DeepSpeed, flash-attn ...) except `patch_actor_class()` without
 an argument.

@@ -40,6 +40,7 @@ from typing import Optional
 
 import torch
 
+from care_kernels.answer_spans import answer_positions, check_answer_span
 from care_kernels.backends import IMPLS
 from care_kernels.group import answer_likelihood, care_bonus
 from care_kernels.integrations._hf import backbone_and_head
@@ -202,7 +203,14 @@ def use_care_kernels(impl: str = "auto", *, check_finite: bool = False):
 
 @dataclasses.dataclass
 class CareConfig:
-    """GRPO-CARE knobs (grpo_care.md sections 5 and 7; names as in grpo_care's config)."""
+    """GRPO-CARE knobs (grpo_care.md sections 5 and 7; names as in grpo_care's config).
+
+    `answer_span`: which tokens of a completion the reference's likelihood averages over, as in grpo_care
+    (care_kernels.answer_spans): `content` (default), the tokens of the stripped text between the first
+    `answer_open_tag` and the next `answer_close_tag`, i.e. what an accuracy reward grades; `official`, the
+    authors' span (from the `>` of the last `<answer>` tag to 3 tokens before EOS; `<answer>` tags only).
+    `ref_ema_decay=1.0` keeps a frozen reference: a copy of the policy in its own dtype, no fp32 copy, no update.
+    """
 
     bonus_coefficient: float = 0.5
     confidence_upper_bound: float = 0.95
@@ -211,12 +219,13 @@ class CareConfig:
     ref_ema_decay: float = 0.995
     ref_ema_update_every: int = 10
     accuracy_reward_index: int = 0
+    answer_span: str = "content"
     answer_open_tag: str = "<answer>"
     answer_close_tag: str = "</answer>"
     impl: str = "auto"
 
     def __post_init__(self):
-        if not 0.0 <= self.ref_ema_decay <= 1.0:
+        if not 0.0 <= self.ref_ema_decay <= 1.0:  # also refuses NaN
             raise ValueError(f"ref_ema_decay must be in [0, 1], got {self.ref_ema_decay}")
         if isinstance(self.ref_ema_update_every, bool) or not isinstance(self.ref_ema_update_every, int) \
                 or self.ref_ema_update_every < 1:
@@ -225,8 +234,7 @@ class CareConfig:
         if isinstance(self.accuracy_reward_index, bool) or not isinstance(self.accuracy_reward_index, int) \
                 or self.accuracy_reward_index < 0:
             raise ValueError(f"accuracy_reward_index must be an int >= 0, got {self.accuracy_reward_index!r}")
-        if not self.answer_open_tag or not self.answer_close_tag:
-            raise ValueError("answer_open_tag and answer_close_tag must be non-empty strings")
+        check_answer_span(self.answer_span, self.answer_open_tag, self.answer_close_tag)
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 
@@ -237,7 +245,8 @@ class EmaReference:
     fp32 so that the 0.005 * (theta - phi) steps are not rounded away, as they would be in a bf16 copy
     (grpo_care.md section 7). `maybe_update(model, global_step)` updates when
     `global_step % update_every == 0`; call it after the optimizer step (EmaReferenceCallback does, from
-    `on_step_end`).
+    `on_step_end`). `decay=1.0` is a frozen reference (`frozen`): the copy keeps the policy's dtype (an fp32
+    copy would never be read at more than that precision) and is never updated.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.995, update_every: int = 10):
@@ -248,13 +257,18 @@ class EmaReference:
         shadow = copy.deepcopy(model)
         # TRL's add_fused_lm_head stores a forward on the instance that closes over the original model.
         shadow.__dict__.pop("forward", None)
-        self.module = shadow.float().eval().requires_grad_(False)
+        self.frozen = decay == 1.0
+        if not self.frozen:
+            shadow.float()
+        self.module = shadow.eval().requires_grad_(False)
         self.decay = float(decay)
         self.update_every = update_every
         self.num_updates = 0
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        if self.frozen:
+            raise RuntimeError("this reference is frozen (decay 1.0): it keeps no EMA to update")
         live = dict(model.named_parameters())
         for name, shadow in self.module.named_parameters():
             if name not in live:
@@ -264,7 +278,7 @@ class EmaReference:
         self.num_updates += 1
 
     def maybe_update(self, model: torch.nn.Module, global_step: int) -> bool:
-        if global_step <= 0 or global_step % self.update_every != 0:
+        if self.frozen or global_step <= 0 or global_step % self.update_every != 0:
             return False
         self.update(model)
         return True
@@ -281,8 +295,9 @@ def add_care_bonus(
     `likelihood` [B*G]: the reference's answer likelihood per completion. Returns
     `(new_rewards_per_func, bonus)` with
     `new[:, i] = rewards_per_func[:, i] + care_bonus(accuracy, likelihood, group_size, ...)` for
-    `i = config.accuracy_reward_index`; the other columns are unchanged. A missing accuracy (NaN, TRL's
-    marker for a reward function that returned None) counts as 0 for the group statistics and stays NaN.
+    `i = config.accuracy_reward_index`; the other columns are unchanged. The accuracy reaches `care_bonus`
+    unconverted: a missing accuracy (NaN, TRL's marker for a reward function that returned None) or an infinite
+    one is left out of its group's mean accuracy and earns no bonus; it stays as it was in the output.
     The bonus goes through TRL's reward weights like the accuracy it is added to (1.0 unless you set them).
     """
     config = config or CareConfig()
@@ -294,7 +309,7 @@ def add_care_bonus(
         )
     accuracy = rewards_per_func[:, index]
     bonus = care_bonus(
-        accuracy.nan_to_num(0.0), likelihood.to(accuracy.device), group_size, coef=config.bonus_coefficient,
+        accuracy, likelihood.to(accuracy.device), group_size, coef=config.bonus_coefficient,
         likelihood_cap=config.confidence_upper_bound, accuracy_floor=config.accuracy_floor,
         margin=config.consistency_margin,
     )
@@ -308,27 +323,20 @@ def answer_span_mask(
     tokenizer,
     open_tag: str = "<answer>",
     close_tag: str = "</answer>",
+    *,
+    mode: str = "content",
 ) -> list[list[bool]]:
-    """Per completion, which tokens hold the answer: those overlapping the text between the last `open_tag`
-    and the next `close_tag` (or the end). Works on each token's decoded text, so it does not depend on how
-    the tokenizer splits the tags: with Qwen2's `<`,`answer`,`>A`,`</`,`answer`,`>` the span is `>A`, as in
-    GRPO-CARE's `get_thinking_answer_masks`. No open tag, or an empty answer, gives an all-False mask.
+    """Per completion (a list of ids, as TRL's `completion_ids_list`: no padding, EOS last when generated),
+    which tokens hold the answer: `care_kernels.answer_spans.answer_positions`, the rule grpo_care's trainer
+    uses. `content`: the tokens overlapping the stripped text between the first `open_tag` and the next
+    `close_tag` (with Qwen2's BPE, `<answer>A</answer>` gives `>A` and `<answer> C </answer>` gives ` C`);
+    no closed tag, or an empty answer, gives an all-False mask. `official`: the authors' span
+    (`<answer> C </answer>` gives `>`, ` C`).
     """
     masks = []
     for ids in completion_ids:
-        pieces = [tokenizer.decode([int(t)], skip_special_tokens=True) for t in ids]
-        text = "".join(pieces)
-        mask = [False] * len(pieces)
-        opened = text.rfind(open_tag)
-        if opened >= 0:
-            start = opened + len(open_tag)
-            end = text.find(close_tag, start)
-            end = len(text) if end < 0 else end
-            pos = 0
-            for i, piece in enumerate(pieces):
-                lo, pos = pos, pos + len(piece)
-                mask[i] = start < end and lo < end and pos > start
-        masks.append(mask)
+        picked = set(answer_positions(ids, tokenizer, mode, open_tag, close_tag))
+        masks.append([j in picked for j in range(len(ids))])
     return masks
 
 
@@ -339,6 +347,7 @@ def answer_span_mask(
 # tensors, for every model TRL supports, without rebuilding them (which would copy TRL's model-specific code).
 TRL_SCORING_LOCALS = ("prompt_completion_ids", "attention_mask", "logits_to_keep", "batch_size", "forward_kwargs",
                       "num_images", "num_tiles", "tool_mask")
+TRL_OPTIONAL_LOCALS = frozenset({"num_images", "num_tiles", "tool_mask"})  # None: no images, no tiles, no tools
 VIDEO_KEYS = ("video", "videos")
 VIDEO_ERROR = ("CareGRPOTrainer got video ({where}), but TRL's GRPOTrainer has no video path (it would train on "
                "the text alone); train video with grpo_care's own trainer (`grpo-care train`, "
@@ -374,9 +383,20 @@ def _trl_scoring_inputs(code) -> dict:
                 "(it scores the EMA reference with the inputs built there); call that, or "
                 "reference_answer_likelihood() directly")
         scope = frame.f_locals
-        return {name: scope.get(name) for name in TRL_SCORING_LOCALS}
+        found = {name: scope.get(name) for name in TRL_SCORING_LOCALS}
     finally:
         del frame
+    unset = [name for name, value in found.items() if value is None and name not in TRL_OPTIONAL_LOCALS]
+    if unset:
+        import trl
+
+        raise RuntimeError(
+            f"CareGRPOTrainer scores its EMA reference with the inputs TRL 1.16's "
+            f"GRPOTrainer._generate_and_score_completions has built when it calls _calculate_rewards; in trl "
+            f"{trl.__version__} {', '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set by then. "
+            "Pin trl==1.16.* or update care_kernels"
+        )
+    return found
 
 
 def _refuse_video(inputs: Sequence[dict]) -> None:
@@ -449,7 +469,7 @@ def _build_trainer_classes() -> dict:
         with a vision-language model and its processor (Qwen2.5-VL, ... any model TRL's GRPOTrainer trains).
         Extra arguments: `care_config` (CareConfig) and
         `answer_mask_fn(completion_ids_list) -> list[list[bool]]` (default: `answer_span_mask` with the
-        config's tags). After TRL scores the completions with the reward functions, the reference
+        config's `answer_span` and tags). After TRL scores the completions with the reward functions, the reference
         (`self.care_reference.module`) scores each prompt + completion by teacher forcing on the very inputs TRL
         built for the policy (ids, masks, pixel_values, image_grid_thw, ...), through TRL's own per-micro-batch
         slicing (`_get_per_token_logps_and_entropies`, as TRL scores its reference model) with a
@@ -457,7 +477,8 @@ def _build_trainer_classes() -> dict:
         `[B, T, V]` logits. `answer_likelihood` turns the answer tokens' log-probs into a likelihood and
         `care_bonus` is added to the accuracy reward (`care_config.accuracy_reward_index`) before TRL computes
         the advantages. The reference starts as a copy of the policy and follows it by EMA every
-        `ref_ema_update_every` optimizer steps.
+        `ref_ema_update_every` optimizer steps (fp32); with `ref_ema_decay=1.0` it stays that copy, in the
+        policy's dtype.
 
         GRPO-CARE trains with beta=0; with beta > 0, TRL's own (frozen) ref_model serves the KL term. Video is
         refused (TRL's GRPOTrainer has no video path: use grpo_care's trainer); PEFT and DeepSpeed ZeRO-3 are
@@ -487,7 +508,7 @@ def _build_trainer_classes() -> dict:
             backbone_and_head(self.care_reference.module)  # fails here, not at the first step
             self.answer_mask_fn = answer_mask_fn or functools.partial(
                 answer_span_mask, tokenizer=self._tokenizer, open_tag=self.care_config.answer_open_tag,
-                close_tag=self.care_config.answer_close_tag,
+                close_tag=self.care_config.answer_close_tag, mode=self.care_config.answer_span,
             )
             self.add_callback(EmaReferenceCallback(self))
 

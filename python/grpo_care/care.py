@@ -3,11 +3,11 @@
     care = consistency_bonus(accuracy, ref_logprobs, completion_ids, completion_mask, tokenizer, G, config)
     rewards = total_rewards(rewards_per_func, weights, care.bonus)
 
-grpo_care.md 5: the answer span of each completion (spans.py, `answer_span`) selects its reference log-probs;
-`ck.answer_likelihood` gives p = exp(mean log-prob over the span) (1.0 for an empty span), and
-`ck.care_bonus` caps p at `confidence_upper_bound`, picks the high-accuracy rollouts of each group
-(accuracy > accuracy_floor and >= the group mean), and pays `bonus_coefficient * accuracy` to those whose
-capped p reaches the high-accuracy mean minus `consistency_margin`.
+grpo_care.md 5: the answer span of each completion (care_kernels.answer_spans, `answer_span`, the rule the TRL
+adapter uses too) selects its reference log-probs; `ck.answer_likelihood` gives p = exp(mean log-prob over the
+span) (1.0 for an empty span), and `ck.care_bonus` caps p at `confidence_upper_bound`, picks the high-accuracy
+rollouts of each group (accuracy > accuracy_floor and >= the group mean), and pays `bonus_coefficient *
+accuracy` to those whose capped p reaches the high-accuracy mean minus `consistency_margin`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import care_kernels as ck
-from grpo_care.spans import answer_token_mask
+from care_kernels.answer_spans import answer_token_mask
 
 
 @dataclass
@@ -40,7 +40,7 @@ def consistency_bonus(
 
     The accuracy goes to `ck.care_bonus` as it is: a reward function's None (NaN here) or an infinite value
     leaves that rollout out of its group's mean accuracy and gives it no bonus. `config.answer_span` picks the
-    span rule (spans.py: `content`, or the authors' `official`).
+    span rule (care_kernels.answer_spans: `content`, or the authors' `official`).
     """
     mode = getattr(config, "answer_span", "content")
     answer_mask = answer_token_mask(completion_ids, completion_mask, tokenizer, mode=mode)

@@ -8,13 +8,16 @@ torchrun --nproc_per_node 8 -m grpo_care.cli train --config ... --distributed fs
 torchrun --nproc_per_node 8 -m grpo_care.cli eval --model ... --data ... --output_dir eval/   # data-parallel
 grpo-care demo  [...]                      # the embedded CPU demo (grpo_care.demo)
 
-A mistake in the arguments (a missing file or model directory, a value of the wrong type or out of range) ends
-in one line that names the argument, where its value came from and what to do, with exit status 2; `--debug`
-anywhere on the command line (or GRPO_CARE_DEBUG=1) shows the traceback instead.
+A mistake in the arguments (a missing file or model directory, a value of the wrong type or out of range, an
+option misspelled or abbreviated, a reward function or judge that names nothing, a batch that does not fit the
+torchrun world size, a malformed annotation file, an output_dir holding another run's checkpoints or samples)
+ends in one line that names the argument, where its value came from and what to do, with exit status 2, before
+the model is loaded; `--debug` anywhere on the command line (or GRPO_CARE_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -58,9 +61,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def launched_world_size(config: GRPOCareConfig) -> int:
+    """The number of ranks the trainer will run on: torchrun's WORLD_SIZE (1 outside torchrun, as
+    distributed.setup decides); a UsageError for torchrun with distributed: none."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    if world > 1 and config.distributed == "none":
+        raise UsageError(f"distributed=none, but torchrun launched {world} ranks: every rank would train its own "
+                         "copy", source=config.describe_source("distributed"),
+                         hint="pass --distributed ddp or fsdp (auto: ddp under torchrun)")
+    return world
+
+
 def check_train_inputs(config: GRPOCareConfig) -> None:
-    """The model, the annotations, the data root and the checkpoint to resume from exist (UsageError if not),
-    before anything is loaded; a local-looking model path that does not exist never reaches the hub."""
+    """Everything `train` reads that a user can get wrong, checked before the model is loaded (UsageError): the
+    model, the annotations (each record read), the data root, the checkpoint to resume from, the reward
+    functions, the batch on this torchrun world size. A local-looking model path that does not exist never
+    reaches the hub."""
+    from grpo_care.batch import with_pinned_batch
+    from grpo_care.data import load_samples
+    from grpo_care.rewards import resolve_reward_func
+
     check_model_source(config.model_name_or_path, "model_name_or_path", config.describe_source("model_name_or_path"))
     if not config.train_file:
         raise UsageError("train_file is empty", source=config.describe_source("train_file"),
@@ -70,13 +90,47 @@ def check_train_inputs(config: GRPOCareConfig) -> None:
         check_dir(config.data_root, "data_root", config.describe_source("data_root"), what="data root")
     resume = config.resume_from_checkpoint
     if resume and resume != "latest":
-        check_dir(resume, "resume_from_checkpoint", config.describe_source("resume_from_checkpoint"),
-                  what="checkpoint directory")
+        source = config.describe_source("resume_from_checkpoint")
+        check_dir(resume, "resume_from_checkpoint", source, what="checkpoint directory")
+        if not (Path(resume).expanduser() / "trainer_state.pt").is_file():
+            raise UsageError(f"resume_from_checkpoint: {resume!r} is not a checkpoint (no trainer_state.pt)",
+                             source=source, hint="pass a checkpoint-N directory written by `grpo-care train`, "
+                             "or latest (the newest in output_dir)")
+    for name in config.reward_funcs:
+        try:
+            resolve_reward_func(name)
+        except ValueError as err:
+            raise UsageError(str(err), source=config.describe_source("reward_funcs"),
+                             hint="pass --reward_funcs accuracy,format (or dotted paths that import)") from err
+    with_pinned_batch(config, launched_world_size(config))
+    load_samples(config.train_file, config.data_root or None, fmt=config.dataset_format, seed=config.seed,
+                 template="train", limit=config.max_train_samples)  # a malformed record: its file and line
+
+
+def check_hub_model(name: str, argument: str, source: str) -> None:
+    """A hub id is asked for its config now (a small file, cached after), so that a wrong id or no connection
+    is a UsageError before anything else loads; a local directory is left alone (check_model_source)."""
+    if Path(name).expanduser().exists():
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except OSError as err:
+        raise _hub_error(name, argument, source, err) from err
+
+
+def _hub_error(name: str, argument: str, source: str, err: OSError) -> UsageError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UsageError(f"{argument}: {name!r} could not be loaded from the Hugging Face hub: {first_line}",
+                      source=source,
+                      hint="check the hub id, or pass a local model directory (a run's checkpoint-N)")
 
 
 def _train(argv: list[str]) -> int:
     config = GRPOCareConfig.from_cli(argv, prog="grpo-care train")
-    check_train_inputs(config)  # before torch and transformers are even imported
+    check_train_inputs(config)  # before the model is loaded
+    check_hub_model(config.model_name_or_path, "model_name_or_path", config.describe_source("model_name_or_path"))
     from grpo_care import distributed
     from grpo_care.trainer import train
 
@@ -92,9 +146,11 @@ def _train(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     parser = OneLineArgumentParser(
         prog="grpo-care eval",
-        description="SEED-Bench-R1 accuracy (per level and domain) and consistency rate of a model "
-        "directory; other config fields (eval_*, video_*, e.g. --eval_video_max_frames 32) may follow as "
-        "--field value.",
+        description="Scores a model on annotation files: SEED-Bench-R1's levels (accuracy per level and L3 domain, "
+        "and the consistency rate with --judge) or Table 4's six general video benchmarks in Video-R1's "
+        "evaluation layout (accuracy, and VSI-Bench's MRA apart); report.json has each level's scores per "
+        "problem type. Other config fields (eval_*, video_*, e.g. --eval_video_max_frames 32) may follow as "
+        "--field value (`grpo-care train --help` lists them).",
     )
     parser.add_argument("--model", required=True, help="model directory or hub id (a checkpoint-N works)")
     parser.add_argument(
@@ -130,6 +186,7 @@ def _eval(argv: list[str]) -> int:
         help="start over instead of resuming from output_dir/samples.jsonl",
     )
     args, rest = parser.parse_known_args(argv)
+    _refuse_unknown_eval_options(parser, rest)
     config = GRPOCareConfig.from_yaml(args.config, rest + [f"model_name_or_path={args.model}"],
                                       overrides_source=COMMAND_LINE)
     # under torchrun: data-parallel, each rank holds the whole model (a training config's fsdp does not apply)
@@ -145,14 +202,27 @@ def _eval(argv: list[str]) -> int:
         check_dir(args.data_root, "--data_root", f"{ON_COMMAND_LINE} as --data_root {args.data_root}",
                   what="data root")
     from grpo_care import distributed
-    from grpo_care.evaluate import evaluate_files
-    from grpo_care.judge import make_judge
+    from grpo_care.data import load_samples
+    from grpo_care.evaluate import evaluate_files, resume_conflict
+    from grpo_care.judge import judge_factory
 
-    judge = make_judge(
-        args.judge if args.judge is not None else config.eval_judge,
-        timeout=config.eval_judge_timeout,
-        max_retries=config.eval_judge_max_retries,
-    )
+    spec = args.judge if args.judge is not None else config.eval_judge
+    try:
+        build_judge = judge_factory(spec, timeout=config.eval_judge_timeout,
+                                    max_retries=config.eval_judge_max_retries)
+    except ValueError as err:
+        source = f"{ON_COMMAND_LINE} as --judge {spec}" if args.judge is not None else config.describe_source(
+            "eval_judge")
+        raise UsageError(str(err), source=source, hint="pass --judge none, offline, http or "
+                         "pkg.module:factory (a module that imports, with that callable)") from err
+    for file in files:  # a malformed record: its file and line, before the model loads
+        load_samples(file, args.data_root or config.data_root or None, fmt=config.dataset_format,
+                     seed=config.seed, template="eval", limit=args.max_samples)
+    if args.output_dir and not args.overwrite:
+        problem = resume_conflict(args.output_dir, config)
+        if problem:
+            raise UsageError(problem, source=f"{ON_COMMAND_LINE} as --output_dir {args.output_dir}")
+    judge = build_judge()
     env = distributed.setup(config)  # one process: nothing to set up
     try:
         model, processor, tokenizer = _load_eval_model(config, env.device, args.model)
@@ -189,10 +259,25 @@ def _load_eval_model(config, device, name: str):
     except OSError as err:
         if Path(name).expanduser().exists():  # a local model that fails to load is not a naming mistake
             raise
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--model: {name!r} could not be loaded from the Hugging Face hub: {first_line}",
-                         source=f"{ON_COMMAND_LINE} as --model {name}",
-                         hint="check the hub id, or pass a local model directory (a run's checkpoint-N)") from err
+        raise _hub_error(name, "--model", f"{ON_COMMAND_LINE} as --model {name}", err) from err
+
+
+def _refuse_unknown_eval_options(parser, rest: list[str]) -> None:
+    """What `grpo-care eval` did not parse must be config fields (`--field value`, `--field=value`,
+    `field=value`); anything else is refused here, with the closest eval option or config field."""
+    fields = set(GRPOCareConfig.field_names())
+    expects_value = False
+    for token in rest:
+        if expects_value:  # the value of the `--field` before it
+            expects_value = False
+            continue
+        key = token.removeprefix("--").split("=", 1)[0].replace("-", "_")
+        expects_value = token.startswith("--") and "=" not in token
+        if key in fields:
+            continue
+        options = [o.removeprefix("--") for o in parser._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(key, options + sorted(fields), n=1)
+        parser.error(f"unrecognized arguments: {' '.join(rest)}" + (f" (did you mean --{close[0]}?)" if close else ""))
 
 
 def _demo(argv: list[str]) -> int:

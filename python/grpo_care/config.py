@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import typing
@@ -40,6 +41,29 @@ RESUME_BOOKKEEPING = frozenset({
 })
 _SCALES = ("group", "batch", "none")
 _ANSWER_SPANS = ("content", "official")
+
+
+@functools.lru_cache(maxsize=1)
+def lr_scheduler_names() -> tuple[str, ...]:
+    """transformers' SchedulerType names that the trainer can run: built by `get_scheduler(name, optimizer,
+    num_warmup_steps, num_training_steps)` alone and stepped without a metric (not reduce_lr_on_plateau or
+    greedy, which need a metric; not cosine_with_min_lr, cosine_warmup_with_min_lr or warmup_stable_decay, which
+    need arguments this config has no field for)."""
+    import torch
+    from transformers import get_scheduler
+    from transformers.trainer_utils import SchedulerType
+
+    names = []
+    for kind in SchedulerType:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        try:
+            scheduler = get_scheduler(kind.value, optimizer, num_warmup_steps=1, num_training_steps=4)
+            optimizer.step()
+            scheduler.step()
+        except (TypeError, ValueError):
+            continue
+        names.append(kind.value)
+    return tuple(names)
 
 
 def _f(default, help: str):
@@ -309,8 +333,31 @@ class GRPOCareConfig:
             self.scale_rewards in _SCALES,
             f"scale_rewards must be one of {_SCALES}, got {self.scale_rewards!r}",
         )
+        for f in dataclasses.fields(self):  # NaN passes no comparison below, but inf passes many
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                unclamped = " (null: unclamped)" if f.name == "kl_clamp" else ""
+                need(False, f"{f.name} must be a finite number{unclamped}, got {value}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(self.learning_rate >= 0, f"learning_rate must be >= 0, got {self.learning_rate}")
+        need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        need(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.adam_beta1 < 1, f"adam_beta1 must be in [0, 1), got {self.adam_beta1}")
+        need(0 <= self.adam_beta2 < 1, f"adam_beta2 must be in [0, 1), got {self.adam_beta2}")
+        need(self.adam_epsilon > 0, f"adam_epsilon must be > 0, got {self.adam_epsilon}")
+        need(self.bonus_coefficient >= 0, f"bonus_coefficient must be >= 0, got {self.bonus_coefficient}")
+        need(self.confidence_upper_bound > 0,
+             f"confidence_upper_bound must be > 0 (a likelihood cap), got {self.confidence_upper_bound}")
+        need(self.video_fps > 0, f"video_fps must be > 0, got {self.video_fps}")
+        need(self.eval_temperature > 0, f"eval_temperature must be > 0 (sampled), got {self.eval_temperature}")
+        need(0 < self.eval_top_p <= 1, f"eval_top_p must be in (0, 1], got {self.eval_top_p}")
+        need(
+            self.lr_scheduler_type in lr_scheduler_names(),
+            f"lr_scheduler_type must be one of {', '.join(lr_scheduler_names())} (transformers' schedulers that "
+            f"need nothing but the warmup and step counts), got {self.lr_scheduler_type!r}",
+        )
         need(
             self.ref_ema_decay is None or 0.0 <= self.ref_ema_decay <= 1.0,
             f"ref_ema_decay must be in [0, 1] (1.0: a frozen reference) or null (the method's own), "
@@ -349,13 +396,6 @@ class GRPOCareConfig:
         need(
             self.model_dtype in ("float32", "bfloat16", "float16"),
             f"model_dtype must be float32, bfloat16 or float16, got {self.model_dtype!r}",
-        )
-        need(
-            all(
-                isinstance(x, (int, float)) and math.isfinite(x)
-                for x in (self.learning_rate, self.max_grad_norm)
-            ),
-            "learning_rate and max_grad_norm must be finite numbers",
         )
 
     # --------------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from grpo_care.user_errors import UsageError
+
 QUESTION_TEMPLATE = (
     "{Question}\n"
     "Please think about this question as if you were a human pondering deeply. "
@@ -47,8 +49,13 @@ TYPE_TEMPLATE = {
 }
 
 
-class DataFormatError(ValueError):
-    """A record that cannot be read; the message starts with `file:line:`."""
+class DataFormatError(UsageError):
+    """A record that cannot be read; the message starts with `file:line:`. A UsageError (so a ValueError):
+    `grpo-care` says it in one line."""
+
+    def __init__(self, message: str, *, source: str = "",
+                 hint: str = "fix that record of the annotation file, or pass another file"):
+        super().__init__(message, source=source, hint=hint)
 
 
 @dataclass

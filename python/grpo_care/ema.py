@@ -41,6 +41,22 @@ def ema_moves(decay: float | None) -> bool:
     return decay is not None and decay < 1.0
 
 
+def needs_reference(config) -> bool:
+    """A reference exists for CARE's likelihood and for the KL term (beta > 0); nothing else reads one."""
+    return bool(config.use_care or config.beta > 0)
+
+
+def unused_decay(config) -> str | None:
+    """What to tell a user whose ref_ema_decay has nothing to act on (use_care false and beta 0), or None."""
+    if config.ref_ema_decay is None or needs_reference(config):
+        return None
+    return (
+        f"ref_ema_decay={config.ref_ema_decay} is ignored: with use_care false and beta 0 no reference is built "
+        "(nothing would read it). For Table 3's KL-EMA set beta > 0; for GRPO-CARE set use_care true; otherwise "
+        "leave ref_ema_decay unset (null)"
+    )
+
+
 class EMAReference:
     """A frozen copy of the policy whose weights follow an fp32 exponential moving average of the policy's."""
 

@@ -55,6 +55,7 @@ from grpo_care.rollout import (
     unsampleable_ids,
 )
 from grpo_care.scoring import REGRESSION, prediction, record_score, score_answer, summarize_scores
+from grpo_care.user_errors import UsageError
 from grpo_care.video import VideoReadError, VisualBudget
 
 THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -90,6 +91,8 @@ def _accuracy_table(records: list[dict], key: str) -> dict:
         table[name] = {"accuracy": scores["accuracy"], "num_samples": len(rows)}
         if scores["mra"] is not None:
             table[name]["mra"] = scores["mra"]
+        table[name]["mean_score"] = scores["mean_score"]
+        table[name]["per_problem_type"] = _per_problem_type(rows)
     return table
 
 
@@ -145,25 +148,46 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def _meta_conflict(path: Path, meta: dict) -> str | None:
+    """Why a per-sample file cannot be resumed under `meta` (written under other settings), or None."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with path.open(encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        found = json.loads(first).get("meta")
+    except (json.JSONDecodeError, AttributeError):
+        found = None
+    if found is None:
+        return None
+    found = {**_PROTOCOL_BEFORE, **found}
+    if found == meta:
+        return None
+    diff = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
+    return (f"{path} was written under other evaluation settings {diff} (file, now): pass --overwrite "
+            "(resume=False) or another --output_dir")
+
+
+def resume_conflict(output_dir: str | Path, config) -> str | None:
+    """Why `evaluate_files(..., output_dir, resume=True)` would refuse output_dir's per-sample files (another
+    model or other settings), or None; nothing is read but their first lines, nothing written."""
+    samples_file = Path(output_dir) / SAMPLES_NAME
+    for path in [samples_file, *sorted(samples_file.parent.glob(f"{samples_file.stem}.rank*{samples_file.suffix}"))]:
+        problem = _meta_conflict(path, protocol(config))
+        if problem:
+            return problem
+    return None
+
+
 def _check_or_write_meta(path: Path, meta: dict) -> None:
-    """samples.jsonl starts with {"meta": protocol}; resuming a file written under another protocol fails."""
+    """samples.jsonl starts with {"meta": protocol}; resuming a file written under another protocol fails (a
+    UsageError: the user picks --overwrite or another --output_dir)."""
     if path.is_file():
         _drop_torn_tail(path)
     if path.is_file() and path.stat().st_size > 0:
-        with path.open(encoding="utf-8") as f:
-            first = f.readline()
-        try:
-            found = json.loads(first).get("meta")
-        except (json.JSONDecodeError, AttributeError):
-            found = None
-        if found is not None:
-            found = {**_PROTOCOL_BEFORE, **found}
-        if found is not None and found != meta:
-            diff = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
-            raise ValueError(
-                f"{path} was written under other evaluation settings {diff} (file, now): pass --overwrite "
-                "(resume=False) or another --output_dir"
-            )
+        problem = _meta_conflict(path, meta)
+        if problem:
+            raise UsageError(problem)
         return
     path.write_text(json.dumps({"meta": meta}) + "\n", encoding="utf-8")
 
@@ -471,22 +495,27 @@ def evaluate_files(
 
 def _group_summary(records: list[dict], judged: bool) -> dict:
     n = len(records)
-    kinds: dict[str, list[float]] = defaultdict(list)
-    for r in records:
-        kinds[r.get("problem_type", "multiple choice")].append(record_score(r))
     summary = {
         **summarize_scores(records),  # accuracy (non-regression), mra (regression), mean_score (all)
         "num_samples": n,
         "num_correct": sum(1 for r in records if r["correct"]),
         "format_rate": sum(1 for r in records if r["format_ok"]) / n if n else None,
-        "per_problem_type": {
-            kind: {"mean_score": sum(v) / len(v), "num_samples": len(v), "metric": _metric(kind)}
-            for kind, v in sorted(kinds.items())
-        },
+        "per_problem_type": _per_problem_type(records),
     }
     if judged:
         summary["consistency"] = consistency_summary([r.get("consistency") for r in records])
     return summary
+
+
+def _per_problem_type(records: list[dict]) -> dict:
+    """{problem_type: {"mean_score", "num_samples", "metric"}}: accuracy or VSI-Bench's MRA, kept apart."""
+    kinds: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        kinds[r.get("problem_type", "multiple choice")].append(record_score(r))
+    return {
+        kind: {"mean_score": sum(v) / len(v), "num_samples": len(v), "metric": _metric(kind)}
+        for kind, v in sorted(kinds.items())
+    }
 
 
 def _metric(problem_type: str) -> str:

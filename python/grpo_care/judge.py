@@ -21,6 +21,7 @@ exception) gives `status="unjudged"`, `consistent=None`: the sample is counted u
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -28,6 +29,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Protocol
@@ -303,22 +305,33 @@ class HTTPJudge:
 def make_judge(spec: str, *, timeout: float = 30.0, max_retries: int = 2) -> Optional[Judge]:
     """ "none"/"" -> None, "offline", "http", or a dotted path `pkg.module:factory` (called with no
     arguments; it returns an object with `judge(JudgeRequest) -> Verdict | bool | None` and a `name`)."""
+    return judge_factory(spec, timeout=timeout, max_retries=max_retries)()
+
+
+def judge_factory(spec: str, *, timeout: float = 30.0, max_retries: int = 2) -> Callable[[], Optional[Judge]]:
+    """What `make_judge(spec)` calls to build its judge; a ValueError naming the spec when it names nothing (an
+    unknown word, a module that does not import, a missing or non-callable factory). No judge is built (a
+    dotted path's module is imported, its factory not called), so a spec can be checked before a model loads."""
     spec = (spec or "none").strip()
     if spec.lower() in ("none", ""):
-        return None
+        return lambda: None
     if spec.lower() == "offline":
-        return OfflineJudge()
+        return OfflineJudge
     if spec.lower() == "http":
-        return HTTPJudge(timeout=timeout, max_retries=max_retries)
+        return functools.partial(HTTPJudge, timeout=timeout, max_retries=max_retries)
     module_name, sep, attr = spec.replace(":", ".").rpartition(".")
     if not sep:
         raise ValueError(
             f"judge must be none, offline, http or a dotted path 'pkg.module:factory', got {spec!r}"
         )
-    factory = getattr(importlib.import_module(module_name), attr, None)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"judge {spec!r}: cannot import module {module_name!r} ({err})") from err
+    factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"judge {spec!r}: {module_name} has no callable {attr!r}")
-    return factory()
+    return factory
 
 
 def describe(judge: Optional[Judge]) -> Optional[dict]:

@@ -29,7 +29,8 @@ import warnings
 from collections.abc import Callable
 from typing import Optional
 
-ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+from care_kernels.answer_spans import ANSWER_RE  # what is graded here is the content span CARE scores
+
 FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
 RewardFunc = Callable[..., list]

@@ -10,7 +10,7 @@ One micro-batch (grpo_care.md 3-6):
      positions; the reference backbone runs under no_grad on the same inputs;
   4. one no_grad care_kernels pass over the vocabulary scores the reference head (`linear_logprobs`, 2NHV;
      none without a reference): the per-token log-probs CARE's likelihood and the KL need;
-  5. CARE: answer spans (spans.py) -> `ck.answer_likelihood` -> `ck.care_bonus`; reward = sum + bonus;
+  5. CARE: answer spans (care_kernels.answer_spans) -> `ck.answer_likelihood` -> `ck.care_bonus`; reward = sum + bonus;
   6. `ck.group_advantages`, then `ck.FusedLinearGRPOLoss` on the policy hidden states and the LM-head
      weight: it forms the per-token gradient during its forward (6NHV) and hands back the policy's log-probs
      and entropy for the metrics, and backward sends the gradient through the backbone. 8NHV of head GEMMs
@@ -39,7 +39,7 @@ from grpo_care.batch import with_pinned_batch
 from grpo_care.care import consistency_bonus, total_rewards
 from grpo_care.config import GRPOCareConfig
 from grpo_care.data import build_messages, load_samples
-from grpo_care.ema import EMAReference, ema_decay, ema_moves
+from grpo_care.ema import EMAReference, ema_decay, ema_moves, needs_reference, unused_decay
 from grpo_care.logging_utils import MetricsLogger
 from grpo_care.metrics import MicroBatchResult, completion_records, k3_kl, masked_mean, step_metrics
 from grpo_care.modeling import (
@@ -60,6 +60,7 @@ from grpo_care.rollout import (
     tokenizer_of,
     unsampleable_ids,
 )
+from grpo_care.user_errors import UsageError
 from grpo_care.video import VisualBudget
 
 IGNORE_INDEX = -100
@@ -79,6 +80,8 @@ class Trainer:
         self.dist = distributed.setup(config)  # one process: a no-op env, device from config.device
         # a pinned prompts_per_step sets the accumulation for this world size (the paper's batch on 1 or 4 GPUs)
         config = self.config = with_pinned_batch(config, self.dist.world_size)
+        if unused_decay(config) and self.dist.is_main:
+            warnings.warn(unused_decay(config), stacklevel=3)
         self.device = self.dist.device
         self.output_dir = Path(config.output_dir)
         self.resume_from = self._prepare_output_dir()  # the checkpoint to continue from, or None
@@ -144,7 +147,7 @@ class Trainer:
             distributed.broadcast_module(self.model, self.dist)  # identical start on every rank
         self.reference = None
         self.ema_decay = ema_decay(config)  # ref_ema_decay, or the method's own when unset
-        if config.use_care or config.beta > 0:
+        if needs_reference(config):
             # Under FSDP the reference starts as a meta skeleton and gets its weights and fp32 shadow from the
             # policy's local shards (shard_reference): no rank holds a second whole model. A reference that never
             # moves (decay 1.0, or plain GRPO's unset) keeps no fp32 shadow.
@@ -206,8 +209,8 @@ class Trainer:
         resume_from, problem = distributed.broadcast_object(verdict, self.dist)
         if error is not None:
             raise error
-        if problem:
-            raise ValueError(problem)
+        if problem:  # the user's to resolve (every rank says it in one line under grpo-care train)
+            raise UsageError(problem, source=self.config.describe_source("output_dir"))
         return resume_from
 
     def _clean_output_dir(self) -> tuple[Path | None, str | None]:

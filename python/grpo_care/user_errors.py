@@ -46,7 +46,13 @@ def shown_path(path: str | Path) -> str:
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, whose errors (an unknown option, a missing value) are UsageErrors instead of usage + exit."""
+    """argparse, whose errors (an unknown option, a missing value) are UsageErrors instead of usage + exit, and
+    which takes options only by their full names: argparse's prefix matching would read `--lr 1e-5` as
+    `--lr_scheduler_type 1e-5` and `--num_gen 4` as `--num_generations 4`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UsageError(message, source="on the command line", hint=f"`{self.prog} --help` lists the options")

@@ -1,15 +1,20 @@
 """Answer spans: which completion tokens carry the answer that CARE's reference likelihood scores.
 
+One implementation for every trainer: grpo_care's (`grpo-care train`) and the TRL adapter's
+(care_kernels.integrations.trl.CareGRPOTrainer) both call this module.
+
     answer_mask = answer_token_mask(completion_ids, completion_mask, tokenizer)                   # content
     answer_mask = answer_token_mask(completion_ids, completion_mask, tokenizer, mode="official")  # the authors'
+    positions = answer_positions(ids, tokenizer, mode="content")   # one unpadded row (list of ids)
 
-Two rules (config `answer_span`), each applied to every row on its own, with any left or right padding (only
-tokens inside `completion_mask` count):
+Two rules (`answer_span` in grpo_care's config and in the TRL adapter's CareConfig), each applied to every row
+on its own, with any left or right padding (only tokens inside `completion_mask` count):
 
 - `content` (default): a token is in the span when its characters overlap the content of the first
   `<answer>...</answer>` of the completion text, stripped, i.e. exactly the string the accuracy reward grades
-  (`rewards.ANSWER_RE`). With Qwen's BPE `<answer>A</answer>` gives the single token `>A` and
-  `<answer> C </answer>` the token ` C`. No closed `<answer>` tag, or an empty answer, gives an empty span.
+  (`ANSWER_RE`, which grpo_care's rewards use). With Qwen's BPE `<answer>A</answer>` gives the single token
+  `>A` and `<answer> C </answer>` the token ` C`. No closed `<answer>` tag, or an empty answer, gives an
+  empty span. Other tags can be given (`open_tag`, `close_tag`).
 - `official`: the authors' `get_thinking_answer_masks` (grpo_care.md 5.2), per row. Scanning the row's
   tokens (their vocabulary strings, the pad token dropped) backwards, the answer token `a` is the last one
   whose string contains `answer` and whose window (previous, itself, next) joined contains `<answer>`; the
@@ -20,22 +25,41 @@ tokens inside `completion_mask` count):
   Departures, neither reachable by a chat-templated Qwen prompt: the window of the completion's first token
   starts at it (the authors' includes the prompt's last token), and a row that ended with `<|endoftext|>`
   ends its span before that token (the authors' mask, which only knows `<|im_end|>`, ran to the padded width).
+  The rule is written for the `<answer>` tag: other tags are refused.
 
 An empty span gives likelihood exp(0) = 1, as the authors'. The two rules choose different correct rollouts
 above the group's mean likelihood (the `>` of the tag is almost certain under the reference), which is why
 `official` exists: to reproduce the authors' bonus, not only their paper.
 
 Token-to-character offsets come from each token's bytes for byte-level BPE tokenizers (Qwen, Llama 3, GPT-2),
-and from prefix decoding for others.
+and from prefix decoding for others. The tokenizer is duck-typed (a Hugging Face tokenizer: `encode`,
+`decode`, `convert_ids_to_tokens`, `all_special_ids`, `pad_token_id`, `eos_token_id`); nothing here imports
+transformers.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Sequence
 
 import torch
 
-from grpo_care.rewards import ANSWER_RE
+OPEN_TAG = "<answer>"
+CLOSE_TAG = "</answer>"
+ANSWER_SPAN_MODES = ("content", "official")
+
+
+@functools.lru_cache(maxsize=16)
+def answer_pattern(open_tag: str = OPEN_TAG, close_tag: str = CLOSE_TAG) -> re.Pattern:
+    """`open_tag \\s* (content) \\s* close_tag`, lazily, across lines: group 1 is the stripped answer."""
+    if not open_tag or not close_tag:
+        raise ValueError(f"answer tags must be non-empty strings, got {open_tag!r} and {close_tag!r}")
+    return re.compile(re.escape(open_tag) + r"\s*(.*?)\s*" + re.escape(close_tag), re.DOTALL)
+
+
+# The string the accuracy reward grades (grpo_care.rewards imports it): the content span covers exactly it.
+ANSWER_RE = answer_pattern()
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,9 +142,11 @@ def _char_index_of_bytes(text: str) -> list[int]:
     return out
 
 
-def answer_char_span(text: str) -> tuple[int, int] | None:
+def answer_char_span(
+    text: str, open_tag: str = OPEN_TAG, close_tag: str = CLOSE_TAG
+) -> tuple[int, int] | None:
     """[start, end) of the stripped content of the first `<answer>...</answer>`, None if absent or empty."""
-    match = ANSWER_RE.search(text)
+    match = answer_pattern(open_tag, close_tag).search(text)
     if match is None or match.start(1) == match.end(1):
         return None
     return match.start(1), match.end(1)
@@ -172,11 +198,37 @@ def _official_positions(ids: list[int], tokenizer) -> list[int]:
     return [kept[k] for k in official_span(tokens, ends_with_eos)]
 
 
-ANSWER_SPAN_MODES = ("content", "official")
+def check_answer_span(mode: str, open_tag: str = OPEN_TAG, close_tag: str = CLOSE_TAG) -> None:
+    """ValueError unless `mode` is a span rule that can use these tags."""
+    if mode not in ANSWER_SPAN_MODES:
+        raise ValueError(f"answer span mode must be one of {ANSWER_SPAN_MODES}, got {mode!r}")
+    answer_pattern(open_tag, close_tag)
+    if mode == "official" and (open_tag, close_tag) != (OPEN_TAG, CLOSE_TAG):
+        raise ValueError(
+            f"answer span 'official' is the authors' rule for {OPEN_TAG}...{CLOSE_TAG}; with the tags "
+            f"{open_tag}...{close_tag} use 'content'"
+        )
+
+
+def answer_positions(
+    ids: Sequence[int], tokenizer, mode: str = "content", open_tag: str = OPEN_TAG, close_tag: str = CLOSE_TAG
+) -> list[int]:
+    """Indices into `ids` (one completion, no padding inside; EOS, if any, last) of its answer span."""
+    check_answer_span(mode, open_tag, close_tag)
+    ids = [int(i) for i in ids]
+    if mode == "official":
+        return _official_positions(ids, tokenizer)
+    text, starts = token_pieces(tokenizer).char_offsets(ids)
+    return span_of_tokens(starts, answer_char_span(text, open_tag, close_tag))
 
 
 def answer_token_mask(
-    completion_ids: torch.Tensor, completion_mask: torch.Tensor, tokenizer, mode: str = "content"
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    tokenizer,
+    mode: str = "content",
+    open_tag: str = OPEN_TAG,
+    close_tag: str = CLOSE_TAG,
 ) -> torch.Tensor:
     """bool [B, L]: the tokens of each row's answer span; rows may be padded anywhere.
 
@@ -188,19 +240,12 @@ def answer_token_mask(
             f"completion_ids and completion_mask must both be [B, L], got {tuple(completion_ids.shape)} "
             f"and {tuple(completion_mask.shape)}"
         )
-    if mode not in ANSWER_SPAN_MODES:
-        raise ValueError(f"answer span mode must be one of {ANSWER_SPAN_MODES}, got {mode!r}")
-    pieces = token_pieces(tokenizer) if mode == "content" else None
+    check_answer_span(mode, open_tag, close_tag)
     out = torch.zeros(completion_ids.shape, dtype=torch.bool)
     ids_cpu, mask_cpu = completion_ids.cpu(), completion_mask.cpu().bool()
     for row in range(ids_cpu.shape[0]):
         positions = mask_cpu[row].nonzero()[:, 0]
-        ids = ids_cpu[row, positions].tolist()
-        if mode == "content":
-            text, starts = pieces.char_offsets(ids)
-            picked = span_of_tokens(starts, answer_char_span(text))
-        else:
-            picked = _official_positions(ids, tokenizer)
+        picked = answer_positions(ids_cpu[row, positions].tolist(), tokenizer, mode, open_tag, close_tag)
         if picked:
             out[row, positions[picked]] = True
     return out.to(completion_ids.device)
