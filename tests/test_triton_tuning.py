@@ -315,3 +315,129 @@ def test_the_status_and_merge_commands(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(verified.EXTRA_ENV, str(into))
     assert verified.main(["--arch", "sm_90"]) == 0
     assert "128x256x64 w8 s3 flat                    on (verified)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ what a GPU does that a CPU cannot show
+
+
+def test_nothing_is_timed_while_a_cuda_graph_is_captured(monkeypatch):
+    """Timing synchronizes, which breaks a CUDA graph capture: a key first seen during a capture runs the first
+    candidate left after pruning, untimed and not kept; the first call outside a capture tunes it."""
+    calls: list = []
+    configs = _configs()
+    tuner = tuning.autotune(configs, key=["n"], prune=lambda cs, nargs, **kw: cs[1:], do_bench=_bench(calls))(
+        _fill_kernel
+    )
+    monkeypatch.setattr(tuning, "_capturing", lambda: True)
+    out = torch.zeros(32)
+    tuner[(1,)](out, 2.0, 20)
+    assert calls == [] and tuner.cache == {} and out[:20].eq(2.0).all(), "the first candidate after pruning ran"
+    assert tuner.configs == configs
+    monkeypatch.setattr(tuning, "_capturing", lambda: False)
+    tuner[(1,)](out, 3.0, 20)
+    assert len(calls) == 2 and tuner.cache[(20, "torch.float32")] is configs[1]
+    assert tuner.tuning_key((out, 3.0, 20), {}) in tuner.cache, "the key Triton files tunings under"
+    monkeypatch.setattr(tuning, "_capturing", lambda: True)
+    tuner[(1,)](out, 4.0, 20)
+    assert len(calls) == 2 and out[:20].eq(4.0).all(), "a tuned key runs its pick during a capture"
+
+
+def test_a_pick_that_raises_when_launched_is_dropped_for_its_key_and_the_call_goes_on(caplog):
+    """The fastest config ran when timed, then raises when launched for the call (as a compile for an argument
+    specialization the timed call did not have can): the call runs the next one, and the key keeps it."""
+    timing = {"now": False}
+
+    def fails_after_timing(nargs):
+        if not timing["now"]:
+            raise RuntimeError("PTXAS error for this specialization")
+
+    fast = triton.Config({"BLOCK": 32, "BAD": False}, pre_hook=fails_after_timing)
+    slow = triton.Config({"BLOCK": 64, "BAD": False})
+    benched: list = []
+
+    def do_bench(kernel_call, quantiles):
+        timing["now"] = True
+        try:
+            kernel_call()
+        finally:
+            timing["now"] = False
+        benched.append(1)
+        return [1.0 if len(benched) % 2 else 2.0] * 3  # the first timed (fast) wins
+
+    tuner = tuning.autotune([fast, slow], key=["n"], do_bench=do_bench)(_fill_kernel)
+    out = torch.zeros(32)
+    with caplog.at_level(logging.WARNING, logger="care_kernels"):
+        tuner[(1,)](out, 5.0, 20)
+    assert out[:20].eq(5.0).all() and tuner.cache[(20, "torch.float32")] is slow
+    assert [d["candidate"] for d in tuning.dropped()] == [tuning.describe(fast)]
+    assert "PTXAS error" in caplog.records[0].getMessage()
+    benched.clear()
+    tuner[(1,)](out, 6.0, 20)
+    assert benched == [] and out[:20].eq(6.0).all(), "the key keeps the config that works"
+    # another key tunes both again; when every candidate raises, the caller gets the first error
+    also_fails = triton.Config({"BLOCK": 64, "BAD": False}, pre_hook=fails_after_timing)
+    broken = tuning.autotune([fast, also_fails], key=["n"], do_bench=do_bench)(_fill_kernel)
+    with pytest.raises(RuntimeError, match="PTXAS error"):
+        broken[(1,)](out, 7.0, 9)
+    assert broken.cache == {}
+
+
+def test_tunings_that_would_not_hold_elsewhere_are_not_written_to_disk(monkeypatch, tmp_path):
+    """A candidate out of memory (another process, or moment, may have room) or every candidate failing: the
+    tuning is used in this process and tuned again in the next, not read back from the disk."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+
+    def tuner_with(failure):
+        configs = [triton.Config({"BLOCK": 16, "BAD": False}), triton.Config({"BLOCK": 32, "BAD": False})]
+
+        def do_bench(kernel_call, quantiles):
+            if failure is not None and tuner._benching is configs[0]:
+                raise failure
+            kernel_call()
+            return [1.0] * 3
+
+        tuner = tuning.autotune(configs, key=["n"], do_bench=do_bench)(_fill_kernel)
+        tuner.cache_results = True
+        return tuner
+
+    tuner_with(torch.OutOfMemoryError("CUDA out of memory"))[(1,)](torch.zeros(32), 1.0, 20)
+    assert not list(tmp_path.rglob("*.care_kernels_autotune.json"))
+    tuner_with(RuntimeError("illegal instruction"))[(1,)](torch.zeros(32), 1.0, 20)
+    assert len(list(tmp_path.rglob("*.care_kernels_autotune.json"))) == 1, "a failure that stays: written"
+    every = tuner_with(None)
+    every._do_bench = lambda kernel_call, quantiles: (_ for _ in ()).throw(RuntimeError("no"))
+    every[(1,)](torch.zeros(32), 1.0, 21)
+    assert len(list(tmp_path.rglob("*.care_kernels_autotune.json"))) == 1
+
+
+def test_a_disk_entry_naming_a_config_the_list_lost_is_tuned_again(monkeypatch, tmp_path):
+    """After an upgrade that renames a config (same kernel, same key), a cached entry naming the old one is not
+    trusted: the tuner times its own list again."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    calls: list = []
+    configs = [triton.Config({"BLOCK": 16, "BAD": False}), triton.Config({"BLOCK": 32, "BAD": False})]
+    tuner = tuning.autotune(configs, key=["n"], do_bench=_bench(calls))(_fill_kernel)
+    tuner.cache_results = True
+    tuner[(1,)](torch.zeros(32), 1.0, 20)
+    [entry] = list(tmp_path.rglob("*.care_kernels_autotune.json"))
+    stored = json.loads(entry.read_text())
+    stored["timings"][0][0] = stored["timings"][0][0].replace("BLOCK: 16", "BLOCK: 64")
+    entry.write_text(json.dumps(stored))
+    again = tuning.autotune(configs, key=["n"], do_bench=_bench(calls))(_fill_kernel)
+    again.cache_results = True
+    calls.clear()
+    again[(1,)](torch.zeros(32), 1.0, 20)
+    assert len(calls) == 2 and again.cache[(20, "torch.float32")] in configs
+
+
+def test_descriptors_follow_a_pick_kept_from_when_more_configs_were_allowed(monkeypatch):
+    """A tuner that picked a host-TMA config while the records (or CARE_KERNELS_TRITON_CONFIGS) allowed it keeps
+    running it for that key: its descriptors are built even after the config is no longer allowed."""
+    monkeypatch.setattr(tlp, "_INTERPRET", False)
+    monkeypatch.setattr(tlp.tma, "usable", lambda *t, interpret: True)
+    monkeypatch.setattr(tlp.tma, "ensure_scratch_allocator", lambda: None)
+    monkeypatch.setattr(verified, "device_arch", lambda device: "sm_90")
+    hidden, weight = torch.zeros(4096, 64, dtype=torch.bfloat16), torch.zeros(1000, 64, dtype=torch.bfloat16)
+    host_tma = next(c for c in tlp._FWD_CONFIGS_16_TMA if tlp._host_tma(c))
+    monkeypatch.setattr(tlp._fwd_tuned_16_tma, "cache", {("some key",): host_tma})
+    assert tlp._plan_launch(tlp.linear_logprob_stats_kernel, tlp._FWD_LISTS, {}, 2, hidden, weight)[4] is True
