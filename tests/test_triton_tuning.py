@@ -6,6 +6,7 @@ Without CUDA the kernels run under the Triton interpreter (conftest), the autotu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -142,6 +143,7 @@ def _fake_events(monkeypatch):
 
 def test_a_strategy_that_raises_while_timed_is_dropped_and_logged_once(monkeypatch, caplog):
     _fake_events(monkeypatch)
+    monkeypatch.setenv(verified.MODE_ENV, "all")  # every strategy offered, as where a record verified them
 
     def broken():
         raise RuntimeError("cuBLAS said no")
@@ -167,6 +169,7 @@ def test_a_call_whose_strategy_raises_runs_the_next_one(monkeypatch):
         raise RuntimeError("illegal instruction")
 
     candidates = {"fused": lambda: ran.append("fused") or "fused result", "cublas": broken}
+    monkeypatch.setenv(verified.MODE_ENV, "all")  # every strategy offered, as where a record verified them
     key = ("backward", "k")
     monkeypatch.setitem(logits_gemm._picks, key, "cublas")  # as if cublas had won the timing
     assert tlp._run_chosen(key, candidates, 10, torch.device("cpu")) == "fused result"
@@ -221,9 +224,15 @@ def _write_records(path, records):
 
 
 def _record(arch="sm_90", passed=None, failed=None, **overrides):
+    """A record of this Triton and these sources (every group's fingerprint; kernel_fingerprint= overrides the
+    configs' one, fingerprints= all of them)."""
+    fingerprints = {
+        **verified.fingerprints(),
+        verified.CONFIGS: overrides.get("kernel_fingerprint", verified.kernel_fingerprint()),
+    }
     return {"arch": arch, "device": "NVIDIA H200", "triton": triton.__version__, "torch": torch.__version__,
-            "kernel_fingerprint": verified.kernel_fingerprint(), "passed": passed or {}, "failed": failed or {},
-            **overrides}  # fmt: skip
+            "kernel_fingerprint": verified.kernel_fingerprint(), "fingerprints": fingerprints,
+            "passed": passed or {}, "failed": failed or {}, **overrides}  # fmt: skip
 
 
 def _fake_tensor():
@@ -300,6 +309,8 @@ def test_the_committed_records_are_well_formed_and_name_shipped_configs():
         for family, labels in record["passed"].items():
             if family in families:
                 assert set(labels) <= families[family], (family, set(labels) - families[family])
+            if family in verified.PATHS and verified.record_fingerprint(record, family) == verified.fingerprint(family):
+                assert set(labels) <= set(verified.PATHS[family]), (family, labels)
 
 
 def test_the_status_and_merge_commands(monkeypatch, tmp_path, capsys):
@@ -315,6 +326,115 @@ def test_the_status_and_merge_commands(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(verified.EXTRA_ENV, str(into))
     assert verified.main(["--arch", "sm_90"]) == 0
     assert "128x256x64 w8 s3 flat                    on (verified)" in capsys.readouterr().out
+
+
+def test_the_status_lists_the_code_paths_by_family(monkeypatch, tmp_path, capsys):
+    path = _write_records(tmp_path / "verified.json", [_record(passed={verified.STRATEGY_FAMILY: ["cublas16"]})])
+    monkeypatch.setenv(verified.EXTRA_ENV, str(path))
+    assert verified.main(["--arch", "sm_90"]) == 0
+    status = capsys.readouterr().out
+    for line in ("fused                                    on (always)",
+                 "cublas                                   off (no record for this GPU)",
+                 "cublas16                                 on (verified)",
+                 "two_sweeps                               on (always)",
+                 "one_sweep_tall                           off (no record for this GPU)"):  # fmt: skip
+        assert line in status, status
+
+
+# ------------------------------------------------------------------------------ strategies never run on a GPU
+
+
+def _timed_strategies(monkeypatch, times: dict) -> list:
+    """choose() on a fake sm_90 GPU, with fake timings: returns the strategies timed, in order."""
+    monkeypatch.setattr(verified, "device_arch", lambda device: "sm_90" if device.type == "cuda" else None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    ran: list = []
+    monkeypatch.setattr(logits_gemm, "_median_ms", lambda run: ran.append(run()) or times[ran[-1]])
+    return ran
+
+
+_STRATEGIES = ("fused", "cublas", "cublas16")
+_CUDA = torch.device("cuda", 0)
+
+
+def _choose(key, names=_STRATEGIES, **kwargs):
+    kwargs.setdefault("device", _CUDA)
+    return logits_gemm.choose(key, {n: (lambda n=n: n) for n in names}, tune=True, **kwargs)
+
+
+def test_strategies_never_run_on_a_gpu_are_off_until_a_record_says_they_passed_there(monkeypatch, tmp_path):
+    """cublas and cublas16 ran on no GPU (benchmarks/results/nvidia-h200 predates them): `auto` times and picks them
+    only where a counting record passed them, however fast; a forced strategy runs regardless."""
+    ran = _timed_strategies(monkeypatch, {"fused": 3.0, "cublas": 2.0, "cublas16": 1.0})
+    assert _choose(("forward", 1)) == "fused" and ran == [], "no record: the fused kernels, nothing timed"
+    path = tmp_path / "verified.json"
+    monkeypatch.setenv(verified.EXTRA_ENV, str(path))
+    _write_records(path, [_record(passed={verified.STRATEGY_FAMILY: ["cublas"]})])
+    assert _choose(("forward", 2)) == "cublas" and ran == ["fused", "cublas"], "cublas16: not verified"
+    assert _choose(("forward", 3), device=torch.device("cpu")) == "fused", "off a GPU: no record counts"
+    # a record of another arch, Triton, or strategy sources, or one that names only the configs' sources (written
+    # before the strategies were gated) does not count
+    stale = {**verified.fingerprints(), verified.STRATEGY_FAMILY: "0" * 64}
+    old_format = {k: v for k, v in _record().items() if k != "fingerprints"}
+    for other in (_record(arch="sm_100"), _record(triton="2.9.0"), _record(fingerprints=stale), old_format):
+        other["passed"] = {verified.STRATEGY_FAMILY: ["cublas", "cublas16"]}
+        _write_records(path, [other])
+        ran.clear()
+        assert _choose(("forward", id(other))) == "fused" and ran == [], other
+    # a config edit (the configs' sources) leaves the strategies' verdicts standing, and the reverse
+    configs_edited = {**verified.fingerprints(), verified.CONFIGS: "0" * 64}
+    _write_records(path, [_record(passed={verified.STRATEGY_FAMILY: ["cublas16"]}, fingerprints=configs_edited)])
+    assert _choose(("forward", 4)) == "cublas16"
+    # a failure in any counting record keeps it off
+    _write_records(path, [_record(passed={verified.STRATEGY_FAMILY: ["cublas", "cublas16"]}),
+                          _record(failed={verified.STRATEGY_FAMILY: {"cublas16": "wrong grad_weight"}})])  # fmt: skip
+    assert _choose(("forward", 5)) == "cublas"
+    # forced: runs whatever the records say; the whole list on request, or the always-on one alone
+    with logits_gemm.use("cublas16"):
+        assert _choose(("forward", 6)) == "cublas16"
+    monkeypatch.setenv(logits_gemm.ENV, "cublas16")
+    assert _choose(("backward", 6)) == "cublas16"
+    monkeypatch.delenv(logits_gemm.ENV)
+    monkeypatch.setenv(verified.MODE_ENV, "all")
+    assert _choose(("forward", 7)) == "cublas16"
+    monkeypatch.setenv(verified.MODE_ENV, "baseline")
+    assert _choose(("forward", 8)) == "fused"
+
+
+def test_a_failing_strategy_falls_back_only_to_one_auto_may_choose(monkeypatch):
+    """With no record: a forced cublas16 that raises hands the call to the fused kernels, never to the unverified
+    cublas; a failing fused call has nothing to fall back to (the caller gets its error)."""
+    _timed_strategies(monkeypatch, {})
+    candidates = {n: (lambda n=n: n) for n in _STRATEGIES}
+    assert logits_gemm.fall_back(("backward", 1), candidates, ["cublas16"], RuntimeError("x"), _CUDA) == "fused"
+    assert logits_gemm.fall_back(("backward", 2), candidates, ["fused"], RuntimeError("x"), _CUDA) is None
+    monkeypatch.setenv(verified.MODE_ENV, "all")
+    assert logits_gemm.fall_back(("backward", 3), candidates, ["fused"], RuntimeError("x"), _CUDA) == "cublas"
+
+
+def test_a_forward_that_falls_back_pins_the_precision_it_ran_at(monkeypatch):
+    """A forward forced to cublas16 (16-bit logits) that raises runs the fused kernels (fp32 logits): its backward
+    must then read fp32 logits too, not the 16-bit ones the forced forward pinned."""
+    _timed_strategies(monkeypatch, {"fused": 3.0, "cublas": 2.0, "cublas16": 1.0})
+    shape = ("shape",)
+    with logits_gemm.use("cublas16"):
+        assert _choose(("forward", 1), precision_key=shape) == "cublas16"
+    assert logits_gemm._pinned[shape] == "16-bit"
+    candidates = {n: (lambda n=n: n) for n in _STRATEGIES}
+    assert logits_gemm.fall_back(("forward", 1), candidates, ["cublas16"], RuntimeError("x"), _CUDA, shape) == "fused"
+    assert logits_gemm._pinned[shape] == "fp32"
+    assert _choose(("backward", 1), precision_key=shape) == "fused"
+
+
+def test_a_backward_follows_a_forward_forced_to_an_unverified_precision(monkeypatch):
+    """use("cublas16") around the forward only (no record): the backward, under `auto`, still reads 16-bit logits
+    (the forced forward opted the shape in), never an fp32 strategy against its 16-bit statistics."""
+    _timed_strategies(monkeypatch, {"fused": 3.0, "cublas": 2.0, "cublas16": 1.0})
+    shape = ("shape",)
+    with logits_gemm.use("cublas16"):
+        _choose(("forward", 1), precision_key=shape)
+    assert _choose(("backward", 1), precision_key=shape) == "cublas16"
+    assert _choose(("backward", 2), precision_key=("other",)) == "fused"
 
 
 # ------------------------------------------------------------------------------ what a GPU does that a CPU cannot show
@@ -441,3 +561,61 @@ def test_descriptors_follow_a_pick_kept_from_when_more_configs_were_allowed(monk
     host_tma = next(c for c in tlp._FWD_CONFIGS_16_TMA if tlp._host_tma(c))
     monkeypatch.setattr(tlp._fwd_tuned_16_tma, "cache", {("some key",): host_tma})
     assert tlp._plan_launch(tlp.linear_logprob_stats_kernel, tlp._FWD_LISTS, {}, 2, hidden, weight)[4] is True
+
+
+def test_a_broken_record_file_is_a_clear_error(monkeypatch, tmp_path):
+    """A verification record file cut short (a killed gpu_check) or of another format: an error that names the file
+    and what to do, not a JSON traceback from deep in a kernel launch."""
+    path = tmp_path / "verified.json"
+    monkeypatch.setenv(verified.EXTRA_ENV, str(path))
+    for text in ('{"format": 1, "records": [{"arch": "sm_', '["not", "records"]', '{"format": 99, "records": []}'):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"{path}: not a .*verification record file.*{verified.EXTRA_ENV}"):
+            verified.verified_labels("forward 16-bit", "sm_90")
+
+
+def test_sources_missing_from_the_installation_verify_nothing(monkeypatch, tmp_path):
+    """An installation without the Python sources (bytecode only) cannot tell its kernels from a record's: its
+    fingerprint matches no record, so only the always-on configs and paths run, and nothing raises."""
+    record = _record(passed={verified.HEAD_FAMILY: ["one_sweep"]})
+    assert verified.counting_records("sm_90", [record], family=verified.HEAD_FAMILY) == [record]
+    monkeypatch.setattr(verified, "PACKAGE", tmp_path)
+    verified.fingerprint.cache_clear()
+    try:
+        assert verified.fingerprint(verified.HEAD_FAMILY).startswith("unavailable")
+        assert verified.counting_records("sm_90", [record], family=verified.HEAD_FAMILY) == []
+    finally:
+        verified.fingerprint.cache_clear()
+
+
+def test_each_source_group_follows_its_own_files(monkeypatch, tmp_path):
+    """An edit to the fused head's chunk loop changes the head variants' fingerprint only; an edit to a kernel file
+    the strategies and configs share changes both; comments change nothing."""
+    for group in verified.SOURCES.values():
+        for name in group:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text((verified.PACKAGE / name).read_text())
+    monkeypatch.setattr(verified, "PACKAGE", tmp_path)
+
+    def current():
+        verified.fingerprint.cache_clear()
+        return verified.fingerprints()
+
+    try:
+        before = current()
+        assert before == {g: verified.fingerprint.__wrapped__(g) for g in verified.SOURCES}
+        head = tmp_path / "losses/fused_head_chunks.py"
+        head.write_text(head.read_text() + "\n# a comment\n")
+        assert current() == before
+        head.write_text(head.read_text() + "\nX = 1\n")
+        after = current()
+        assert after[verified.HEAD_FAMILY] != before[verified.HEAD_FAMILY]
+        assert after[verified.CONFIGS] == before[verified.CONFIGS]
+        kernels = tmp_path / "triton/_forward_kernels.py"
+        kernels.write_text(kernels.read_text() + "\nY = 2\n")
+        last = current()
+        assert last[verified.CONFIGS] != after[verified.CONFIGS]
+        assert last[verified.STRATEGY_FAMILY] != after[verified.STRATEGY_FAMILY]
+        assert last[verified.HEAD_FAMILY] == after[verified.HEAD_FAMILY]
+    finally:
+        verified.fingerprint.cache_clear()

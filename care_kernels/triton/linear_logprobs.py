@@ -398,7 +398,7 @@ def _run_chosen(key: tuple, candidates: dict, n_rows: int, device: torch.device,
         except Exception as exc:
             tried.append(name)
             errors.append(exc)
-            name = logits_gemm.fall_back(key, candidates, tried, exc)
+            name = logits_gemm.fall_back(key, candidates, tried, exc, device, precision_key)
             if name is None:
                 if len(errors) == 1:
                     raise
