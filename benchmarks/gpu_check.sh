@@ -17,10 +17,12 @@
 #   b  our autograd GRPO head (impl=triton) and the dual pass vs two single passes, in a new process, with the
 #      shipped configs only: those that need no verdict, and those a committed record verified on this GPU's
 #      architecture (care_kernels/triton/verified.py), none of the ones (c) has yet to check
-#   c  every Triton config on its own against float64, on shapes with tails and the benchmark's shape
-#      (verify_configs.py; a worker that crashes or hangs is replaced) -> verified.json
-#   d  b's lines again with the configs (c) passed (CARE_KERNELS_VERIFIED_CONFIGS=verified.json), each logits GEMM
-#      strategy forced, our forward+backward, and our fused loss choosing its loop variant by timing
+#   c  every Triton config on its own, and every code path `auto` times (the logits GEMM strategies, the fused loss's
+#      loop variants, with their slab and row passes' configs), against float64, on shapes with tails and the
+#      benchmark's shape (verify_configs.py; a worker that crashes or hangs is replaced) -> verified.json
+#   d  b's lines again with the configs and paths (c) passed (CARE_KERNELS_VERIFIED_CONFIGS=verified.json), each
+#      logits GEMM strategy forced, our forward+backward, our fused loss choosing its loop variant by timing among
+#      those, and the head as grpo_care's trainer runs it (the reference alone, then the fused loss with token stats)
 #   e  a one-iteration torch.profiler kernel table of our autograd head and our fused loss, with (c)'s configs
 #   f  the remaining GPU tests, then the extension build (CPU kernels + CUDA twins) and its GPU tests, with the
 #      time left
@@ -37,7 +39,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -161,18 +163,19 @@ bench "a2 ours: FusedLinearGRPOLoss" "$(cap 80 270)" "" ck_fused grpo_head CARE_
 bench "b ours: autograd head, dual vs two singles (shipped configs)" "$(cap 150 200)" b-shipped \
   ck_triton,ck_triton_x2 grpo_head,dual
 
-# c. every config against float64
+# c. every config and timed code path against float64
 T=$(cap 180 110)
-phase "c every Triton config vs float64" "$T" "$LOG" "$PY" benchmarks/verify_configs.py --out "$VERIFIED" \
-  --budget-s $(( T - 20 )) "${VERIFY_ARGS[@]}"
-grep -E "^verified:|^ *failed " "$LOG" | sed 's/^/  /' | tee -a "$SUMMARY"
+phase "c every Triton config and code path vs float64" "$T" "$LOG" "$PY" benchmarks/verify_configs.py \
+  --out "$VERIFIED" --budget-s $(( T - 20 )) "${VERIFY_ARGS[@]}"
+grep -E "^verified:|^ *failed |^held back:" "$LOG" | sed 's/^/  /' | tee -a "$SUMMARY"
 
 # d. the same lines with the configs (c) passed, each strategy forced, and forward+backward
 if [[ -s "$VERIFIED" ]]; then
   export CARE_KERNELS_VERIFIED_CONFIGS="$VERIFIED"
 fi
 bench "d ours: with the configs (c) passed" "$(cap 150 60)" d-verified \
-  ck_triton,ck_triton_x2,ck_triton_fused,ck_triton_cublas,ck_triton_cublas16,ck_fused grpo_head,dual,fwd_bwd
+  ck_triton,ck_triton_x2,ck_triton_fused,ck_triton_cublas,ck_triton_cublas16,ck_fused,ck_fused_trainer \
+  grpo_head,dual,fwd_bwd
 
 # e. where the time goes: one iteration of each head under torch.profiler
 phase "e profiler kernel tables" "$(cap 60 20)" "$PROFILE" "$PY" benchmarks/profile_head.py "${PROFILE_ARGS[@]}"

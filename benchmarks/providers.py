@@ -262,6 +262,40 @@ def _ck_fused(inp: LogprobInputs, device) -> Built:
     return Built(run, _zero_grads(inp), note="FusedLinearGRPOLoss(ref_input, ref_weight): 8NHV of GEMMs")
 
 
+def _ck_fused_trainer(inp: LogprobInputs, device) -> Built:
+    """The GRPO head as grpo_care's trainer runs it (Trainer._score_reference, then its loss call): the reference
+    scored alone by ck.linear_logprobs (no gradient, no host sync; the CARE likelihood needs it before the loss),
+    then FusedLinearGRPOLoss with those log-probs, returning the policy's per-token log-probs and entropy
+    (return_token_stats, return_entropy): 8NHV, the same FLOP count as the other GRPO-head lines."""
+    import care_kernels as ck
+
+    b, t, hdim = inp.batch, inp.seq, inp.hidden.shape[1]
+    loss_fn = ck.FusedLinearGRPOLoss(beta=BETA, loss_type=LOSS_TYPE, use_ref_model=True)
+    targets = inp.targets.view(b, t)
+
+    def run():
+        with torch.no_grad():
+            ref_targets = targets.masked_fill(inp.mask == 0, -100)
+            ref_logp = ck.linear_logprobs(
+                inp.ref_hidden.view(b, t, hdim), inp.ref_weight, ref_targets, check_finite=False
+            )
+        loss, _, stats = loss_fn(
+            inp.hidden.view(b, t, hdim),
+            inp.weight,
+            targets,
+            inp.mask,
+            inp.advantages,
+            ref_per_token_logps=ref_logp,
+            return_token_stats=True,
+            return_entropy=True,
+        )
+        loss.backward()
+        return stats
+
+    note = "ck.linear_logprobs(reference) + FusedLinearGRPOLoss(ref_per_token_logps, return_token_stats, "
+    return Built(run, _zero_grads(inp), note=note + "return_entropy) as grpo_care's trainer calls them: 8NHV of GEMMs")
+
+
 # ----------------------------------------------------------------------------------------------- naive
 
 
@@ -629,6 +663,14 @@ def _register() -> dict[str, Provider]:
             {"grpo_head": _ck_fused},
             _ck_fused_available,
             order=1,
+        ),
+        Provider(
+            "ck_fused_trainer",
+            "care_kernels trainer head (reference alone + FusedLinearGRPOLoss with token stats)",
+            "ours",
+            {"grpo_head": _ck_fused_trainer},
+            _ck_fused_available,
+            order=9,
         ),
     ]
     for rank, impl in enumerate(("cpp", "triton", "torch")):

@@ -1,9 +1,10 @@
-"""gpu_check phase (c): every Triton config of the log-prob kernels, run as is on this GPU, against float64.
+"""gpu_check phase (c): every Triton config and timed code path of the log-prob kernels, run on this GPU, against
+float64.
 
     python benchmarks/verify_configs.py --out verified.json [--budget-s 170] [--toy]
 
 Each config of each family that care_kernels.triton.verified gates ("forward 16-bit", "forward fp32",
-"dlogits 16-bit", "dlogits fp32") and each config of the cuBLAS strategy's two slab passes ("slab stats",
+"dlogits 16-bit", "dlogits fp32") and each config of the cuBLAS strategies' two slab passes ("slab stats",
 "slab dlogits") is launched as is (no autotuning) and checked within twice the error of the same computation in
 torch at the operands' dtype, against float64 (care_kernels.testing.assert_error_within), on:
   - a shape with tails: rows past a tile, a K tail, columns past V (N=2300, H=1000, V=151937): the forward dual
@@ -14,6 +15,17 @@ torch at the operands' dtype, against float64 (care_kernels.testing.assert_error
     compiled in Triton's cache.
 Configs that are no candidates on this GPU (warp-specialized ones off Hopper) and variants a config never runs
 in (a bias with a config pruned for spilling with one) are skipped, with the reason.
+
+The code paths `auto` chooses by timing (verified.PATHS), run as a user's call runs them (autotuned):
+  - "logits GEMM strategy" cublas and cublas16: forced, the same forward and backward checks as a config's;
+  - "fused head variant" one_sweep, one_sweep_tall (and the always-on two_sweeps): the chunk loop
+    (fused_head_chunks) on the tails shape (bias, a reference model, the entropy, three chunks but for the tall
+    variant) and the benchmark's shape (a reference model: the benchmark's call): log-probs, the reference's,
+    entropy, and the hidden, weight and bias gradients of sum(g * logp);
+  - "row pass": each config of the one-sweep variants' row pass (row_stats_probs_), launched as is: statistics
+    and the in-place (onehot - p) / T on a tails buffer.
+A path is recorded as passed only when its own checks and every config of the passes it autotunes (slab passes for
+the strategies, the row pass for the one-sweep variants) passed: its autotuner may pick any of them.
 
 Isolation: worker processes (--workers at once: compiling is CPU work, the GPU has room) take the configs one at a
 time and report each verdict as it comes. A worker that dies (it exits at the first CUDA error: a fault that
@@ -33,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -51,28 +64,50 @@ MARK = "CK_VERIFY"
 # ------------------------------------------------------------------------------------------------ the jobs
 
 
+ROW_PASS = "row pass"
+# The passes a code path autotunes: it is recorded as passed only with every config of them passed.
+PASSES_OF = {"logits GEMM strategy": ("slab stats", "slab dlogits"), "fused head variant": (ROW_PASS,)}
+
+
 def jobs() -> list[tuple[str, str]]:
-    """(family, config label) of every config to check, the ones that need a verdict first."""
-    from care_kernels.triton import cublas_logits, verified
+    """(family, label) of every config and code path to check, the ones whose verdict decides something first: the
+    gated configs, the gated paths, the configs of the passes those paths autotune, then the always-on ones."""
+    from care_kernels.triton import cublas_logits, row_epilogue, verified
     from care_kernels.triton import linear_logprobs as tlp
 
     gated, always = [], []
     for family, configs in tlp.config_families().items():
         for config in configs:
             (gated if verified.needs_verification(config) else always).append((family, tlp.config_label(config)))
-    slab = [("slab stats", tlp.config_label(c)) for c in cublas_logits.FOLD_CONFIGS]
-    slab += [("slab dlogits", tlp.config_label(c)) for c in cublas_logits.GRAD_CONFIGS]
+    paths = [(family, name) for family, names in verified.PATHS.items() for name in names
+             if name not in verified.ALWAYS_ON[family]]  # fmt: skip
+    passes = [("slab stats", tlp.config_label(c)) for c in cublas_logits.FOLD_CONFIGS]
+    passes += [("slab dlogits", tlp.config_label(c)) for c in cublas_logits.GRAD_CONFIGS]
+    passes += [(ROW_PASS, tlp.config_label(c)) for c in row_epilogue.PROBS_CONFIGS]
+    # the fused strategy runs in every config check; the two-sweep loop has its own
+    always_paths = [(verified.HEAD_FAMILY, name) for name in verified.ALWAYS_ON[verified.HEAD_FAMILY]]
     order = ("forward 16-bit", "dlogits 16-bit", "forward fp32", "dlogits fp32")
     by_order = lambda job: order.index(job[0])  # noqa: E731
-    return sorted(gated, key=by_order) + sorted(always, key=by_order) + slab
+    return sorted(gated, key=by_order) + paths + passes + sorted(always, key=by_order) + always_paths
+
+
+def _is_path(family: str) -> bool:
+    from care_kernels.triton import verified
+
+    return family in verified.PATHS
 
 
 def _config(family: str, label: str):
-    from care_kernels.triton import cublas_logits
+    """The config object a job checks (a code path's job: its name)."""
+    from care_kernels.triton import cublas_logits, row_epilogue
     from care_kernels.triton import linear_logprobs as tlp
 
+    if _is_path(family):
+        return label
     if family.startswith("slab"):
         configs = cublas_logits.FOLD_CONFIGS if family == "slab stats" else cublas_logits.GRAD_CONFIGS
+    elif family == ROW_PASS:
+        configs = row_epilogue.PROBS_CONFIGS
     else:
         configs = tlp.config_families()[family]
     return next(c for c in configs if tlp.config_label(c) == label)
@@ -223,7 +258,13 @@ def forced(family: str, config, toy: bool, slab_strategy: str = "cublas"):
     patch = _Patch()
     try:
         patch.attr(tlp, "_TUNE_FROM_N_CLASS", 99)  # the list's first config, launched untuned: ours
-        if family.startswith("slab"):
+        if family == ROW_PASS:
+            from care_kernels.triton import row_epilogue
+
+            tuned = tuning.autotune([config], ["V", "WITH_ENTROPY"], restore_value=["z_ptr"])
+            patch.attr(row_epilogue, "_probs_tuned", tuned(row_epilogue._row_stats_probs_kernel))
+            strategy = "fused"
+        elif family.startswith("slab"):
             if family == "slab stats":
                 name, kernel, keys = "_fold_tuned", cublas_logits.logits_slab_stats_kernel, ["HAS_BIAS", "WITH_ENTROPY"]
             else:
@@ -263,11 +304,16 @@ def _slab_strategies(device) -> list[str]:
 
 
 def runnable(family: str, config, toy: bool, device) -> str:
-    """Why `config` is no candidate here ("" when it is one)."""
+    """Why `config` (a code path: its name) is no candidate here ("" when it is one)."""
     import torch
 
     from care_kernels.triton import linear_logprobs as tlp
+    from care_kernels.triton import verified
 
+    if family == verified.STRATEGY_FAMILY:
+        return "" if config in _slab_strategies(device) else f"{config} cannot run here (cublas_logits.usable)"
+    if family in (verified.HEAD_FAMILY, ROW_PASS):
+        return ""
     if family.startswith("slab"):
         return "" if _slab_strategies(device) else "neither cuBLAS strategy can run here"
     if tlp.warp_specialized(config) and not toy:
@@ -297,7 +343,7 @@ def check_forward(family, config, shapes, truths, device, toy) -> list[str]:
     dtype = torch.float32 if family.endswith("fp32") else torch.bfloat16
     ran, errors = [], []
     variants = [("tails dual entropy", shapes.tails, True, False)]
-    if not tlp.spills_with_bias(config):
+    if isinstance(config, str) or not tlp.spills_with_bias(config):  # a strategy (str) runs with a bias
         variants.append(("tails dual entropy policy-bias", shapes.tails, True, True))
     if dtype == torch.bfloat16:
         variants += [("bench dual", shapes.bench, False, False), ("bench single", shapes.bench, False, False)]
@@ -374,8 +420,113 @@ def check_backward(family, config, shapes, truths, device, toy) -> list[str]:
     return ran
 
 
+def _row_truth(z, targets, temperature, stat_dtype, out_dtype):
+    """(logprobs, lse, entropy, q) of the row pass on buffer z [n, V]: statistics of z / T in stat_dtype, and
+    q = (onehot(y) - softmax(z / T)) / T rounded to out_dtype (zero one-hot at ignored targets), a few rows at a
+    time."""
+    import torch
+
+    outs = []
+    for rows in torch.split(torch.arange(z.shape[0], device=z.device), 256):
+        zz = z[rows].to(stat_dtype) / temperature
+        y = targets[rows]
+        valid = y != IGNORE
+        lse = zz.logsumexp(-1)
+        p = (zz - lse[:, None]).exp()
+        safe = torch.where(valid, y, 0)
+        logp = torch.where(valid, zz.gather(1, safe[:, None])[:, 0] - lse, 0.0)
+        ent = torch.where(valid, lse - (p * zz).sum(-1), 0.0)
+        q = (-p).scatter_add_(1, safe[:, None], valid.to(p.dtype)[:, None]).div_(temperature)
+        outs.append((logp, lse, ent, q.to(out_dtype)))
+    return tuple(torch.cat([o[i] for o in outs]) for i in range(4))
+
+
+def check_row_pass(family, config, shapes, truths, device, toy) -> list[str]:
+    """One config of the one-sweep row pass (row_stats_probs_, forced to it) on a bf16 buffer of the tails shape's
+    rows and vocabulary: log-probs, lse, entropy and the in-place q, against float64."""
+    import torch
+
+    from care_kernels.triton import row_epilogue
+
+    n, _, v = shapes.tails
+    gen = torch.Generator(device=device).manual_seed(6)
+    z = (torch.randn(n, v, generator=gen, device=device) * 2.0).to(torch.bfloat16)
+    targets = torch.randint(0, v, (n,), generator=gen, device=device)
+    targets[torch.rand(n, generator=gen, device=device) < 0.1] = IGNORE
+    truth = _row_truth(z, targets, 0.7, torch.float64, torch.float64)
+    base = _row_truth(z, targets, 0.7, torch.float32, torch.bfloat16)
+    buf = z.clone()
+    got = row_epilogue.row_stats_probs_(buf, targets, 0.7, IGNORE, with_entropy=True)
+    errors: list[str] = []
+    for what, x, t, b in zip(("logprobs", "lse", "entropy", "q"), (*got, buf), truth, base):
+        _within(f"tails: {what}", x, t, b, errors)
+    if not toy:
+        torch.cuda.synchronize()
+    if errors:
+        raise AssertionError("; ".join(errors))
+    return ["tails entropy"]
+
+
+def check_head(family, name, shapes, truths, device, toy) -> list[str]:
+    """One variant of the fused GRPO head's chunk loop (fused_head_chunks), called as `run` calls it, with a loss
+    gradient g per token that does not depend on its log-prob: the log-probs (the reference's, the entropy) and
+    the gradients of sum(g * logp)."""
+    import torch
+
+    from care_kernels.losses import fused_head_chunks as chunks
+
+    dtype = torch.bfloat16
+    # bias, entropy, temperature, chunks (None: the loss's default 1 GiB buffer); the benchmark's call last (and what
+    # phase d compiles)
+    cases = [("head tails", shapes.tails, True, True, 0.7, 3), ("bench", shapes.bench, False, False, 1.0, None)]
+    ran, errors = [], []
+    for case, (n, h, v), bias, with_entropy, temperature, n_chunks in cases:
+        inputs = make_inputs(n, h, v, dtype, device, seed=3 if bias else 4, bias=bias, dual=True)
+        g = torch.randn(n, generator=torch.Generator(device=device).manual_seed(5), device=device)
+        ref = (inputs["ref_hidden"], inputs["ref_weight"], None)
+        inp = chunks.HeadInputs(inputs["hidden"], inputs["targets"], inputs["weight"], inputs["bias"], ref,
+                                temperature, IGNORE)  # fmt: skip
+        size = torch.finfo(chunks.buffer_dtype(inp.weight)).bits // 8
+        buffer_bytes = -(-n // n_chunks) * v * size if n_chunks else 1 << 30
+        rows = n if name == "one_sweep_tall" else chunks.chunk_rows(n, v, chunks.buffer_dtype(inp.weight), buffer_bytes)
+        loop = chunks.two_sweeps if name == "two_sweeps" else chunks.one_sweep
+        got = loop(inp, lambda logp, ref_logp, sel, g=g: g[sel], rows, with_entropy)
+        data_name = f"{case} {dtype}"  # "bench ...": the dlogits checks' data and truth (seeds 4 and 5), computed once
+        truth, base = truths.get(data_name, inputs, temperature, g, None, grads=True)
+        outputs = [("logprobs", got.logp, truth[0], base[0]), ("grad_hidden", got.grad_hidden, truth[3], base[3]),
+                   ("grad_weight", got.grad_weight, truth[4], base[4])]  # fmt: skip
+        if with_entropy:
+            outputs.append(("entropy", got.entropy, truth[1], base[1]))
+        if bias:
+            outputs.append(("grad_bias", got.grad_bias, truth[5], base[5]))
+        ref_truth, ref_base = truths.get(data_name, inputs, temperature, g, None, grads=False, model="ref")
+        outputs.append(("ref_logprobs", got.ref_logp, ref_truth[0], ref_base[0]))
+        for what, x, t, b in outputs:
+            _within(f"{case}: {what}", x, t, b, errors)
+        if not toy:
+            torch.cuda.synchronize()
+        ran.append(f"{case} ({-(-n // rows)} chunks)")
+        del got
+    if errors:
+        raise AssertionError("; ".join(errors))
+    return ran
+
+
 def check(family, config, shapes, truths, device, toy) -> list[str]:
-    """Every check of one config; a slab pass's configs under both cuBLAS strategies (fp32 and 16-bit slabs)."""
+    """Every check of one config or code path; a slab pass's configs under both cuBLAS strategies (fp32 and 16-bit
+    slabs); a strategy forced, its slab passes autotuned as a user's call tunes them."""
+    from care_kernels.triton import logits_gemm, verified
+
+    if family == verified.STRATEGY_FAMILY:
+        with logits_gemm.use(config):
+            forward = check_forward(family, config, shapes, truths, device, toy)
+            return [f"forward {name}" for name in forward] + [
+                f"backward {name}" for name in check_backward(family, config, shapes, truths, device, toy)]  # fmt: skip
+    if family == verified.HEAD_FAMILY:
+        return check_head(family, config, shapes, truths, device, toy)
+    if family == ROW_PASS:
+        with forced(family, config, toy):
+            return check_row_pass(family, config, shapes, truths, device, toy)
     family_check = check_forward if family in ("forward 16-bit", "forward fp32", "slab stats") else check_backward
     if not family.startswith("slab"):
         with forced(family, config, toy):
@@ -403,11 +554,16 @@ def _cuda_broken(exc: BaseException) -> bool:
         return True
 
 
+def _one_percent_off(out: tuple) -> tuple:
+    return (out[0] * 1.01, *out[1:])
+
+
 @contextlib.contextmanager
 def _planted(family: str, label: str):
     """CK_VERIFY_PLANT="family/label=crash|hang|raise|wrong[;...]": plant a failure in a config's check (tests of
     the isolation and of the checks themselves, on a CPU); wrong: the pass's first output is off by 1%."""
     from care_kernels.triton import linear_logprobs as tlp
+    from care_kernels.triton import verified
 
     patch = _Patch()
     for item in filter(None, os.environ.get("CK_VERIFY_PLANT", "").split(";")):
@@ -420,9 +576,22 @@ def _planted(family: str, label: str):
             time.sleep(3600)
         if kind != "wrong":
             raise RuntimeError(f"planted failure in {target}")
-        name = "forward" if family in ("forward 16-bit", "forward fp32", "slab stats") else "backward"
-        real = getattr(tlp, name)
-        patch.attr(tlp, name, lambda *a, real=real, **k: (lambda out: (out[0] * 1.01, *out[1:]))(real(*a, **k)))
+        if family == verified.HEAD_FAMILY:
+            from care_kernels.losses import fused_head_chunks as chunks
+
+            for name in ("two_sweeps", "one_sweep"):
+                real = getattr(chunks, name)
+                patch.attr(chunks, name, lambda *a, real=real, **k: dataclasses.replace(
+                    (out := real(*a, **k)), logp=out.logp * 1.01))  # fmt: skip
+        elif family == ROW_PASS:
+            from care_kernels.triton import row_epilogue
+
+            real = row_epilogue.row_stats_probs_
+            patch.attr(row_epilogue, "row_stats_probs_", lambda *a, real=real, **k: _one_percent_off(real(*a, **k)))
+        else:
+            name = "forward" if family in ("forward 16-bit", "forward fp32", "slab stats") else "backward"
+            real = getattr(tlp, name)
+            patch.attr(tlp, name, lambda *a, real=real, **k: _one_percent_off(real(*a, **k)))
     try:
         yield
     finally:
@@ -470,6 +639,31 @@ def worker(toy: bool) -> int:
 # ------------------------------------------------------------------------------------------------ the driver
 
 
+def _hold_back_paths(passed: dict, failed: dict, other: dict) -> list[str]:
+    """A code path that passed its own checks stays passed only when every config of the passes it autotunes
+    (PASSES_OF; not those of the always-on paths, which run none of them) passed too: else it is failed (one of
+    them failed) or not checked (some were not run). Moves it in place; returns what it moved, one line each."""
+    from care_kernels.triton import verified
+
+    moved = []
+    for family, pass_families in PASSES_OF.items():
+        failing = [f"{pf}/{label}" for pf in pass_families for label in failed.get(pf, {})]
+        unchecked = [f"{pf}/{label}" for pf in pass_families for label in other.get(pf, {})]
+        keep = []
+        for name in passed.get(family, []):
+            if name in verified.ALWAYS_ON[family] or not (failing or unchecked):
+                keep.append(name)
+            elif failing:
+                failed.setdefault(family, {})[name] = f"its own checks passed, but configs it may run failed: {failing}"
+                moved.append(f"{family}/{name}: failed (configs it may run failed: {', '.join(failing)})")
+            else:
+                other.setdefault(family, {})[name] = f"its own checks passed; not all configs it may run: {unchecked}"
+                moved.append(f"{family}/{name}: not recorded as passed ({len(unchecked)} configs it may run unchecked)")
+        if family in passed:
+            passed[family] = keep
+    return moved
+
+
 def _record(verdicts: dict[int, dict], all_jobs, toy: bool, about: dict) -> dict:
     from care_kernels.triton import verified
 
@@ -484,19 +678,30 @@ def _record(verdicts: dict[int, dict], all_jobs, toy: bool, about: dict) -> dict
             failed.setdefault(family, {})[label] = v["detail"]
         else:
             other.setdefault(family, {})[label] = f"{v['status']}: {v.get('detail', '')}"
+    held_back = _hold_back_paths(passed, failed, other)
+    passed = {family: labels for family, labels in passed.items() if labels}
     if toy:
         import torch
         import triton
 
         record = {"arch": "interpreter", "device": "cpu (Triton interpreter, toy sizes)", "triton": triton.__version__,
-                  "torch": torch.__version__, "kernel_fingerprint": verified.kernel_fingerprint(), **about,
+                  "torch": torch.__version__, "kernel_fingerprint": verified.kernel_fingerprint(),
+                  "fingerprints": verified.fingerprints(), **about,
                   "passed": {k: sorted(v) for k, v in passed.items()}, "failed": failed}  # fmt: skip
     else:
         import torch
 
         record = verified.make_record(passed, failed, torch.device("cuda"), **about)
     record["not_checked"] = other
+    record["held_back"] = held_back
     return {"format": verified.FORMAT, "records": [record]}
+
+
+def _write(path: Path, data: dict) -> None:
+    """Write the record file whole or not at all (phase d reads it; a kill mid-write must not leave half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 class _Worker:
@@ -568,9 +773,9 @@ def drive(args) -> int:
         with lock:
             verdicts[verdict["job"]] = verdict
             extra = ", ".join(verdict.get("checks", [])) if verdict["status"] == "passed" else verdict.get("detail", "")
-            print(f"{verdict['status']:>7}  {verdict['family']:<15} {verdict['label']:<40} "
+            print(f"{verdict['status']:>7}  {verdict['family']:<20} {verdict['label']:<40} "
                   f"{verdict.get('seconds', 0):6.1f} s  {extra[:300]}", flush=True)  # fmt: skip
-            args.out.write_text(json.dumps(_record(verdicts, all_jobs, args.toy, about), indent=1) + "\n")
+            _write(args.out, _record(verdicts, all_jobs, args.toy, about))
 
     def lost(index: int, status: str, detail: str) -> None:
         family, label = all_jobs[index]
@@ -618,18 +823,20 @@ def drive(args) -> int:
         if worker is not None:
             worker.stop(kill=False)
 
-    args.out.write_text(json.dumps(_record(verdicts, all_jobs, args.toy, about), indent=1) + "\n")
+    _write(args.out, _record(verdicts, all_jobs, args.toy, about))
     threads = [threading.Thread(target=slot) for _ in range(max(1, args.workers))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     record_all = _record(verdicts, all_jobs, args.toy, about)
-    args.out.write_text(json.dumps(record_all, indent=1) + "\n")
+    _write(args.out, record_all)
+    for line in record_all["records"][0]["held_back"]:
+        print(f"held back: {line}")
     counts = {s: sum(v["status"] == s for v in verdicts.values()) for s in ("passed", "failed", "skipped")}
     counts["not run"] = len(all_jobs) - sum(counts.values())
     print(f"verified: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, "
-          f"{counts['not run']} not run, of {len(all_jobs)} configs -> {args.out}")  # fmt: skip
+          f"{counts['not run']} not run, of {len(all_jobs)} configs and code paths -> {args.out}")  # fmt: skip
     return 1 if counts["failed"] else 0
 
 

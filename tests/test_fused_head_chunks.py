@@ -4,16 +4,23 @@ same-dtype torch error; the timed choice drops a failing variant, never the call
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 import care_kernels as ck
 from care_kernels import row_epilogue
 from care_kernels.losses import fused_head_chunks as chunks
 from care_kernels.testing import assert_error_within
-from care_kernels.triton import logits_gemm, tuning
+from care_kernels.triton import logits_gemm, tuning, verified
 
 IGNORE = -100
 
@@ -22,6 +29,8 @@ IGNORE = -100
 def _fresh(monkeypatch):
     chunks.reset()
     monkeypatch.delenv(chunks.ENV, raising=False)
+    monkeypatch.delenv(verified.MODE_ENV, raising=False)
+    monkeypatch.delenv(verified.EXTRA_ENV, raising=False)
     monkeypatch.setattr(tuning, "_DROPPED", {})
     yield
     chunks.reset()
@@ -149,8 +158,9 @@ def test_ignored_targets_get_no_gradient(device, monkeypatch):
 # ------------------------------------------------------------------------------------------ the timed choice
 
 
-def _fake_variants(monkeypatch, behaviour: dict):
-    """candidates() -> thunks that return their name, or raise (behaviour[name] an exception)."""
+def _fake_variants(monkeypatch, behaviour: dict, offered: str = "all"):
+    """candidates() -> thunks that return their name, or raise (behaviour[name] an exception); `auto` may choose
+    every variant (offered "all": as where a record verified them) or the always-on one ("verified", no record)."""
     ran = []
 
     def thunk(name):
@@ -163,7 +173,8 @@ def _fake_variants(monkeypatch, behaviour: dict):
         return run
 
     monkeypatch.setattr(chunks, "candidates", lambda *a, **k: {name: thunk(name) for name in behaviour})
-    monkeypatch.setattr(logits_gemm, "_capturing", lambda: False)
+    monkeypatch.setattr(chunks, "_capturing", lambda: False)
+    monkeypatch.setenv(verified.MODE_ENV, offered)
     return ran
 
 
@@ -197,6 +208,98 @@ def test_a_variant_failing_on_a_call_hands_it_to_two_sweeps(monkeypatch):
     monkeypatch.setenv(chunks.ENV, "sideways")
     with pytest.raises(ValueError, match="one_sweep_tall"):
         chunks.run(_inputs_of(4096), None, buffer_bytes=1 << 30, bounded=False)
+
+
+def _head_record(passed=(), failed=None, **overrides):
+    return {"arch": "sm_90", "device": "NVIDIA H200", "triton": triton.__version__,
+            "kernel_fingerprint": verified.kernel_fingerprint(), "fingerprints": verified.fingerprints(),
+            "passed": {verified.HEAD_FAMILY: list(passed)}, "failed": {verified.HEAD_FAMILY: failed or {}},
+            **overrides}  # fmt: skip
+
+
+def test_variants_never_run_on_a_gpu_are_off_until_a_record_says_they_passed_there(monkeypatch, tmp_path):
+    """one_sweep and one_sweep_tall ran on no GPU: `auto` times and picks them only where a counting record (this
+    arch, Triton and head sources) passed them and none failed them, however fast; forcing one runs it."""
+    _fake_variants(monkeypatch, {"two_sweeps": 3.0, "one_sweep": 2.0, "one_sweep_tall": 1.0}, offered="verified")
+    monkeypatch.setattr(verified, "device_arch", lambda device: "sm_90")  # the inputs stand for a GPU's
+    timed: list = []
+    monkeypatch.setattr(logits_gemm, "_median_ms", lambda run: timed.append(run()) or {"two_sweeps": 3.0,
+                        "one_sweep": 2.0, "one_sweep_tall": 1.0}[timed[-1]])  # fmt: skip
+
+    def run(n=4096):
+        chunks.reset()
+        return chunks.run(_inputs_of(n), None, buffer_bytes=1 << 30, bounded=False)
+
+    assert run() == "two_sweeps" and timed == [], "no record: the two-sweep loop, nothing timed"
+    path = tmp_path / "verified.json"
+    monkeypatch.setenv(verified.EXTRA_ENV, str(path))
+    path.write_text(json.dumps({"format": 1, "records": [_head_record(["one_sweep"])]}))
+    assert run() == "one_sweep" and timed == ["two_sweeps", "one_sweep"], "one_sweep_tall: not verified"
+    stale = {**verified.fingerprints(), verified.HEAD_FAMILY: "0" * 64}
+    for other in (_head_record(["one_sweep"], arch="sm_80"), _head_record(["one_sweep"], triton="2.9.0"),
+                  _head_record(["one_sweep"], fingerprints=stale)):  # fmt: skip
+        path.write_text(json.dumps({"format": 1, "records": [other]}))
+        assert run() == "two_sweeps", other
+    path.write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "records": [
+                    _head_record(["one_sweep", "one_sweep_tall"]),
+                    _head_record(failed={"one_sweep_tall": "wrong grad_weight"}),
+                ],
+            }
+        )
+    )
+    assert run() == "one_sweep"
+    monkeypatch.setenv(chunks.ENV, "one_sweep_tall")
+    assert run() == "one_sweep_tall", "forced: whatever the records say"
+    monkeypatch.delenv(chunks.ENV)
+    monkeypatch.setenv(verified.MODE_ENV, "all")
+    assert run() == "one_sweep_tall"
+    monkeypatch.setenv(verified.MODE_ENV, "baseline")
+    assert run() == "two_sweeps"
+
+
+def test_the_loss_needs_no_triton_off_a_gpu(tmp_path):
+    """FusedLinearGRPOLoss on CPU in a Python without Triton (an optional extra): the same loss, token statistics and
+    gradients as here (the chunk loop's choice never imports Triton when only the two-sweep loop can run)."""
+    script = tmp_path / "no_triton.py"
+    script.write_text(
+        textwrap.dedent("""
+        import sys
+        if __name__ == "__main__":  # (imported by the test for its own run: Triton left alone)
+            sys.modules["triton"] = None  # import triton fails
+        import torch
+        import care_kernels as ck
+
+        def run():
+            torch.manual_seed(0)
+            x, w = torch.randn(2, 5, 8, requires_grad=True), (torch.randn(30, 8) / 3).requires_grad_()
+            ids, mask, adv = torch.randint(0, 30, (2, 5)), torch.ones(2, 5), torch.randn(2)
+            loss, metrics, stats = ck.FusedLinearGRPOLoss(beta=0.04)(
+                x, w, ids, mask, adv, ref_per_token_logps=torch.randn(2, 5) - 3, return_token_stats=True,
+                return_entropy=True)
+            loss.backward()
+            return [loss, *metrics, stats.logprobs, stats.entropy, x.grad, w.grad]
+
+        if __name__ == "__main__":
+            torch.save(run(), sys.argv[1])
+            assert "triton" not in {m.split(".")[0] for m, mod in sys.modules.items() if mod is not None}
+    """)
+    )
+    out = tmp_path / "out.pt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import no_triton
+    finally:
+        sys.path.remove(str(tmp_path))
+    for got, want in zip(torch.load(out), no_triton.run()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_candidates_off_a_gpu_and_the_tall_variant_only_unbounded(monkeypatch):
@@ -237,8 +340,9 @@ def test_the_loss_gives_the_same_result_under_each_variant(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_every_variant_gives_the_two_sweep_result(monkeypatch):
-    """On a GPU, bf16, two chunks by default (4096 tokens x V = 151936): each variant forced, then `auto` (timed,
-    its pick recorded), give the two-sweep loop's loss and gradients to bf16 rounding."""
+    """On a GPU, bf16, two chunks by default (4096 tokens x V = 151936): each variant forced, then `auto` (every
+    variant offered, as where verified: timed, its pick recorded), give the two-sweep loop's loss and gradients to
+    bf16 rounding."""
     b, t, h, v = 8, 512, 512, 151936
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(b, t, h, device="cuda", generator=gen).bfloat16()
@@ -246,6 +350,7 @@ def test_gpu_every_variant_gives_the_two_sweep_result(monkeypatch):
     ids = torch.randint(0, v, (b, t), device="cuda", generator=gen)
     mask, adv = torch.ones(b, t, device="cuda"), torch.randn(b, device="cuda", generator=gen)
     results = {}
+    monkeypatch.setenv(verified.MODE_ENV, "all")
     for variant in (*chunks.VARIANTS, "auto"):
         monkeypatch.setenv(chunks.ENV, variant)
         xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()

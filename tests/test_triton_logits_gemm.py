@@ -15,16 +15,25 @@ import torch
 from test_triton_logprobs import IGNORE, check_against_naive, check_real_size, make_inputs
 
 import care_kernels as ck
-from care_kernels.triton import cublas_logits, fp32_gemm, logits_gemm
+from care_kernels.triton import cublas_logits, fp32_gemm, logits_gemm, verified
 from care_kernels.triton import linear_logprobs as tlp
 
 
 @pytest.fixture(autouse=True)
 def _fresh_picks(monkeypatch):
     monkeypatch.delenv(logits_gemm.ENV, raising=False)
+    monkeypatch.delenv(verified.MODE_ENV, raising=False)
+    monkeypatch.delenv(verified.EXTRA_ENV, raising=False)
     logits_gemm.reset()
     yield
     logits_gemm.reset()
+
+
+@pytest.fixture
+def every_strategy_offered(monkeypatch):
+    """`auto` may choose every strategy, as where a record verified them (the choice's logic is under test here;
+    the gate itself: tests/test_triton_tuning.py)."""
+    monkeypatch.setenv(verified.MODE_ENV, "all")
 
 
 def _spy_cublas(monkeypatch, name="partial_stats") -> list:
@@ -274,7 +283,7 @@ def _candidates(ran: list[str], names=("fused", "cublas")) -> dict:
     return {name: (lambda name=name: ran.append(name) or name) for name in names}
 
 
-def test_auto_times_each_candidate_once_per_key_and_keeps_the_fastest(monkeypatch):
+def test_auto_times_each_candidate_once_per_key_and_keeps_the_fastest(monkeypatch, every_strategy_offered):
     ran = _timed(monkeypatch, {"fused": 3.0, "cublas": 2.0})
     key = ("forward", 3584, None, 152064, 2, 15, False, True, False, False, "torch.bfloat16", "cuda:0")
     assert len(key) == 1 + len(logits_gemm.KEY_ARGS["forward"])
@@ -296,7 +305,7 @@ def test_auto_times_each_candidate_once_per_key_and_keeps_the_fastest(monkeypatc
     assert logits_gemm.picks()[-1]["kernel"] == "backward strategy" and logits_gemm.picks()[-1]["label"] == "fused"
 
 
-def test_a_candidate_out_of_gpu_memory_is_never_picked(monkeypatch):
+def test_a_candidate_out_of_gpu_memory_is_never_picked(monkeypatch, every_strategy_offered):
     """The cuBLAS strategy's slab may not fit where the fused kernel's buffers do: timing drops it for the key."""
 
     def run_cublas():
@@ -312,7 +321,7 @@ def test_a_candidate_out_of_gpu_memory_is_never_picked(monkeypatch):
     assert len(logits_gemm.picks()) == 1
 
 
-def test_a_backward_reads_the_logits_at_the_precision_its_forward_pinned(monkeypatch):
+def test_a_backward_reads_the_logits_at_the_precision_its_forward_pinned(monkeypatch, every_strategy_offered):
     """16-bit logits (cublas16) only in a backward whose shape's forward ran on them: never mixed with an fp32 lse."""
     ran = _timed(monkeypatch, {"fused": 3.0, "cublas": 2.5, "cublas16": 1.0})
     names = ("fused", "cublas", "cublas16")
@@ -369,7 +378,7 @@ def test_a_forward_forced_to_16bit_logits_gets_a_matching_backward(device, monke
     assert_error_within(weight.grad, truth[4], base[4], name="grad_weight")
 
 
-def test_untuned_calls_take_the_first_candidate_unless_the_key_was_tuned(monkeypatch):
+def test_untuned_calls_take_the_first_candidate_unless_the_key_was_tuned(monkeypatch, every_strategy_offered):
     ran = _timed(monkeypatch, {"fused": 3.0, "cublas": 2.0})
     key = ("forward", "k")
     assert logits_gemm.choose(key, _candidates(ran), tune=False) == "fused"
@@ -462,28 +471,45 @@ def test_gpu_cublas_strategy_real_sizes(monkeypatch, n, h, v, bias, dual):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_times_both_strategies_once_per_pass():
-    """`auto` on a large bf16 call: both strategies timed once per key and pass, the faster kept (printed)."""
+def test_gpu_auto_times_the_strategies_once_per_pass(monkeypatch):
+    """`auto` on a large bf16 call with every strategy offered (as where verified): each strategy timed once per key
+    and pass (the backward among those of the precision its forward picked), the fastest kept (printed). Without a
+    record: the fused kernels, nothing timed."""
     inputs = make_inputs(4096, 3584, 152064, torch.bfloat16, torch.device("cuda"), bias=False)
     if not cublas_logits.usable(inputs["hidden"]):
         pytest.skip("this torch has no fp32-output cuBLAS GEMM for bf16: only the fused kernels can run")
+    with logits_gemm.use("fused"):
+        fused = _forward(inputs, 1.0)
+    logits_gemm.reset()
+    _forward(inputs, 1.0)
+    assert logits_gemm.picks() == [], "no record for this GPU: only the fused kernels may run, untimed"
+    logits_gemm.reset()
+    monkeypatch.setenv(verified.MODE_ENV, "all")
     first = _forward(inputs, 1.0)
     g = torch.randn(4096, device="cuda")
     grads = tlp.backward(g, g, inputs["hidden"], inputs["weight"], None, inputs["targets"], first[2], first[1],
                          temperature=1.0, ignore_index=IGNORE)  # fmt: skip
     picks = logits_gemm.picks()
-    assert [p["kernel"] for p in picks] == ["forward strategy", "backward strategy"]
+    forward = picks[0]
+    assert forward["kernel"] == "forward strategy" and set(forward["timings_ms"]) == {"fused", "cublas", "cublas16"}
+    if forward["label"] == "cublas16":  # the backward's only 16-bit strategy: nothing to time
+        assert len(picks) == 1
+    else:
+        assert picks[1]["kernel"] == "backward strategy" and set(picks[1]["timings_ms"]) == {"fused", "cublas"}
     for pick in picks:
-        assert set(pick["timings_ms"]) == {"fused", "cublas"}
         assert pick["label"] == min(pick["timings_ms"], key=pick["timings_ms"].get)
         print(f"{pick['kernel']} at N=4096, H=3584, V=152064 bf16: {pick['label']} {pick['timings_ms']}")
     again = _forward(inputs, 1.0)
     grads_again = tlp.backward(g, g, inputs["hidden"], inputs["weight"], None, inputs["targets"], again[2],
                                again[1], temperature=1.0, ignore_index=IGNORE)  # fmt: skip
-    assert len(logits_gemm.picks()) == 2
+    assert len(logits_gemm.picks()) == len(picks), "each key timed once"
     for got, want in zip((*again, *grads_again), (*first, *grads)):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if forward["label"] != "cublas16":  # fp32 logits: the fused kernels' results to fp32 rounding
+        for got, want in zip(first, fused):
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

@@ -6,6 +6,7 @@ Without CUDA the kernels run under the Triton interpreter (conftest), the autotu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -142,6 +143,7 @@ def _fake_events(monkeypatch):
 
 def test_a_strategy_that_raises_while_timed_is_dropped_and_logged_once(monkeypatch, caplog):
     _fake_events(monkeypatch)
+    monkeypatch.setenv(verified.MODE_ENV, "all")  # every strategy offered, as where a record verified them
 
     def broken():
         raise RuntimeError("cuBLAS said no")
@@ -167,6 +169,7 @@ def test_a_call_whose_strategy_raises_runs_the_next_one(monkeypatch):
         raise RuntimeError("illegal instruction")
 
     candidates = {"fused": lambda: ran.append("fused") or "fused result", "cublas": broken}
+    monkeypatch.setenv(verified.MODE_ENV, "all")  # every strategy offered, as where a record verified them
     key = ("backward", "k")
     monkeypatch.setitem(logits_gemm._picks, key, "cublas")  # as if cublas had won the timing
     assert tlp._run_chosen(key, candidates, 10, torch.device("cpu")) == "fused result"
@@ -221,9 +224,15 @@ def _write_records(path, records):
 
 
 def _record(arch="sm_90", passed=None, failed=None, **overrides):
+    """A record of this Triton and these sources (every group's fingerprint; kernel_fingerprint= overrides the
+    configs' one, fingerprints= all of them)."""
+    fingerprints = {
+        **verified.fingerprints(),
+        verified.CONFIGS: overrides.get("kernel_fingerprint", verified.kernel_fingerprint()),
+    }
     return {"arch": arch, "device": "NVIDIA H200", "triton": triton.__version__, "torch": torch.__version__,
-            "kernel_fingerprint": verified.kernel_fingerprint(), "passed": passed or {}, "failed": failed or {},
-            **overrides}  # fmt: skip
+            "kernel_fingerprint": verified.kernel_fingerprint(), "fingerprints": fingerprints,
+            "passed": passed or {}, "failed": failed or {}, **overrides}  # fmt: skip
 
 
 def _fake_tensor():
@@ -300,6 +309,8 @@ def test_the_committed_records_are_well_formed_and_name_shipped_configs():
         for family, labels in record["passed"].items():
             if family in families:
                 assert set(labels) <= families[family], (family, set(labels) - families[family])
+            if family in verified.PATHS and verified.record_fingerprint(record, family) == verified.fingerprint(family):
+                assert set(labels) <= set(verified.PATHS[family]), (family, labels)
 
 
 def test_the_status_and_merge_commands(monkeypatch, tmp_path, capsys):
@@ -315,3 +326,296 @@ def test_the_status_and_merge_commands(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(verified.EXTRA_ENV, str(into))
     assert verified.main(["--arch", "sm_90"]) == 0
     assert "128x256x64 w8 s3 flat                    on (verified)" in capsys.readouterr().out
+
+
+def test_the_status_lists_the_code_paths_by_family(monkeypatch, tmp_path, capsys):
+    path = _write_records(tmp_path / "verified.json", [_record(passed={verified.STRATEGY_FAMILY: ["cublas16"]})])
+    monkeypatch.setenv(verified.EXTRA_ENV, str(path))
+    assert verified.main(["--arch", "sm_90"]) == 0
+    status = capsys.readouterr().out
+    for line in ("fused                                    on (always)",
+                 "cublas                                   off (no record for this GPU)",
+                 "cublas16                                 on (verified)",
+                 "two_sweeps                               on (always)",
+                 "one_sweep_tall                           off (no record for this GPU)"):  # fmt: skip
+        assert line in status, status
+
+
+# ------------------------------------------------------------------------------ strategies never run on a GPU
+
+
+def _timed_strategies(monkeypatch, times: dict) -> list:
+    """choose() on a fake sm_90 GPU, with fake timings: returns the strategies timed, in order."""
+    monkeypatch.setattr(verified, "device_arch", lambda device: "sm_90" if device.type == "cuda" else None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    ran: list = []
+    monkeypatch.setattr(logits_gemm, "_median_ms", lambda run: ran.append(run()) or times[ran[-1]])
+    return ran
+
+
+_STRATEGIES = ("fused", "cublas", "cublas16")
+_CUDA = torch.device("cuda", 0)
+
+
+def _choose(key, names=_STRATEGIES, **kwargs):
+    kwargs.setdefault("device", _CUDA)
+    return logits_gemm.choose(key, {n: (lambda n=n: n) for n in names}, tune=True, **kwargs)
+
+
+def test_strategies_never_run_on_a_gpu_are_off_until_a_record_says_they_passed_there(monkeypatch, tmp_path):
+    """cublas and cublas16 ran on no GPU (benchmarks/results/nvidia-h200 predates them): `auto` times and picks them
+    only where a counting record passed them, however fast; a forced strategy runs regardless."""
+    ran = _timed_strategies(monkeypatch, {"fused": 3.0, "cublas": 2.0, "cublas16": 1.0})
+    assert _choose(("forward", 1)) == "fused" and ran == [], "no record: the fused kernels, nothing timed"
+    path = tmp_path / "verified.json"
+    monkeypatch.setenv(verified.EXTRA_ENV, str(path))
+    _write_records(path, [_record(passed={verified.STRATEGY_FAMILY: ["cublas"]})])
+    assert _choose(("forward", 2)) == "cublas" and ran == ["fused", "cublas"], "cublas16: not verified"
+    assert _choose(("forward", 3), device=torch.device("cpu")) == "fused", "off a GPU: no record counts"
+    # a record of another arch, Triton, or strategy sources, or one that names only the configs' sources (written
+    # before the strategies were gated) does not count
+    stale = {**verified.fingerprints(), verified.STRATEGY_FAMILY: "0" * 64}
+    old_format = {k: v for k, v in _record().items() if k != "fingerprints"}
+    for other in (_record(arch="sm_100"), _record(triton="2.9.0"), _record(fingerprints=stale), old_format):
+        other["passed"] = {verified.STRATEGY_FAMILY: ["cublas", "cublas16"]}
+        _write_records(path, [other])
+        ran.clear()
+        assert _choose(("forward", id(other))) == "fused" and ran == [], other
+    # a config edit (the configs' sources) leaves the strategies' verdicts standing, and the reverse
+    configs_edited = {**verified.fingerprints(), verified.CONFIGS: "0" * 64}
+    _write_records(path, [_record(passed={verified.STRATEGY_FAMILY: ["cublas16"]}, fingerprints=configs_edited)])
+    assert _choose(("forward", 4)) == "cublas16"
+    # a failure in any counting record keeps it off
+    _write_records(path, [_record(passed={verified.STRATEGY_FAMILY: ["cublas", "cublas16"]}),
+                          _record(failed={verified.STRATEGY_FAMILY: {"cublas16": "wrong grad_weight"}})])  # fmt: skip
+    assert _choose(("forward", 5)) == "cublas"
+    # forced: runs whatever the records say; the whole list on request, or the always-on one alone
+    with logits_gemm.use("cublas16"):
+        assert _choose(("forward", 6)) == "cublas16"
+    monkeypatch.setenv(logits_gemm.ENV, "cublas16")
+    assert _choose(("backward", 6)) == "cublas16"
+    monkeypatch.delenv(logits_gemm.ENV)
+    monkeypatch.setenv(verified.MODE_ENV, "all")
+    assert _choose(("forward", 7)) == "cublas16"
+    monkeypatch.setenv(verified.MODE_ENV, "baseline")
+    assert _choose(("forward", 8)) == "fused"
+
+
+def test_a_failing_strategy_falls_back_only_to_one_auto_may_choose(monkeypatch):
+    """With no record: a forced cublas16 that raises hands the call to the fused kernels, never to the unverified
+    cublas; a failing fused call has nothing to fall back to (the caller gets its error)."""
+    _timed_strategies(monkeypatch, {})
+    candidates = {n: (lambda n=n: n) for n in _STRATEGIES}
+    assert logits_gemm.fall_back(("backward", 1), candidates, ["cublas16"], RuntimeError("x"), _CUDA) == "fused"
+    assert logits_gemm.fall_back(("backward", 2), candidates, ["fused"], RuntimeError("x"), _CUDA) is None
+    monkeypatch.setenv(verified.MODE_ENV, "all")
+    assert logits_gemm.fall_back(("backward", 3), candidates, ["fused"], RuntimeError("x"), _CUDA) == "cublas"
+
+
+def test_a_forward_that_falls_back_pins_the_precision_it_ran_at(monkeypatch):
+    """A forward forced to cublas16 (16-bit logits) that raises runs the fused kernels (fp32 logits): its backward
+    must then read fp32 logits too, not the 16-bit ones the forced forward pinned."""
+    _timed_strategies(monkeypatch, {"fused": 3.0, "cublas": 2.0, "cublas16": 1.0})
+    shape = ("shape",)
+    with logits_gemm.use("cublas16"):
+        assert _choose(("forward", 1), precision_key=shape) == "cublas16"
+    assert logits_gemm._pinned[shape] == "16-bit"
+    candidates = {n: (lambda n=n: n) for n in _STRATEGIES}
+    assert logits_gemm.fall_back(("forward", 1), candidates, ["cublas16"], RuntimeError("x"), _CUDA, shape) == "fused"
+    assert logits_gemm._pinned[shape] == "fp32"
+    assert _choose(("backward", 1), precision_key=shape) == "fused"
+
+
+def test_a_backward_follows_a_forward_forced_to_an_unverified_precision(monkeypatch):
+    """use("cublas16") around the forward only (no record): the backward, under `auto`, still reads 16-bit logits
+    (the forced forward opted the shape in), never an fp32 strategy against its 16-bit statistics."""
+    _timed_strategies(monkeypatch, {"fused": 3.0, "cublas": 2.0, "cublas16": 1.0})
+    shape = ("shape",)
+    with logits_gemm.use("cublas16"):
+        _choose(("forward", 1), precision_key=shape)
+    assert _choose(("backward", 1), precision_key=shape) == "cublas16"
+    assert _choose(("backward", 2), precision_key=("other",)) == "fused"
+
+
+# ------------------------------------------------------------------------------ what a GPU does that a CPU cannot show
+
+
+def test_nothing_is_timed_while_a_cuda_graph_is_captured(monkeypatch):
+    """Timing synchronizes, which breaks a CUDA graph capture: a key first seen during a capture runs the first
+    candidate left after pruning, untimed and not kept; the first call outside a capture tunes it."""
+    calls: list = []
+    configs = _configs()
+    tuner = tuning.autotune(configs, key=["n"], prune=lambda cs, nargs, **kw: cs[1:], do_bench=_bench(calls))(
+        _fill_kernel
+    )
+    monkeypatch.setattr(tuning, "_capturing", lambda: True)
+    out = torch.zeros(32)
+    tuner[(1,)](out, 2.0, 20)
+    assert calls == [] and tuner.cache == {} and out[:20].eq(2.0).all(), "the first candidate after pruning ran"
+    assert tuner.configs == configs
+    monkeypatch.setattr(tuning, "_capturing", lambda: False)
+    tuner[(1,)](out, 3.0, 20)
+    assert len(calls) == 2 and tuner.cache[(20, "torch.float32")] is configs[1]
+    assert tuner.tuning_key((out, 3.0, 20), {}) in tuner.cache, "the key Triton files tunings under"
+    monkeypatch.setattr(tuning, "_capturing", lambda: True)
+    tuner[(1,)](out, 4.0, 20)
+    assert len(calls) == 2 and out[:20].eq(4.0).all(), "a tuned key runs its pick during a capture"
+
+
+def test_a_pick_that_raises_when_launched_is_dropped_for_its_key_and_the_call_goes_on(caplog):
+    """The fastest config ran when timed, then raises when launched for the call (as a compile for an argument
+    specialization the timed call did not have can): the call runs the next one, and the key keeps it."""
+    timing = {"now": False}
+
+    def fails_after_timing(nargs):
+        if not timing["now"]:
+            raise RuntimeError("PTXAS error for this specialization")
+
+    fast = triton.Config({"BLOCK": 32, "BAD": False}, pre_hook=fails_after_timing)
+    slow = triton.Config({"BLOCK": 64, "BAD": False})
+    benched: list = []
+
+    def do_bench(kernel_call, quantiles):
+        timing["now"] = True
+        try:
+            kernel_call()
+        finally:
+            timing["now"] = False
+        benched.append(1)
+        return [1.0 if len(benched) % 2 else 2.0] * 3  # the first timed (fast) wins
+
+    tuner = tuning.autotune([fast, slow], key=["n"], do_bench=do_bench)(_fill_kernel)
+    out = torch.zeros(32)
+    with caplog.at_level(logging.WARNING, logger="care_kernels"):
+        tuner[(1,)](out, 5.0, 20)
+    assert out[:20].eq(5.0).all() and tuner.cache[(20, "torch.float32")] is slow
+    assert [d["candidate"] for d in tuning.dropped()] == [tuning.describe(fast)]
+    assert "PTXAS error" in caplog.records[0].getMessage()
+    benched.clear()
+    tuner[(1,)](out, 6.0, 20)
+    assert benched == [] and out[:20].eq(6.0).all(), "the key keeps the config that works"
+    # another key tunes both again; when every candidate raises, the caller gets the first error
+    also_fails = triton.Config({"BLOCK": 64, "BAD": False}, pre_hook=fails_after_timing)
+    broken = tuning.autotune([fast, also_fails], key=["n"], do_bench=do_bench)(_fill_kernel)
+    with pytest.raises(RuntimeError, match="PTXAS error"):
+        broken[(1,)](out, 7.0, 9)
+    assert broken.cache == {}
+
+
+def test_tunings_that_would_not_hold_elsewhere_are_not_written_to_disk(monkeypatch, tmp_path):
+    """A candidate out of memory (another process, or moment, may have room) or every candidate failing: the
+    tuning is used in this process and tuned again in the next, not read back from the disk."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+
+    def tuner_with(failure):
+        configs = [triton.Config({"BLOCK": 16, "BAD": False}), triton.Config({"BLOCK": 32, "BAD": False})]
+
+        def do_bench(kernel_call, quantiles):
+            if failure is not None and tuner._benching is configs[0]:
+                raise failure
+            kernel_call()
+            return [1.0] * 3
+
+        tuner = tuning.autotune(configs, key=["n"], do_bench=do_bench)(_fill_kernel)
+        tuner.cache_results = True
+        return tuner
+
+    tuner_with(torch.OutOfMemoryError("CUDA out of memory"))[(1,)](torch.zeros(32), 1.0, 20)
+    assert not list(tmp_path.rglob("*.care_kernels_autotune.json"))
+    tuner_with(RuntimeError("illegal instruction"))[(1,)](torch.zeros(32), 1.0, 20)
+    assert len(list(tmp_path.rglob("*.care_kernels_autotune.json"))) == 1, "a failure that stays: written"
+    every = tuner_with(None)
+    every._do_bench = lambda kernel_call, quantiles: (_ for _ in ()).throw(RuntimeError("no"))
+    every[(1,)](torch.zeros(32), 1.0, 21)
+    assert len(list(tmp_path.rglob("*.care_kernels_autotune.json"))) == 1
+
+
+def test_a_disk_entry_naming_a_config_the_list_lost_is_tuned_again(monkeypatch, tmp_path):
+    """After an upgrade that renames a config (same kernel, same key), a cached entry naming the old one is not
+    trusted: the tuner times its own list again."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    calls: list = []
+    configs = [triton.Config({"BLOCK": 16, "BAD": False}), triton.Config({"BLOCK": 32, "BAD": False})]
+    tuner = tuning.autotune(configs, key=["n"], do_bench=_bench(calls))(_fill_kernel)
+    tuner.cache_results = True
+    tuner[(1,)](torch.zeros(32), 1.0, 20)
+    [entry] = list(tmp_path.rglob("*.care_kernels_autotune.json"))
+    stored = json.loads(entry.read_text())
+    stored["timings"][0][0] = stored["timings"][0][0].replace("BLOCK: 16", "BLOCK: 64")
+    entry.write_text(json.dumps(stored))
+    again = tuning.autotune(configs, key=["n"], do_bench=_bench(calls))(_fill_kernel)
+    again.cache_results = True
+    calls.clear()
+    again[(1,)](torch.zeros(32), 1.0, 20)
+    assert len(calls) == 2 and again.cache[(20, "torch.float32")] in configs
+
+
+def test_descriptors_follow_a_pick_kept_from_when_more_configs_were_allowed(monkeypatch):
+    """A tuner that picked a host-TMA config while the records (or CARE_KERNELS_TRITON_CONFIGS) allowed it keeps
+    running it for that key: its descriptors are built even after the config is no longer allowed."""
+    monkeypatch.setattr(tlp, "_INTERPRET", False)
+    monkeypatch.setattr(tlp.tma, "usable", lambda *t, interpret: True)
+    monkeypatch.setattr(tlp.tma, "ensure_scratch_allocator", lambda: None)
+    monkeypatch.setattr(verified, "device_arch", lambda device: "sm_90")
+    hidden, weight = torch.zeros(4096, 64, dtype=torch.bfloat16), torch.zeros(1000, 64, dtype=torch.bfloat16)
+    host_tma = next(c for c in tlp._FWD_CONFIGS_16_TMA if tlp._host_tma(c))
+    monkeypatch.setattr(tlp._fwd_tuned_16_tma, "cache", {("some key",): host_tma})
+    assert tlp._plan_launch(tlp.linear_logprob_stats_kernel, tlp._FWD_LISTS, {}, 2, hidden, weight)[4] is True
+
+
+def test_a_broken_record_file_is_a_clear_error(monkeypatch, tmp_path):
+    """A verification record file cut short (a killed gpu_check) or of another format: an error that names the file
+    and what to do, not a JSON traceback from deep in a kernel launch."""
+    path = tmp_path / "verified.json"
+    monkeypatch.setenv(verified.EXTRA_ENV, str(path))
+    for text in ('{"format": 1, "records": [{"arch": "sm_', '["not", "records"]', '{"format": 99, "records": []}'):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"{path}: not a .*verification record file.*{verified.EXTRA_ENV}"):
+            verified.verified_labels("forward 16-bit", "sm_90")
+
+
+def test_sources_missing_from_the_installation_verify_nothing(monkeypatch, tmp_path):
+    """An installation without the Python sources (bytecode only) cannot tell its kernels from a record's: its
+    fingerprint matches no record, so only the always-on configs and paths run, and nothing raises."""
+    record = _record(passed={verified.HEAD_FAMILY: ["one_sweep"]})
+    assert verified.counting_records("sm_90", [record], family=verified.HEAD_FAMILY) == [record]
+    monkeypatch.setattr(verified, "PACKAGE", tmp_path)
+    verified.fingerprint.cache_clear()
+    try:
+        assert verified.fingerprint(verified.HEAD_FAMILY).startswith("unavailable")
+        assert verified.counting_records("sm_90", [record], family=verified.HEAD_FAMILY) == []
+    finally:
+        verified.fingerprint.cache_clear()
+
+
+def test_each_source_group_follows_its_own_files(monkeypatch, tmp_path):
+    """An edit to the fused head's chunk loop changes the head variants' fingerprint only; an edit to a kernel file
+    the strategies and configs share changes both; comments change nothing."""
+    for group in verified.SOURCES.values():
+        for name in group:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text((verified.PACKAGE / name).read_text())
+    monkeypatch.setattr(verified, "PACKAGE", tmp_path)
+
+    def current():
+        verified.fingerprint.cache_clear()
+        return verified.fingerprints()
+
+    try:
+        before = current()
+        assert before == {g: verified.fingerprint.__wrapped__(g) for g in verified.SOURCES}
+        head = tmp_path / "losses/fused_head_chunks.py"
+        head.write_text(head.read_text() + "\n# a comment\n")
+        assert current() == before
+        head.write_text(head.read_text() + "\nX = 1\n")
+        after = current()
+        assert after[verified.HEAD_FAMILY] != before[verified.HEAD_FAMILY]
+        assert after[verified.CONFIGS] == before[verified.CONFIGS]
+        kernels = tmp_path / "triton/_forward_kernels.py"
+        kernels.write_text(kernels.read_text() + "\nY = 2\n")
+        last = current()
+        assert last[verified.CONFIGS] != after[verified.CONFIGS]
+        assert last[verified.STRATEGY_FAMILY] != after[verified.STRATEGY_FAMILY]
+        assert last[verified.HEAD_FAMILY] == after[verified.HEAD_FAMILY]
+    finally:
+        verified.fingerprint.cache_clear()

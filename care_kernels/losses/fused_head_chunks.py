@@ -11,13 +11,18 @@ Per chunk of n active tokens, a logits buffer [n, V] (the head's 16-bit dtype on
 - one_sweep_tall: one_sweep over every token in one chunk where the device's free memory allows the [N, V]
   buffer (and the caller did not bound the buffer): dW is then a single GEMM written in the weight's dtype, with
   no fp32 [V, H] accumulator written and read back per chunk (nor allocated).
-`run` times the variants that can run on the first call of each shape on a GPU (more than 2048 active tokens)
-and keeps the fastest (CARE_KERNELS_FUSED_HEAD=auto|two_sweeps|one_sweep|one_sweep_tall forces one); a variant
-that fails while timed or when it runs is dropped (logged once), never the call. Elsewhere: two_sweeps.
+`run` times the variants it may choose that can run, on the first call of each shape on a GPU (more than 2048
+active tokens), and keeps the fastest (CARE_KERNELS_FUSED_HEAD=auto|two_sweeps|one_sweep|one_sweep_tall forces one,
+whatever the records say); a variant that fails while timed or when it runs is dropped (logged once), never the
+call. `auto` may choose two_sweeps always, and one_sweep and one_sweep_tall only where a committed gpu_check record
+verified them for the GPU's architecture, Triton and sources (care_kernels.triton.verified, family "fused head
+variant": neither has run on a GPU yet, and timing cannot tell a wrong result; CARE_KERNELS_TRITON_CONFIGS=all
+offers every one). Elsewhere (and without Triton): two_sweeps.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -29,6 +34,7 @@ import torch
 from care_kernels.row_epilogue import row_grad_, row_stats, row_stats_probs_
 
 Tensor = torch.Tensor
+_LOG = logging.getLogger("care_kernels")
 ENV = "CARE_KERNELS_FUSED_HEAD"
 VARIANTS = ("two_sweeps", "one_sweep", "one_sweep_tall")
 TUNE_FROM_ROWS = 2049  # as the Triton autotuner and logits_gemm: shorter calls are memory-bound and untimed
@@ -240,6 +246,34 @@ def candidates(inp: HeadInputs, loss_grad: Callable, buffer_bytes: int, bounded:
     return found
 
 
+def offered(found: dict[str, Callable[[], HeadGrads]], device: torch.device) -> dict[str, Callable[[], HeadGrads]]:
+    """The variants `auto` may choose on `device`: two_sweeps, and those verified there (verified.path_allowed;
+    none without Triton, whose version the records are keyed by)."""
+    if len(found) == 1:
+        return found
+    try:
+        from care_kernels.triton import verified
+    except ImportError:  # no Triton: nothing is verified
+        return {"two_sweeps": found["two_sweeps"]}
+    return {name: thunk for name, thunk in found.items()
+            if name == "two_sweeps" or verified.path_allowed(verified.HEAD_FAMILY, name, device)}  # fmt: skip
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _note_dropped(where: str, variant: str, exc: BaseException) -> None:
+    """tuning.note_dropped (logged once, listed by tuning.dropped()), or a plain warning without Triton."""
+    try:
+        from care_kernels.triton import tuning
+    except ImportError:
+        _LOG.warning("care_kernels: %s: variant %s failed and is dropped (%s: %s)", where, variant,
+                     type(exc).__name__, exc)  # fmt: skip
+        return
+    tuning.note_dropped(where, variant, exc)
+
+
 def run(inp: HeadInputs, loss_grad: Callable[[Tensor, Optional[Tensor], slice], Tensor], *, buffer_bytes: int,
         bounded: bool, with_entropy: bool = False) -> HeadGrads:  # fmt: skip
     """The head's gradients (and log-probs) for the active tokens, by the variant chosen for this shape.
@@ -248,25 +282,27 @@ def run(inp: HeadInputs, loss_grad: Callable[[Tensor, Optional[Tensor], slice], 
     the log-probs computed so far (those of `rows` included; the per-token loss is separable). It may be called
     several times per token (timing runs the loop once per variant).
     """
-    from care_kernels.triton import logits_gemm, tuning
-
     found = candidates(inp, loss_grad, buffer_bytes, bounded, with_entropy)
     want = requested()
     n = inp.hidden.shape[0]
     key = ("fused_head", inp.hidden.shape[1], inp.weight.shape[0], n.bit_length(), str(inp.weight.dtype),
            inp.ref is not None, inp.bias is not None, str(inp.hidden.device), buffer_bytes, bounded,
            with_entropy)  # fmt: skip
+    where = f"fused GRPO head variant, shape {key[1:4]}"
+    pool = found if want != "auto" else offered(found, inp.hidden.device)
     if want != "auto":
         name = want if want in found else "two_sweeps"
-    elif _picks.get(key) in found:
+    elif _picks.get(key) in pool:
         name = _picks[key]
-    elif len(found) > 1 and n >= TUNE_FROM_ROWS and not logits_gemm._capturing():
+    elif len(pool) > 1 and n >= TUNE_FROM_ROWS and not _capturing():
+        from care_kernels.triton.logits_gemm import _median_ms
+
         timings = {}
-        for cand, thunk in found.items():
+        for cand, thunk in pool.items():
             try:
-                timings[cand] = logits_gemm._median_ms(thunk)
+                timings[cand] = _median_ms(thunk)
             except Exception as exc:  # noqa: BLE001 - a failing variant is dropped, never the call
-                tuning.note_dropped(f"fused GRPO head variant, shape {key[1:4]}", cand, exc)
+                _note_dropped(where, cand, exc)
                 timings[cand] = math.inf
         _timings[key] = timings
         name = _picks[key] = min(timings, key=timings.__getitem__)
@@ -275,9 +311,9 @@ def run(inp: HeadInputs, loss_grad: Callable[[Tensor, Optional[Tensor], slice], 
     try:
         return found[name]()
     except Exception as exc:
-        if name == "two_sweeps" or logits_gemm._capturing():
+        if name == "two_sweeps" or _capturing():
             raise
-        tuning.note_dropped(f"fused GRPO head variant, shape {key[1:4]}", name, exc)
+        _note_dropped(where, name, exc)
         if not isinstance(exc, torch.OutOfMemoryError):
             _picks[key] = "two_sweeps"
         return found["two_sweeps"]()

@@ -308,9 +308,12 @@ def _plan_launch(plain, lists: dict, interpreter_variant: dict, n_class: int, *t
         meta.update({k: v and tma_usable if k in ("USE_TMA", "WARP_SPECIALIZE") else v
                      for k, v in interpreter_variant.items()})  # fmt: skip
     device = tensors[0].device
+    # a pick the tuner kept from when more configs were allowed (the records or the mode changed since) still runs
+    kept = getattr(tuned, "cache", {}).values()
     with_descriptors = meta.get("USE_TMA", False) or (
-        kernel is tuned and tma_usable and any(_host_tma(c) and config_allowed(c, device) for c in configs)
-    )
+        kernel is tuned and tma_usable
+        and any(_host_tma(c) and (config_allowed(c, device) or c in kept) for c in configs)
+    )  # fmt: skip
     if tma_usable and not _INTERPRET:
         tma.ensure_scratch_allocator()  # warp-specialized configs build their descriptors in the kernel
     return kernel, tuned, config, meta, with_descriptors
@@ -395,7 +398,7 @@ def _run_chosen(key: tuple, candidates: dict, n_rows: int, device: torch.device,
         except Exception as exc:
             tried.append(name)
             errors.append(exc)
-            name = logits_gemm.fall_back(key, candidates, tried, exc)
+            name = logits_gemm.fall_back(key, candidates, tried, exc, device, precision_key)
             if name is None:
                 if len(errors) == 1:
                     raise

@@ -11,12 +11,16 @@
   in bf16 rounds it (and TRL's and Liger's heads), at 4 bytes per logit; the backward's dlogits overwrite the
   logits in place.
 
-`auto` times every strategy that can run, on the first call of each shape key of each pass (forward,
-backward; CUDA, more than 2048 rows), and keeps the fastest for that key, as Triton's autotuner keeps a
-config. fused and cublas keep fp32 logits (results agree to fp32 rounding); cublas16 rounds them to the input
-dtype first, as the same computation in torch does, so its results stay within that computation's error of the
-exact ones (every strategy is held to that bound) but are not bitwise those of the others: force `fused` (or
-`cublas`) where results must not depend on timing.
+`auto` times every strategy it may choose that can run, on the first call of each shape key of each pass
+(forward, backward; CUDA, more than 2048 rows), and keeps the fastest for that key, as Triton's autotuner keeps a
+config. It may choose `fused` always, and `cublas` and `cublas16` only where a committed gpu_check record verified
+them for the GPU's architecture, Triton and sources (care_kernels.triton.verified: neither has run on a GPU yet,
+and timing cannot tell a wrong result); CARE_KERNELS_TRITON_CONFIGS=all offers every one, and a forced strategy
+runs whatever the records say.
+fused and cublas keep fp32 logits (results agree to fp32 rounding); cublas16 rounds them to the input dtype first,
+as the same computation in torch does, so its results stay within that computation's error of the exact ones
+(every strategy is held to that bound) but are not bitwise those of the others: force `fused` (or `cublas`) where
+results must not depend on timing.
 Calls made while a CUDA graph is captured are never timed: they take the fused kernels until the key has
 been tuned outside a capture. A forced strategy that cannot run on a call (cublas on fp32 operands, or a
 torch without cuBLAS's fp32-output GEMM) falls back to the fused kernels.
@@ -30,8 +34,9 @@ cublas) or 16-bit (cublas16) logits, and later forwards and every backward of th
 precision (a backward with no pinned forward: fp32). A forced strategy runs as asked; a forced forward re-pins.
 
 A strategy that raises anything while timed is never picked for the key (logged once, see tuning.dropped());
-one that raises when it runs for a call hands the call to the next strategy of the same precision, then of the
-other (fall_back). The caller sees an error only when every strategy fails.
+one that raises when it runs for a call hands the call to the next strategy `auto` may choose, of the same
+precision first, then of the other (fall_back; a forward re-pins its shape's precision to the one that ran). The
+caller sees an error only when every such strategy fails.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from care_kernels.triton import tuning
+from care_kernels.triton import tuning, verified
 
 ENV = "CARE_KERNELS_LOGITS_GEMM"
 STRATEGIES = ("fused", "cublas", "cublas16")
@@ -120,15 +125,25 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def offered(candidates: dict[str, Callable[[], object]], device: torch.device | None) -> dict:
+    """The candidates `auto` may choose on `device`: the always-on strategy and those verified there
+    (verified.path_allowed); the first candidate (the fused kernels) whatever the records say."""
+    first = next(iter(candidates))
+    return {name: run for name, run in candidates.items()
+            if name == first or verified.path_allowed(verified.STRATEGY_FAMILY, name, device)}  # fmt: skip
+
+
 def choose(key: tuple, candidates: dict[str, Callable[[], object]], *, tune: bool,
            device: torch.device | None = None, precision_key: tuple | None = None) -> str:  # fmt: skip
     """The strategy to run for a call with this key (key[0]: "forward" or "backward", then KEY_ARGS[key[0]]).
 
     candidates: {name: a thunk running that strategy on the call's inputs}, those that can run here, the fused
     one first. tune: whether timing is allowed for this call (large, on CUDA); otherwise the first candidate
-    runs unless the key was tuned before or a strategy is forced. device: the inputs' CUDA device (timed there).
+    runs unless the key was tuned before or a strategy is forced. device: the inputs' device (timed there; what
+    the verification records are read for: `auto` chooses among offered(candidates, device)).
     precision_key: the call's shape (PRECISION_KEY_ARGS; None: no pinning): its backward chooses among the
-    strategies of the precision its forward pinned (see the module docstring).
+    strategies of the precision its forward pinned (see the module docstring), verified or not (a forward forced
+    to 16-bit logits opted its backward in).
     A candidate that raises while timed (out of memory: the cuBLAS strategy's slab may not fit where the fused
     kernels' buffers do; or anything else) is never picked for the key, and logged once; if all do, the first
     one's error is raised.
@@ -143,9 +158,11 @@ def choose(key: tuple, candidates: dict[str, Callable[[], object]], *, tune: boo
     pinned = _pinned.get(precision_key) if precision_key is not None else None
     if precision_key is not None and pinned is None and not forward:
         pinned = "fp32"  # no forward of this shape pinned 16-bit logits: the backward cannot read them
+    pool = offered(candidates, device)
     if pinned is not None:
-        candidates = {n: run for n, run in candidates.items() if PRECISION.get(n, "fp32") == pinned} or candidates
-    name = _choose_timed(key, candidates, tune=tune, device=device)
+        same = {n: run for n, run in candidates.items() if PRECISION.get(n, "fp32") == pinned}
+        pool = {n: run for n, run in same.items() if n in pool} or same or pool
+    name = _choose_timed(key, pool, tune=tune, device=device)
     if forward and precision_key is not None:
         _pinned.setdefault(precision_key, PRECISION.get(name, "fp32"))
     return name
@@ -175,14 +192,16 @@ def _choose_timed(key: tuple, candidates: dict[str, Callable[[], object]], *, tu
     return _picks[key]
 
 
-def fall_back(key: tuple, candidates: dict[str, Callable[[], object]], tried: list[str],
-              exc: BaseException) -> str | None:  # fmt: skip
+def fall_back(key: tuple, candidates: dict[str, Callable[[], object]], tried: list[str], exc: BaseException,
+              device: torch.device | None = None, precision_key: tuple | None = None) -> str | None:  # fmt: skip
     """The strategy to run a call with after `tried[-1]` raised `exc` on it (those in `tried` already failed for
-    this call), or None when none is left or a CUDA graph is being captured (the caller then re-raises): one of
-    the failed strategy's logits precision first, else of the other (the gradients then further from exact, but
-    the call done; logged). The failure is logged once; unless it ran out of memory (which another call's shape
-    may not), the key keeps the next strategy from now on."""
-    left = [name for name in candidates if name not in tried]
+    this call), or None when none is left or a CUDA graph is being captured (the caller then re-raises): one that
+    `auto` may choose on `device` (offered), of the failed strategy's logits precision first, else of the other
+    (the gradients then further from exact, but the call done; logged). The failure is logged once; unless it ran
+    out of memory (which another call's shape may not), the key keeps the next strategy from now on. A forward's
+    fallback pins its shape (precision_key) to the precision it runs at, so the backward reads logits of that
+    precision."""
+    left = [name for name in offered(candidates, device) if name not in tried]
     if not left or _capturing():
         return None
     same = [name for name in left if PRECISION.get(name, "fp32") == PRECISION.get(tried[-1], "fp32")]
@@ -190,6 +209,8 @@ def fall_back(key: tuple, candidates: dict[str, Callable[[], object]], tried: li
     chosen = (same or left)[0]
     if not isinstance(exc, torch.OutOfMemoryError):
         _picks[key] = chosen
+    if key[0] == "forward" and precision_key is not None:
+        _pinned[precision_key] = PRECISION.get(chosen, "fp32")
     return chosen
 
 

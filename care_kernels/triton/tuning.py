@@ -11,13 +11,23 @@ the fastest candidate that ran. (A fault that corrupts the CUDA context, e.g. an
 later launch too: no timing loop can recover from it. Configs never run on a GPU architecture are therefore not
 candidates there by default: see care_kernels.triton.verified.)
 
+A pick that runs when timed can still raise when launched for a later call of its key (Triton compiles anew for
+argument specializations the key does not name, e.g. a row count's divisibility by 16): it is then dropped for the
+key and the call tuned again among the others (in this process only).
+
+While a CUDA graph is being captured nothing is timed (timing synchronizes, which a capture forbids: the capture
+would fail): a key not tuned yet runs the first candidate left after pruning, untimed and not kept, so the first
+call outside a capture tunes it.
+
 Across processes: Triton keeps tuning results on disk only with `cache_results` and only when no candidate has a
 `pre_hook` (it cannot serialize one), and our TMA configs need theirs (the descriptors' block shapes). So the disk
 cache here is our own, in Triton's cache directory (TRITON_CACHE_DIR, default ~/.triton/cache): one small JSON
 file per kernel and key, keyed by the Triton version, the GPU (name and compute capability), the kernel's source
 (with what it calls), the tuning key and the candidates, holding every candidate's timing by its description.
-A cached pick maps back to the config object itself, pre_hook included. On by default; CARE_KERNELS_AUTOTUNE_CACHE=0
-turns it off (the interpreter never uses it).
+A cached pick maps back to the config object itself, pre_hook included; an entry naming a config the list no longer
+has is ignored (tuned again). Tunings where a candidate ran out of memory (which another moment may not) or every
+candidate failed are not written. On by default; CARE_KERNELS_AUTOTUNE_CACHE=0 turns it off (the interpreter never
+uses it).
 """
 
 from __future__ import annotations
@@ -79,6 +89,10 @@ def _device_identity() -> str:
     return f"{torch.cuda.get_device_name(index)} cc{major}.{minor} torch-cuda {torch.version.cuda or torch.version.hip}"
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _source_key(fn) -> str:
     """The kernel's source with what it calls (Triton's JITFunction.cache_key), or its own source."""
     key = getattr(fn, "cache_key", None)
@@ -99,10 +113,59 @@ class SafeAutotuner(Autotuner):
                          prune_configs_by=prune_configs_by, do_bench=do_bench)  # fmt: skip
         self.cache_results = not _interpreting()  # whether to consult check_disk_cache; the env is read there
         self._benching: triton.Config | None = None
+        self._failures: list[BaseException] = []  # of the tuning in progress
+        self._failed_picks: dict[tuple, list[triton.Config]] = {}  # tuning key -> picks that raised when launched
 
     def _drop(self, config: triton.Config, exc: BaseException) -> list[float]:
         note_dropped(f"Triton kernel {self.base_fn.__name__}", describe(config), exc)
+        self._failures.append(exc)
         return list(_INF_TIMING)
+
+    def tuning_key(self, args: tuple, kwargs: dict) -> tuple:
+        """The key Autotuner.run files a launch's tuning under: the `key` arguments' values, then the dtype of every
+        argument that has one (Triton 3.6 to 3.8)."""
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
+        named = {name: value for name, value in named.items() if name in self.arg_names}
+        key = [named[name] for name in self.keys if name in named]
+        return tuple(key + [str(value.dtype) for value in named.values() if hasattr(value, "dtype")])
+
+    def run(self, *args, **kwargs):
+        """Autotuner.run, with two changes (see the module docstring): while a CUDA graph is captured, a key not
+        tuned yet runs the first candidate left after pruning, untimed and not kept; and a pick that raises when
+        launched for a call (e.g. compiling for an argument specialization the timed call did not have) is dropped
+        for its key and the call tuned again among the others; the error reaches the caller only when none is left
+        (or while a capture runs)."""
+        key = self.tuning_key(args, kwargs)
+        if len(self.configs) > 1 and _capturing() and key not in self.cache:
+            self.nargs = dict(zip(self.arg_names, args))
+            first = self.prune_configs(kwargs)[0]
+            every = self.configs
+            self.configs = [first]  # Autotuner.run launches a single config as is
+            try:
+                return super().run(*args, **kwargs)
+            finally:
+                self.configs = every
+        first_error = None
+        while True:
+            try:
+                return super().run(*args, **kwargs)
+            except Exception as exc:
+                pick = self.cache.get(key) if len(self.configs) > 1 else None
+                if pick is None or _capturing():
+                    raise
+                first_error = first_error or exc
+                self._drop(pick, exc)
+                self._failed_picks.setdefault(key, []).append(pick)
+                del self.cache[key]
+                self.nargs = dict(zip(self.arg_names, args))
+                if not self.prune_configs(kwargs):
+                    raise first_error from None
+
+    def prune_configs(self, kwargs: dict) -> list[triton.Config]:
+        """Autotuner.prune_configs without the picks that raised when launched for this key (run)."""
+        configs = super().prune_configs(kwargs)
+        failed = self._failed_picks.get(self.tuning_key(tuple(self.nargs.values()), kwargs))
+        return [c for c in configs if c not in failed] if failed else configs
 
     @property
     def do_bench(self):  # Autotuner's is a cached_property: this one wraps it
@@ -152,7 +215,12 @@ class SafeAutotuner(Autotuner):
                 self.configs_timings = timings
                 self.cache[tuning_key] = min(timings, key=timings.get)
                 return True
+        self._failures = []
         bench_fn()
+        timings = list(self.configs_timings.values())
+        out_of_memory = any(isinstance(exc, torch.OutOfMemoryError) for exc in self._failures)
+        if out_of_memory or all(math.isinf(_median(t)) for t in timings):
+            return False  # nothing that would hold in another process: tune there again
         record = {"key": [str(k) for k in tuning_key],
                   "timings": [[describe(c), t] for c, t in self.configs_timings.items()]}  # fmt: skip
         try:
@@ -160,6 +228,10 @@ class SafeAutotuner(Autotuner):
         except OSError as exc:  # a read-only cache directory: tuned, just not kept
             _LOG.info("care_kernels: autotune results not cached (%s)", exc)
         return False
+
+
+def _median(timing) -> float:
+    return float(timing[0] if isinstance(timing, (list, tuple)) else timing)
 
 
 def _interpreting() -> bool:

@@ -1,4 +1,4 @@
-"""Which Triton configs may run by default on a GPU: those never run on hardware wait for a GPU's verdict.
+"""Which Triton configs and code paths may run by default on a GPU: those never run on hardware wait for its verdict.
 
     python -m care_kernels.triton.verified                 # what is on for the visible GPU, and why
     python -m care_kernels.triton.verified --add FILE      # merge a gpu_check record (FILE) into the package's
@@ -9,6 +9,15 @@ register cap, gathered target logits) compile for Hopper without spills (sm90_re
 compute wrong results on hardware, and an autotuner cannot recover from a fault that corrupts the CUDA context.
 They are candidates on a GPU only where a verification record says they were run there and gave the right answers.
 
+The same holds for the code paths `auto` chooses between by timing (timing cannot tell a wrong result):
+- family "logits GEMM strategy" (logits_gemm): "fused" (the Triton kernels) always; "cublas" (an fp32 logits slab)
+  and "cublas16" (a 16-bit one) only where verified;
+- family "fused head variant" (fused_head_chunks): "two_sweeps" always; "one_sweep" and "one_sweep_tall" only
+  where verified.
+The always-on ones are those the H200 runs of 2026-11-28 ran (benchmarks/results/nvidia-h200: the fused kernels,
+and FusedLinearGRPOLoss's two-sweep loop); the others came later. Forcing one (CARE_KERNELS_LOGITS_GEMM,
+logits_gemm.use, CARE_KERNELS_FUSED_HEAD) runs it whatever the records say.
+
 The records. `benchmarks/gpu_check.sh` phase (c) runs every config of every list on a GPU against a float64
 reference (shapes with tails, and the benchmark's shape) and writes `$OUT/verified.json`; a developer commits
 it into `verified_configs.json` beside this file (package data: installed with the package) with `--add`.
@@ -17,18 +26,22 @@ Format (version 1):
     {"format": 1, "records": [{
         "arch": "sm_90",                  # the GPU architecture the configs ran on (torch's compute capability)
         "device": "NVIDIA H200", "triton": "3.6.0", "torch": "2.11.0+cu130", "date": "...", "commit": "...",
-        "kernel_fingerprint": "...",      # kernel_fingerprint() of the kernels that ran
-        "passed": {"forward 16-bit": ["128x128x64 w8 s3 flat tma r128", ...], "dlogits 16-bit": [...], ...},
+        "kernel_fingerprint": "...",      # fingerprint("configs") of the kernels that ran
+        "fingerprints": {"configs": "...", "logits GEMM strategy": "...", "fused head variant": "..."},
+        "passed": {"forward 16-bit": ["128x128x64 w8 s3 flat tma r128", ...], "dlogits 16-bit": [...], ...,
+                   "logits GEMM strategy": ["cublas16", ...], "fused head variant": ["one_sweep", ...]},
         "failed": {"forward 16-bit": {"<label>": "<what went wrong>"}, ...}}]}
 
-A record counts for a GPU when its arch is the GPU's, its Triton has the installed Triton's major.minor version
-(code generation, warp specialization above all, changes between releases) and its kernel_fingerprint is that
-of the installed kernels (an edit to a kernel voids the verdicts on it; comments and docstrings do not count).
-A config listed as failed by any counting record stays off.
+A record counts for a family on a GPU when its arch is the GPU's, its Triton has the installed Triton's major.minor
+version (code generation, warp specialization above all, changes between releases) and its fingerprint of the
+family's sources (SOURCES: the kernels and the launchers that run them) is that of the installed ones (an edit
+voids the verdicts on what it touches; comments and docstrings do not count). A label listed as failed by any
+counting record stays off.
 
 Environment:
     CARE_KERNELS_TRITON_CONFIGS=verified (default) | all | baseline
-        all: every config is a candidate (what gpu_check's verification runs); baseline: only the always-on ones.
+        all: every config, strategy and head variant is a candidate (what gpu_check's verification runs);
+        baseline: only the always-on ones.
     CARE_KERNELS_VERIFIED_CONFIGS=FILE[:FILE...]
         more record files, e.g. the $OUT/verified.json a gpu_check run just wrote (its timing phase uses it).
 """
@@ -57,8 +70,35 @@ FORMAT = 1
 MODES = ("verified", "all", "baseline")
 # The config lists the launchers gate (linear_logprobs): the 16-bit lists (TMA-capable or not) are one family.
 FAMILIES = ("forward 16-bit", "forward fp32", "dlogits 16-bit", "dlogits fp32")
-# The sources whose code runs in a verified config: an edit here voids the records.
-KERNEL_SOURCES = ("_forward_kernels.py", "_backward_kernels.py", "tma.py")
+# The code paths chosen by timing, by label (see the module docstring), and the ones that ran on a GPU before.
+STRATEGY_FAMILY = "logits GEMM strategy"
+HEAD_FAMILY = "fused head variant"
+PATHS = {STRATEGY_FAMILY: ("fused", "cublas", "cublas16"), HEAD_FAMILY: ("two_sweeps", "one_sweep", "one_sweep_tall")}
+ALWAYS_ON = {STRATEGY_FAMILY: ("fused",), HEAD_FAMILY: ("two_sweeps",)}
+# The sources (relative to the package) whose code runs in a verified config or path, by group: an edit to one
+# voids the records of its groups. The configs' kernels, with their launcher; each strategy's slab passes, chunk
+# loops and GEMMs; the head variants' chunk loops, row passes and GEMMs.
+CONFIGS = "configs"
+SOURCES = {
+    CONFIGS: ("triton/_forward_kernels.py", "triton/_backward_kernels.py", "triton/tma.py",
+              "triton/linear_logprobs.py"),
+    STRATEGY_FAMILY: ("triton/cublas_logits.py", "triton/fp32_gemm.py", "triton/_forward_kernels.py",
+                      "triton/_backward_kernels.py", "triton/linear_logprobs.py"),
+    HEAD_FAMILY: ("losses/fused_head_chunks.py", "row_epilogue.py", "triton/row_epilogue.py", "triton/fp32_gemm.py"),
+}  # fmt: skip
+PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def group_of(family: str) -> str:
+    """The source group (SOURCES) whose fingerprint a family's verdicts carry: the config lists' "configs", a code
+    path family's own; the slab and row passes' configs belong to the paths that run them."""
+    if family in FAMILIES:
+        return CONFIGS
+    if family.startswith("slab"):
+        return STRATEGY_FAMILY
+    if family == "row pass":
+        return HEAD_FAMILY
+    return family
 
 
 def config_label(config: triton.Config) -> str:
@@ -124,12 +164,35 @@ def _code_only(source: str) -> str:
 
 
 @functools.cache
-def kernel_fingerprint() -> str:
-    """sha256 of the code (comments and docstrings left out) of the files a config's kernels are made of."""
+def fingerprint(group: str = CONFIGS) -> str:
+    """sha256 of the code (comments and docstrings left out) of a source group (SOURCES). An installation without
+    those sources (bytecode only) gets a fingerprint no record has: nothing that needs a verdict is on there."""
     digest = hashlib.sha256()
-    for name in KERNEL_SOURCES:
-        digest.update(name.encode() + b"\0" + _code_only((HERE / name).read_text()).encode() + b"\0")
+    for name in SOURCES[group]:
+        try:
+            code = _code_only((PACKAGE / name).read_text())
+        except OSError:
+            return f"unavailable: {name} not found"
+        digest.update(name.encode() + b"\0" + code.encode() + b"\0")
     return digest.hexdigest()
+
+
+def kernel_fingerprint() -> str:
+    """The configs' fingerprint (a record's "kernel_fingerprint")."""
+    return fingerprint(CONFIGS)
+
+
+def fingerprints() -> dict[str, str]:
+    """Every source group's fingerprint (a record's "fingerprints")."""
+    return {group: fingerprint(group) for group in SOURCES}
+
+
+def record_fingerprint(record: dict, group: str) -> str | None:
+    """The fingerprint a record carries for a source group (records without "fingerprints": the configs' only)."""
+    found = record.get("fingerprints")
+    if isinstance(found, dict) and group in found:
+        return found[group]
+    return record.get("kernel_fingerprint") if group == CONFIGS else None
 
 
 def device_arch(device: torch.device) -> str | None:
@@ -158,10 +221,13 @@ def record_files() -> list[Path]:
 @functools.lru_cache(maxsize=32)
 def _read(path: str, mtime_ns: int) -> tuple[dict, ...]:
     del mtime_ns  # part of the cache key only: a rewritten file is read again
-    data = json.loads(Path(path).read_text())
-    if data.get("format") != FORMAT or not isinstance(data.get("records"), list):
-        raise ValueError(f"{path}: not a format-{FORMAT} verification record file")
-    return tuple(data["records"])
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a verification record file ({exc}); fix or remove it (or {EXTRA_ENV})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("records"), list):
+        raise ValueError(f"{path}: not a format-{FORMAT} verification record file; fix or remove it (or {EXTRA_ENV})")
+    return tuple(r for r in data["records"] if isinstance(r, dict))
 
 
 def load_records(paths: list[Path] | None = None) -> list[dict]:
@@ -175,20 +241,25 @@ def load_records(paths: list[Path] | None = None) -> list[dict]:
     return records
 
 
-def counting_records(arch: str, records: list[dict] | None = None) -> list[dict]:
-    """The records that count for a GPU of this arch with the installed Triton and kernels."""
-    want = (arch, _minor_version(triton.__version__), kernel_fingerprint())
-    identity = lambda r: (r.get("arch"), _minor_version(str(r.get("triton", ""))), r.get("kernel_fingerprint"))  # noqa: E731
-    return [r for r in (load_records() if records is None else records) if identity(r) == want]
+def counting_records(arch: str, records: list[dict] | None = None, family: str = FAMILIES[0]) -> list[dict]:
+    """The records that count for `family` (its source group's) on a GPU of this arch with the installed Triton
+    and sources."""
+    records = load_records() if records is None else records
+    if not records:  # (no fingerprint to compute)
+        return []
+    group = group_of(family)
+    want = (arch, _minor_version(triton.__version__), fingerprint(group))
+    identity = lambda r: (r.get("arch"), _minor_version(str(r.get("triton", ""))), record_fingerprint(r, group))  # noqa: E731
+    return [r for r in records if identity(r) == want]
 
 
 def verified_labels(family: str, arch: str | None) -> frozenset[str]:
-    """Labels of the configs of `family` the counting records for `arch` passed and none failed."""
+    """Labels of `family` (configs, or code paths) the counting records for `arch` passed and none failed."""
     if arch is None:
         return frozenset()
     passed: set[str] = set()
     failed: set[str] = set()
-    for record in counting_records(arch):
+    for record in counting_records(arch, family=family):
         passed.update(record.get("passed", {}).get(family, ()))
         failed.update(record.get("failed", {}).get(family, {}))
     return frozenset(passed - failed)
@@ -204,20 +275,34 @@ def allowed(family: str, config: triton.Config, device: torch.device) -> bool:
     return config_label(config) in verified_labels(family, device_arch(device))
 
 
+def path_allowed(family: str, name: str, device: torch.device | None) -> bool:
+    """Whether `auto` may choose code path `name` of `family` (STRATEGY_FAMILY, HEAD_FAMILY) on `device`: an
+    always-on one, or (CARE_KERNELS_TRITON_CONFIGS=verified, the default) one a counting record passed for the
+    device's arch and none failed (none off a GPU: device None or not CUDA); all of them under `all`, the always-on
+    ones alone under `baseline`."""
+    if name in ALWAYS_ON[family]:
+        return True
+    chosen = mode()
+    if chosen != "verified":
+        return chosen == "all"
+    return device is not None and name in verified_labels(family, device_arch(device))
+
+
 def make_record(passed: dict[str, list[str]], failed: dict[str, dict[str, str]], device: torch.device,
                 **about) -> dict:  # fmt: skip
     """A record of one verification run on `device` (about: date, commit, ... as strings)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     return {
         "arch": device_arch(device), "device": torch.cuda.get_device_name(index), "triton": triton.__version__,
-        "torch": torch.__version__, "kernel_fingerprint": kernel_fingerprint(), **about,
+        "torch": torch.__version__, "kernel_fingerprint": kernel_fingerprint(), "fingerprints": fingerprints(), **about,
         "passed": {k: sorted(v) for k, v in passed.items()}, "failed": failed,
     }  # fmt: skip
 
 
 def merge(into: Path, new_records: list[dict]) -> list[dict]:
     """Add records to a record file; one from the same arch, device, Triton and kernels is replaced."""
-    same = lambda a, b: all(a.get(k) == b.get(k) for k in ("arch", "device", "triton", "kernel_fingerprint"))  # noqa: E731
+    same = lambda a, b: all(a.get(k) == b.get(k) for k in ("arch", "device", "triton", "kernel_fingerprint",  # noqa: E731
+                                                             "fingerprints"))  # fmt: skip
     try:
         kept = list(json.loads(into.read_text())["records"])
     except FileNotFoundError:
@@ -234,7 +319,8 @@ def merge(into: Path, new_records: list[dict]) -> list[dict]:
 def _status(arch: str | None) -> str:
     from care_kernels.triton import linear_logprobs as tlp
 
-    lines = [f"triton {triton.__version__}, kernels {kernel_fingerprint()[:16]}, arch {arch or '(no GPU)'}, "
+    sources = ", ".join(f"{group} {value[:12]}" for group, value in fingerprints().items())
+    lines = [f"triton {triton.__version__}, sources: {sources}; arch {arch or '(no GPU)'}, "
              f"{MODE_ENV}={mode()}, records: {', '.join(str(p) for p in record_files())}"]  # fmt: skip
     if arch is not None:
         lines.append(f"{len(counting_records(arch))} of {len(load_records())} records count here")
@@ -250,6 +336,17 @@ def _status(arch: str | None) -> str:
             else:
                 state = "on (verified)" if label in verified else "off (no record for this GPU)"
             lines.append(f"  {label:<40} {state}")
+    for family, names in PATHS.items():
+        lines.append(f"{family}:")
+        verified = verified_labels(family, arch)
+        for name in names:
+            if name in ALWAYS_ON[family]:
+                state = "on (always)"
+            elif mode() != "verified":
+                state = "on" if mode() == "all" else "off"
+            else:
+                state = "on (verified)" if name in verified else "off (no record for this GPU)"
+            lines.append(f"  {name:<40} {state}")
     return "\n".join(lines)
 
 
