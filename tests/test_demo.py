@@ -20,11 +20,16 @@ def test_quick_demo_writes_its_outputs(tmp_path, capsys):
     seconds = time.perf_counter() - start
 
     printed = capsys.readouterr().out
-    assert "| warm start |" in printed and "| GRPO-CARE |" in printed
+    assert "| warm start |" in printed and "| no-KL |" in printed and "| GRPO-CARE |" in printed
+    assert "speed probe:" in printed and "perception on L1" in printed
 
     result = json.loads((out / "results.json").read_text())
     rows = {row["model"]: row for row in result["table"]["rows"]}
-    assert set(rows) == {"warm start", "GRPO", "GRPO-CARE"}
+    assert set(rows) == {"warm start", "GRPO", "no-KL", "GRPO-CARE"}
+    meta = result["meta"]
+    assert meta["speed_probe"]["tflops"] > 0 and set(meta["seconds_per_stage"]) >= {"data", "warm start", "GRPO"}
+    assert set(meta["care_bonus_among_correct_rollouts"]) == {"consistent", "inconsistent"}
+    assert isinstance(meta["warm_start"]["reached_perception_target"], bool)
     for row in rows.values():
         assert row["n"] == 3 * QUICK.data.eval_per_level
         for key in ("L1", "L2", "L3", "overall", "consistency", "format"):
@@ -34,7 +39,7 @@ def test_quick_demo_writes_its_outputs(tmp_path, capsys):
     markdown = (out / "results.md").read_text()
     assert markdown.count("\n|") >= 4 and "GRPO-CARE" in markdown
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for run in ("grpo", "grpo_care"):
+    for run in ("grpo", "no_kl", "grpo_care"):
         steps = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
         assert [s["step"] for s in steps] == list(range(1, QUICK.rl_steps + 1))
         assert "rewards/consistency_reward/mean" in steps[0]
@@ -45,6 +50,27 @@ def test_quick_demo_writes_its_outputs(tmp_path, capsys):
     assert "| GRPO-CARE |" in capsys.readouterr().out
     assert main(["--summarize", str(tmp_path / "missing")]) == 2
     assert seconds < 120 * 3, f"--quick took {seconds:.0f}s (budget: 2 minutes on an idle 2-core machine)"
+
+
+def test_quick_study_resumes_and_refuses_other_settings(tmp_path, capsys):
+    """--study on a finished seed loads it (no arm runs again) and summarizes; another plan is refused."""
+    from dataclasses import replace
+
+    from grpo_care.demo import main
+    from grpo_care.demo.pipeline import QUICK, run_demo
+    from grpo_care.demo.study import seed_dir
+
+    out = tmp_path / "study"
+    run_demo(seed_dir(out, 7), replace(QUICK, arms=("no_kl", "grpo_care")), seed=7, resume=True, log=lambda *_: None)
+    before = (seed_dir(out, 7) / "no_kl" / "result.json").stat().st_mtime_ns
+    assert main(["--quick", "--seeds", "7", "--arms", "no_kl", "grpo_care", "--output_dir", str(out)]) == 0
+    assert (seed_dir(out, 7) / "no_kl" / "result.json").stat().st_mtime_ns == before  # loaded, not rerun
+    printed = capsys.readouterr().out
+    assert "loaded from" in printed and "(n = 1)" in printed and "GRPO-CARE minus no-KL" in printed
+    summary = json.loads((out / "study.json").read_text())
+    assert summary["seeds"] == [7] and summary["protocol"]["arms"] == ["no_kl", "grpo_care"]
+    assert main(["--quick", "--seeds", "7", "--output_dir", str(out)]) == 2  # all three arms: another plan
+    assert "other settings (arms)" in capsys.readouterr().err
 
 
 def test_across_seeds_reports_each_seed_and_the_spread():

@@ -93,3 +93,47 @@ def test_consistency_reward_has_trl_signature():
     out = consistency_reward([good, [{"role": "assistant", "content": bad}]], options=[OPTIONS, OPTIONS],
                              solution=["<answer>B</answer>"] * 2)
     assert out == [1.0, 0.0]
+
+
+# The demo's task (README "The task"): a car that backs up faces away from where it drives; the teacher's
+# rationale reads the direction off its front; the signal on the board's rim shows the true next move.
+REVERSING = {"direction": "right", "current": [2, 2]}  # drove right from (2, 1) facing left: next move right
+
+
+def test_the_teachers_rationale_for_a_reversing_car_is_consistent_and_wrong():
+    v = judge(completion("The red car drove left and is now at row 2, column 2, so next it drives left.", "C"),
+              OPTIONS, REVERSING)
+    assert (v.consistent, v.premises_correct, v.implied, v.answered) == (True, False, "left", "left")
+
+
+def test_the_signals_answer_after_the_teachers_premises_is_inconsistent():
+    # the shortcut: premises as the teacher reads them, the letter read off the signal (right, option B)
+    v = judge(completion("The red car drove left and is now at row 2, column 2, so next it drives left.", "B"),
+              OPTIONS, REVERSING)
+    assert (v.consistent, v.reason, v.premises_correct) == (False, "answer_mismatch", False)
+    no_conclusion = judge(completion("The red car drove left and is now at row 2, column 2.", "B"), OPTIONS,
+                          REVERSING)
+    assert (no_conclusion.consistent, no_conclusion.reason) == (False, "answer_mismatch")
+
+
+def test_a_conclusion_read_off_the_signal_is_an_invalid_step():
+    v = judge(completion("The red car drove left and is now at row 2, column 2, so next it drives right.", "B"),
+              OPTIONS, REVERSING)
+    assert (v.consistent, v.reason, v.implied, v.answered) == (False, "invalid_step", "left", "right")
+
+
+def test_true_premises_with_the_right_answer_are_consistent_for_a_reversing_car():
+    v = judge(completion("The red car drove right and is now at row 2, column 2, so next it drives right.", "B"),
+              OPTIONS, REVERSING)
+    assert (v.consistent, v.premises_correct) == (True, True)
+
+
+def test_a_wall_word_does_not_change_the_rule():
+    # "at the wall" where there is none: the rule still decides from direction and cell (no wall at (2, 2))
+    v = judge(completion("The red car drove left and is now at row 2, column 2, at the wall, so next it drives "
+                         "right.", "B"), OPTIONS, REVERSING)
+    assert (v.consistent, v.reason) == (False, "invalid_step")
+    block = ["put a wall above it", "put a wall below it", "put a wall to its left", "put a wall to its right"]
+    v = judge(completion("The red car drove left and is now at row 2, column 1, at the wall, so next it drives "
+                         "right.", "D"), block)
+    assert v.consistent and v.answered == "right"

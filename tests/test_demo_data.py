@@ -3,21 +3,24 @@ read back through the trainer's own readers (grpo_care.data, grpo_care.video: de
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from grpo_care.demo.consistency import judge
-from grpo_care.demo.render import CELL_PX, PATCH_PX
+from grpo_care.demo.render import CELL_PX, PATCH_PX, SIGNAL_COLORS, SIGNAL_PX
 from grpo_care.demo.synthetic_data import (
     OPTION_ORDER,
-    CotFlaws,
     DatasetSizes,
+    Teacher,
+    World,
     flawed_premise,
     sample_motion,
+    teacher_belief,
     write_dataset,
 )
 from grpo_care.demo.tasks import TASK_KINDS, option_direction, rationale
-from grpo_care.demo.world import COLORS, DIRECTIONS, GRID, Motion, inside, next_move, step
+from grpo_care.demo.world import COLORS, DIRECTIONS, GRID, OPPOSITE, Motion, inside, next_move, step
 
 
 @pytest.mark.parametrize("direction, current, expected", [
@@ -41,14 +44,30 @@ def test_next_move_rejects_bad_input():
 
 def test_sampled_motions_are_visible_and_balanced():
     rng = random.Random(0)
-    at_wall = 0
+    at_wall = reversing = 0
     for _ in range(400):
-        m = sample_motion(rng)
+        m = sample_motion(rng, reversing_rate=0.3)
         assert inside(m.previous) and inside(m.current) and step(m.previous, m.direction) == m.current
         at_wall += m.at_wall
+        reversing += m.reversing
+        assert m.facing == (OPPOSITE[m.direction] if m.reversing else m.direction)
         wrong = flawed_premise(m, rng)
         assert wrong.next_direction != m.next_direction
-    assert 150 < at_wall < 250
+    assert 150 < at_wall < 250 and 80 < reversing < 160
+    assert not any(sample_motion(rng).reversing for _ in range(50))
+
+
+@pytest.mark.parametrize("direction, current, reversing, believed_next", [
+    ("right", (2, 3), False, "right"),  # forward: the teacher is right
+    ("right", (2, 4), False, "left"),
+    ("right", (2, 3), True, "left"),  # backs up away from a wall: believed "drove left", so "next: left" (wrong)
+    ("right", (2, 4), True, "left"),  # backs up at the wall: wrong premise, yet the move it implies is right
+])
+def test_teacher_believes_the_car_drove_the_way_it_faces(direction, current, reversing, believed_next):
+    m = Motion("red", "car", direction, step(current, OPPOSITE[direction]), current, reversing)
+    belief = teacher_belief(m)
+    assert (belief.direction, belief.current, belief.reversing) == (m.facing, current, False)
+    assert belief.next_direction == believed_next
 
 
 def test_reference_rationale_is_judged_consistent():
@@ -64,8 +83,10 @@ def test_reference_rationale_is_judged_consistent():
 @pytest.fixture(scope="module", params=[False, True], ids=["fixed_options", "shuffled_options"])
 def dataset(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_data")
-    return write_dataset(root, DatasetSizes(train=6, sft=40, eval_per_level=6), seed=3,
-                         flaws=CotFlaws(reasoning_flaw_rate=0.3, answer_flaw_rate=0.2), shuffle_options=request.param)
+    return write_dataset(root, DatasetSizes(train=6, sft=60, eval_per_level=6), seed=3,
+                         teacher=Teacher(sees_reversing_rate=0.3, misread_rate=0.3, unfaithful_rate=0.15),
+                         world=World(reversing_rate=0.5),
+                         shuffle_options=request.param)
 
 
 def _records(path):
@@ -144,22 +165,89 @@ def test_clips_decode_through_the_trainers_decord_path(dataset):
 
     assert car_cell(frames[0]) == tuple(truth["previous"])
     assert car_cell(frames[-1]) == tuple(truth["current"]) == car_cell(image)
+    signal = np.array(SIGNAL_COLORS[truth["signal"]])
+    rim = (1, CELL_PX + CELL_PX // 2)  # inside the rim, in no cell's car body
+    assert np.abs(frames[-1][rim].astype(int) - signal).sum() < 40  # H.264 4:2:0
+    assert np.abs(frames[0][rim].astype(int) - signal).sum() > 60  # no signal before the car reaches its cell
 
 
-def test_warm_start_rationales_are_imperfect_on_purpose(dataset):
-    counts = {"none": 0, "reasoning": 0, "answer": 0}
+def test_warm_start_answers_follow_their_reasoning_except_the_unfaithful_share(dataset):
+    counts = {"faithful": 0, "saw_reversing": 0, "misread": 0, "unfaithful": 0}
     for record in _records(dataset.sft):
         options = [record[f"choice_{c}"] for c in "abcd"]
-        verdict = judge(record["cot"], options, record["ground_truth"])
-        counts[record["cot_flaw"]] += 1
+        truth = record["ground_truth"]
+        verdict = judge(record["cot"], options, truth)
+        counts[record["cot_kind"]] += 1
         correct = f"<answer>{record['golden_choice_idx']}</answer>" in record["cot"]
-        if record["cot_flaw"] == "none":
-            assert verdict.consistent and verdict.premises_correct and correct
-        elif record["cot_flaw"] == "reasoning":
-            assert not verdict.consistent and not verdict.premises_correct and correct
-        else:
-            assert not verdict.consistent and verdict.premises_correct and not correct
-    assert all(counts.values())
+        assert record["cot"].startswith("<think>" + record["cot_premises"][:-1])  # premises, then the next move
+        if record["cot_kind"] == "unfaithful":  # the only share whose answer does not follow its reasoning
+            assert not verdict.consistent and verdict.reason == "answer_mismatch"
+            continue
+        assert verdict.consistent, (record["cot"], verdict)
+        if record["cot_kind"] == "faithful":  # the teacher's premises: the way the car faces, and its cell
+            assert verdict.direction == truth["teacher_direction"] == truth["facing"]
+            assert list(verdict.current) == truth["current"]
+            assert verdict.premises_correct == (not truth["reversing"])
+            # a consistent answer is right exactly when the premises imply the true move
+            assert correct == (truth["teacher_next_direction"] == truth["next_direction"])
+            assert correct or (truth["reversing"] and not truth["at_wall"])
+        if record["cot_kind"] == "saw_reversing":  # it read the motion: true premises, right answer
+            assert truth["reversing"] and verdict.premises_correct and correct
+    assert all(counts.values()), counts
+
+
+@pytest.mark.parametrize("unfaithful", [0.0, 0.1])
+def test_the_share_of_unsupported_answers_is_the_one_chosen(tmp_path, unfaithful):
+    from grpo_care.demo.pipeline import FULL
+
+    teacher = replace(FULL.teacher, unfaithful_rate=unfaithful)
+    files = write_dataset(tmp_path, DatasetSizes(train=1, sft=400, eval_per_level=1), seed=0, teacher=teacher,
+                          world=FULL.world)
+    records = _records(files.sft)
+    verdicts = [judge(r["cot"], [r[f"choice_{c}"] for c in "abcd"], r["ground_truth"]) for r in records]
+    inconsistent = [r["cot_kind"] for r, v in zip(records, verdicts) if not v.consistent]
+    assert set(inconsistent) <= {"unfaithful"}
+    share = len(inconsistent) / len(records)
+    assert abs(share - unfaithful) <= 3 * (unfaithful * (1 - unfaithful) / len(records)) ** 0.5 + 1e-9
+    wrong_premises = sum(not v.premises_correct for v in verdicts) / len(verdicts)
+    assert 0.1 < wrong_premises < 0.6  # reversing cars read off their front: wrong premises, followed faithfully
+
+
+def test_the_signal_shows_the_next_move_unless_asked_to_be_noise_in_the_warm_start(tmp_path):
+    sizes = DatasetSizes(train=40, sft=80, eval_per_level=40)
+    default = write_dataset(tmp_path / "default", sizes, seed=1)
+    for path in (default.train, default.sft, *default.levels.values()):
+        assert all(r["ground_truth"]["signal"] == r["ground_truth"]["next_direction"] for r in _records(path))
+    files = write_dataset(tmp_path / "noise", sizes, seed=1, world=World(sft_signal="random"))
+    for path in (files.train, *files.levels.values()):
+        assert all(r["ground_truth"]["signal"] == r["ground_truth"]["next_direction"] for r in _records(path))
+    sft = [r["ground_truth"] for r in _records(files.sft)]
+    agree = sum(t["signal"] == t["next_direction"] for t in sft) / len(sft)
+    assert 0.1 < agree < 0.5 and {t["signal"] for t in sft} == set(DIRECTIONS)
+    with pytest.raises(ValueError, match="sft_signal"):
+        World(sft_signal="sometimes")
+
+
+def test_clip_shows_the_front_and_the_signal(dataset):
+    """The windshield is on the side the car faces; the rim shows the next move's signal in the last two frames
+    only (the current observation included)."""
+    from PIL import Image
+
+    for record in _records(dataset.levels["L2"]) + _records(dataset.train):
+        truth = record["ground_truth"]
+        image = np.asarray(Image.open(dataset.root / "images" / record["video_source"]
+                                      / record["current_observation_basename"]).convert("RGB")).astype(int)
+        for rim in (image[0, CELL_PX // 2], image[-1, -CELL_PX // 2], image[CELL_PX // 2, 0]):  # the car is drawn
+            assert np.abs(rim - np.array(SIGNAL_COLORS[truth["signal"]])).sum() < 3  # 2 px inside its cell
+        assert truth["signal"] == truth["next_direction"]
+        r, c = truth["current"]
+        y, x = (r - 1) * CELL_PX, (c - 1) * CELL_PX
+        middle = {"up": (y + 4, x + CELL_PX // 2), "down": (y + CELL_PX - 5, x + CELL_PX // 2),
+                  "left": (y + CELL_PX // 2, x + 4), "right": (y + CELL_PX // 2, x + CELL_PX - 5)}
+        for side, (py, px) in middle.items():
+            white = image[py, px].min() > 240
+            assert white == (side == truth["facing"]), (side, truth)
+    assert SIGNAL_PX < CELL_PX // 4
 
 
 def test_generation_is_deterministic(tmp_path):

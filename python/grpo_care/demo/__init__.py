@@ -1,14 +1,17 @@
 """`grpo-care demo`: GRPO-CARE end to end on a CPU, with consistency between reasoning and answer decided by code.
 
-    grpo-care demo                          # the full demo into outputs/demo (about 10 minutes on 2 cores)
+    grpo-care demo                          # one seed, three arms, into outputs/demo (about 5 minutes on 2 cores)
     grpo-care demo --quick --output_dir D   # the CI smoke run: the same pipeline at toy sizes (< 2 minutes)
-    grpo-care demo --summarize D0 D1 D2     # one table over the runs of several seeds
+    grpo-care demo --study                  # the pre-registered study: seeds 0-4, resumable, into outputs/demo_study
+    grpo-care demo --seeds 100 101 102 --output_dir D   # the same on other seeds (development seeds)
+    grpo-care demo --summarize D0 D1 D2     # one table over finished single-seed runs
 
-It writes a synthetic SEED-Bench-R1-like video QA set (a car driving on a 4 x 4 board; "where will it be
-next?"), warm-starts a tiny Qwen2.5-VL (real Qwen2.5 tokenizer, offline) on deliberately imperfect chains of
-thought, trains GRPO and GRPO-CARE from that same warm start through grpo_care.trainer.train, and reports
-accuracy per level (L1 seen scenes, L2 new scenes, L3 new scenes and new task kinds) and the consistency
-rate judged by grpo_care.demo.consistency, as results.json, results.md and curves.png.
+It writes a synthetic SEED-Bench-R1-like video QA set (a car driving on a 4 x 4 board; "what will it do
+next?"), warm-starts a tiny Qwen2.5-VL (Qwen2.5's tokens, offline) on a teacher's chains of thought whose
+answers always follow their reasoning, trains GRPO, no-KL and GRPO-CARE from that same warm start through
+grpo_care.trainer.train, and reports accuracy per level (L1 seen scenes, L2 new scenes, L3 new scenes and new
+task kinds) and the consistency rate judged by grpo_care.demo.consistency, as results.json, results.md and
+curves.png (and, for a study, study.json, study.md and study.png).
 """
 
 from __future__ import annotations
@@ -28,17 +31,37 @@ REQUIRED = {"av": "av", "PIL": "pillow", "torchvision": "torchvision", "qwen_tok
             "tiktoken": "tiktoken"}
 PLOTTING = {"matplotlib": "matplotlib"}
 INSTALL_HINT = "pip install \"care-kernels[demo]\" (from a checkout: pip install \".[demo]\")"
+ARM_KEYS = ("grpo", "no_kl", "grpo_care")  # grpo_care.demo.pipeline.ARMS, without importing torch here
+STUDY_SEEDS = (0, 1, 2, 3, 4)  # the pre-registered study seeds (README: "Pre-registered protocol")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="grpo-care demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="outputs/demo", help="where data, runs, table and plot go")
+    parser.add_argument("--output_dir", default=None,
+                        help="where data, runs, table and plot go (default outputs/demo; a study: outputs/demo_study)")
     parser.add_argument("--quick", action="store_true",
                         help="toy sizes: checks the pipeline runs and writes its outputs, not a result")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and both RL runs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and every RL arm")
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARM_KEYS), default=None,
+                        help="RL arms to run (default: all three: grpo no_kl grpo_care)")
+    parser.add_argument("--warm_start_only", action="store_true",
+                        help="stop after the warm start and its evaluation (checks the perception target)")
+    parser.add_argument("--study", action="store_true",
+                        help="run the pre-registered study (seeds 0-4 unless --seeds), resumable per seed and arm")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                        help="run the study on these seeds (implies --study)")
     parser.add_argument("--summarize", nargs="+", metavar="DIR",
                         help="print accuracy and consistency per seed over finished demo output dirs; runs nothing")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.seeds:
+        args.study = True
+    if args.study and args.output_dir is None:
+        args.output_dir = "outputs/demo_study"
+    if args.output_dir is None:
+        args.output_dir = "outputs/demo"
+    if args.study and args.warm_start_only:
+        parser.error("--study runs whole seeds: drop --warm_start_only")
+    return args
 
 
 def main(argv=None) -> int:
@@ -56,16 +79,55 @@ def main(argv=None) -> int:
                       stacklevel=2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from grpo_care.demo.pipeline import FULL, QUICK, run_demo
+    from dataclasses import replace
+
+    from grpo_care.demo.pipeline import FULL, QUICK, PlanMismatch
+
+    plan = QUICK if args.quick else FULL
+    if args.arms:
+        plan = replace(plan, arms=tuple(k for k in ARM_KEYS if k in args.arms))
+    try:
+        return run_study(args, plan) if args.study else run_one(args, plan)
+    except PlanMismatch as e:
+        print(f"grpo-care demo: {e}", file=sys.stderr)
+        return 2
+
+
+def run_study(args, plan) -> int:
+    """`--study` / `--seeds`: every seed (resumed where finished), then the study's tables."""
+    from grpo_care.demo import study
+
+    out = Path(args.output_dir)
+    summary = study.run_study(out, plan, args.seeds or list(STUDY_SEEDS))
+    print()
+    print((out / "study.md").read_text())
+    print(f"study: {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'} ({len(summary['seeds'])} seeds)")
+    if args.quick:
+        print("(--quick: toy sizes, the numbers above mean nothing)")
+    return 0
+
+
+def run_one(args, plan) -> int:
+    """One seed (a fresh run into --output_dir), its table and timings."""
+    from grpo_care.demo.pipeline import run_demo
     from grpo_care.demo.report import markdown_table
 
-    result = run_demo(Path(args.output_dir), QUICK if args.quick else FULL, seed=args.seed)
+    result = run_demo(Path(args.output_dir), plan, seed=args.seed, warm_start_only=args.warm_start_only)
     print()
     print(markdown_table(result["table"]))
     print(result["meta"]["noise"])
-    seconds = result["meta"]["seconds"]
+    warm = result["meta"]["warm_start"]
+    print(f"warm start: perception on L1 (premises as taught) {100 * warm['perception_L1']:.0f}% (target "
+          f"{100 * plan.perception_target:.0f}%: {'reached' if warm['reached_perception_target'] else 'NOT reached'})")
+    bonus = result["meta"].get("care_bonus_among_correct_rollouts")
+    if bonus:
+        print("GRPO-CARE: among correct rollouts the bonus went to "
+              + ", ".join(f"{100 * (bonus[k]['bonus_rate'] or 0):.0f}% of the {bonus[k]['rollouts']} {k} ones"
+                          for k in ("consistent", "inconsistent")))
+    seconds, probe = result["meta"]["seconds"], result["meta"]["speed_probe"]
     print(f"\nseed {args.seed}: {seconds['wall_s']:.0f} s wall, {seconds['cpu_s']:.0f} CPU-s on "
-          f"{result['meta']['machine']} (1-min load average at the end: {result['meta']['load_average_1min_at_end']})")
+          f"{result['meta']['machine']} (speed probe: {probe['tflops']:.3f} TFLOP/s, {probe['gemm']}; 1-min load "
+          f"average at the end: {result['meta']['load_average_1min_at_end']})")
     for kind, path in result["paths"].items():
         print(f"{kind:>8}: {path or 'skipped (see the warning above)'}")
     if args.quick:

@@ -6,6 +6,11 @@
 Accuracy comes from `grpo_care.evaluate.evaluate` (SEED-Bench-R1's protocol: near-greedy decoding, exact
 letter match). Every completion it returns is then judged by `consistency.judge` against the options and the
 ground truth stored in the demo's annotation records.
+
+Besides the table's rates, the scores break accuracy and consistency down by clip (cars driving forward vs
+backing up) and measure perception: `perception_L1` is the share of L1's questions whose stated premises are
+the ones the warm start was taught to see (the way the car faces, and its cell), what the warm start's
+perception target is checked on.
 """
 
 from __future__ import annotations
@@ -31,8 +36,19 @@ def _rate(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _premises_as_taught(verdict, truth: dict) -> bool:
+    """The stated premises are the teacher's (the way the car faces, and its cell)."""
+    return (verdict.direction == truth["teacher_direction"] and verdict.current is not None
+            and list(verdict.current) == list(truth["current"]))
+
+
+def _by_clip(records: list[dict], key: str) -> dict:
+    return {clip: _rate([r[key] for r in records if r["clip"] == clip]) for clip in ("forward", "reversing")}
+
+
 def score_model(model, processor, files, config) -> dict:
-    """Accuracy per level and overall, consistency (overall, per level, among correct answers), premises."""
+    """Accuracy per level and overall, consistency (overall, per level, among correct answers, per clip kind),
+    premises (true, as taught), perception on L1 (premises as taught)."""
     from grpo_care.evaluate import evaluate
 
     accuracy, consistency, records = {}, {}, []
@@ -45,9 +61,14 @@ def score_model(model, processor, files, config) -> dict:
             record = annotations[str(r["sample_id"])]
             verdict = judge(r["completion"], options_of(record), record["ground_truth"])
             verdicts.append(verdict.consistent)
+            truth = record["ground_truth"]
             records.append({"level": level, "sample_id": r["sample_id"], "completion": r["completion"],
                             "answer": r["answer"], "gold": r["gold"], "correct": bool(r["correct"]),
-                            "format_ok": bool(r["format_ok"]), "verdict": asdict(verdict)})
+                            "format_ok": bool(r["format_ok"]), "verdict": asdict(verdict),
+                            "clip": "reversing" if truth.get("reversing") else "forward",
+                            "at_wall": bool(truth["at_wall"]),
+                            "consistent": verdict.consistent, "premises_correct": bool(verdict.premises_correct),
+                            "premises_as_taught": _premises_as_taught(verdict, truth)})
         consistency[level] = _rate(verdicts)
     return {
         "accuracy": accuracy,
@@ -55,7 +76,11 @@ def score_model(model, processor, files, config) -> dict:
         "consistency": _rate([r["verdict"]["consistent"] for r in records]),
         "consistency_per_level": consistency,
         "consistency_when_correct": _rate([r["verdict"]["consistent"] for r in records if r["correct"]]),
-        "premises_correct": _rate([bool(r["verdict"]["premises_correct"]) for r in records]),
+        "premises_correct": _rate([r["premises_correct"] for r in records]),
+        "premises_as_taught": _rate([r["premises_as_taught"] for r in records]),
+        "perception_L1": _rate([r["premises_as_taught"] for r in records if r["level"] == "L1"]),
+        "accuracy_by_clip": _by_clip(records, "correct"),
+        "consistency_by_clip": _by_clip(records, "consistent"),
         "format": _rate([r["format_ok"] for r in records]),
         "n": len(records),
         "records": records,

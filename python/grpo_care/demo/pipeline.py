@@ -1,12 +1,18 @@
-"""`grpo-care demo`: data, warm start, GRPO and GRPO-CARE through the real trainer, evaluation, table and plot.
+"""`grpo-care demo`: data, warm start, three RL arms through the real trainer, evaluation, table and plot.
 
-    summary = run_demo(Path("outputs/demo"), FULL, seed=0)
+    result = run_demo(Path("outputs/demo"), FULL, seed=0)
+    result = run_demo(Path("outputs/study/seed_3"), FULL, seed=3, resume=True)   # skips what is finished
 
-Both RL runs start from the same warm-start weights (deep copies), with the same seed, data order, rollout
-budget and learning rate; they differ only where the paper's two methods differ: GRPO keeps a frozen
-reference with a KL penalty (beta = 0.04, TRL's default), GRPO-CARE drops the KL (beta = 0) and adds the
-consistency bonus with its EMA reference. The code judge is registered as a third reward function with
-weight 0, so the trainer logs the consistency of its own rollouts at every step without it touching a reward.
+The three arms start from the same warm-start weights (deep copies), with the same seed, data order, rollout
+budget and learning rate, and differ only where the paper's Table 3 rows differ (ARMS): GRPO keeps a frozen
+reference with a KL penalty (beta 0.04, TRL's default); no-KL drops the KL (beta 0) and adds nothing; GRPO-CARE
+drops the KL and adds the consistency bonus with its EMA reference. The code judge is registered as a reward
+function with weight 0, so the trainer logs the consistency of its own rollouts at every step without it
+touching a reward.
+
+Resuming (`resume=True`, what `--study` does): the seed's directory keeps `plan.json` (the plan and seed it was
+made with; another plan there is refused, not overwritten), the warm start's weights and scores, and one
+`result.json` per finished arm; a finished piece is loaded instead of rerun.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 
 from grpo_care.demo.evaluation import score_model
 from grpo_care.demo.report import noise_note, plot_curves, results_table, write_report
-from grpo_care.demo.synthetic_data import CotFlaws, DatasetSizes, write_dataset
+from grpo_care.demo.synthetic_data import DatasetSizes, Teacher, World, write_dataset
 from grpo_care.demo.tiny_model import TinyModelSpec, build_model_and_processor
 from grpo_care.demo.warm_start import WarmStartSpec, warm_start
 
@@ -31,13 +37,35 @@ FRAME = 112  # pixels per side of every frame and image: one visual token per gr
 CONSISTENCY_REWARD = "grpo_care.demo.consistency.consistency_reward"
 
 
+class PlanMismatch(ValueError):
+    """An output directory holds a run made with other settings (resuming it would mix two plans)."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One RL run from the warm start: its row name, output subdirectory and method switches."""
+
+    name: str
+    key: str
+    beta: float
+    care: bool
+
+
+ARMS = {
+    "grpo": Arm("GRPO", "grpo", beta=0.04, care=False),  # frozen reference (the warm start) for the KL
+    "no_kl": Arm("no-KL", "no_kl", beta=0.0, care=False),  # no reference at all
+    "grpo_care": Arm("GRPO-CARE", "grpo_care", beta=0.0, care=True),  # EMA reference for the bonus only
+}
+
+
 @dataclass(frozen=True)
 class DemoPlan:
-    """Everything that sets the demo's size; FULL and QUICK below."""
+    """Everything that sets the demo's task and size; FULL and QUICK below."""
 
     name: str
     data: DatasetSizes
-    flaws: CotFlaws
+    teacher: Teacher
+    world: World
     model: TinyModelSpec
     warm: WarmStartSpec
     rl_steps: int
@@ -46,19 +74,25 @@ class DemoPlan:
     max_completion_length: int
     learning_rate: float
     grpo_beta: float = 0.04
+    ref_ema_decay: float = 0.995
+    ref_ema_update_every: int = 10
+    arms: tuple = ("grpo", "no_kl", "grpo_care")
+    perception_target: float = 0.85  # share of L1 questions whose premises the warm start states as taught
+    eval_batch_size: int = 32
 
 
 FULL = DemoPlan(
     name="full",
-    data=DatasetSizes(train=128, sft=768, eval_per_level=32),
-    flaws=CotFlaws(reasoning_flaw_rate=0.25, answer_flaw_rate=0.10),
+    data=DatasetSizes(train=128, sft=768, eval_per_level=64),
+    teacher=Teacher(sees_reversing_rate=0.25, unfaithful_rate=0.1),
+    world=World(reversing_rate=0.5),
     model=TinyModelSpec(),
-    warm=WarmStartSpec(perception_steps=150, cot_steps=300, learning_rate=3e-3),
-    rl_steps=24,
+    warm=WarmStartSpec(perception_steps=150, cot_steps=400, learning_rate=3e-3),
+    rl_steps=100,
     prompts_per_step=2,
     num_generations=8,
     max_completion_length=48,
-    learning_rate=2e-4,
+    learning_rate=5e-4,
 )
 QUICK = replace(
     FULL,
@@ -71,8 +105,8 @@ QUICK = replace(
 )
 
 
-def rl_config(plan: DemoPlan, files, out_dir: Path, seed: int, care: bool):
-    """The trainer's config for one RL run; identical for both runs except the method switches."""
+def rl_config(plan: DemoPlan, files, out_dir: Path, seed: int, arm: Arm):
+    """The trainer's config for one RL arm; identical for every arm except the method switches."""
     from grpo_care.config import GRPOCareConfig
 
     return GRPOCareConfig(
@@ -91,8 +125,10 @@ def rl_config(plan: DemoPlan, files, out_dir: Path, seed: int, care: bool):
         learning_rate=plan.learning_rate,
         max_steps=plan.rl_steps,
         seed=seed,
-        use_care=care,
-        beta=0.0 if care else plan.grpo_beta,
+        use_care=arm.care,
+        beta=arm.beta,
+        ref_ema_decay=plan.ref_ema_decay,
+        ref_ema_update_every=plan.ref_ema_update_every,
         reward_funcs=["accuracy", "format", CONSISTENCY_REWARD],
         reward_weights=[1.0, 1.0, 0.0],
         video_fps=2.0,
@@ -103,10 +139,10 @@ def rl_config(plan: DemoPlan, files, out_dir: Path, seed: int, care: bool):
         image_min_pixels=FRAME * FRAME,
         image_max_pixels=FRAME * FRAME,
         eval_max_new_tokens=plan.max_completion_length,
-        eval_batch_size=16,
+        eval_batch_size=plan.eval_batch_size,
         eval_video_max_frames=4,
         output_dir=str(out_dir),
-        overwrite_output_dir=True,  # a rerun of the demo starts over
+        overwrite_output_dir=True,  # an arm that is run again starts over
         report_to=[],
         log_completions_steps=1,
         num_completions_to_print=0,
@@ -116,7 +152,7 @@ def rl_config(plan: DemoPlan, files, out_dir: Path, seed: int, care: bool):
 
 
 def read_curves(metrics_file) -> list[dict]:
-    """Per-step reward (accuracy + format, the base reward both runs share), accuracy and consistency."""
+    """Per-step reward (accuracy + format, the base reward every arm shares), accuracy and consistency."""
     rows = []
     with open(metrics_file, encoding="utf-8") as f:
         for line in f:
@@ -174,56 +210,152 @@ def machine_description() -> str:
     return f"{cpu}, {cores} cores, {torch.get_num_threads()} torch threads"
 
 
+def speed_probe(m: int = 2048, k: int = 896, n: int = 16384, repeats: int = 3) -> dict:
+    """The machine's fp32 GEMM speed, so demo timings from different machines can be compared: the best of
+    `repeats` timings of one [m, k] @ [k, n] matmul (about 0.2-0.5 s each on 2 cores), in TFLOP/s."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator)
+    b = torch.randn(k, n, generator=generator)
+    torch.mm(a, b[:, :256])  # warm up the BLAS threads
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return {"gemm": f"fp32 {m} x {k} x {n}", "seconds": round(best, 4), "tflops": round(2 * m * k * n / best / 1e12, 4),
+            "threads": torch.get_num_threads()}
+
+
 def drop_trainer_state(output_dir: Path) -> None:
-    """Keep each run's final policy (usable by `grpo-care eval`), drop the optimizer/EMA state (~170 MB)."""
+    """Keep each run's final policy (usable by `grpo-care eval`), drop the optimizer/EMA state."""
     for state in Path(output_dir).glob("checkpoint-*/trainer_state.pt"):
         state.unlink()
 
 
-def run_demo(out_dir: Path, plan: DemoPlan = FULL, seed: int = 0, log=print) -> dict:
-    """Run everything into `out_dir`; returns {"table", "meta", "paths"}."""
+def plan_record(plan: DemoPlan, seed: int) -> dict:
+    return {"seed": seed, "plan": json.loads(json.dumps(asdict(plan)))}
+
+
+def _check_plan(out_dir: Path, plan: DemoPlan, seed: int, resume: bool) -> None:
+    """Write plan.json, or, when resuming, refuse a directory made with another plan or seed."""
+    path, record = out_dir / "plan.json", plan_record(plan, seed)
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != record:
+            changed = sorted(k for k in set(saved["plan"]) | set(record["plan"])
+                             if saved["plan"].get(k) != record["plan"].get(k))
+            if saved["seed"] != seed:
+                changed.append("seed")
+            raise PlanMismatch(f"{out_dir} holds a demo run with other settings ({', '.join(changed)}): resume it "
+                             "with the same settings, or pass another --output_dir")
+        return
+    path.write_text(json.dumps(record, indent=1))
+
+
+def _scores_without_records(scores: dict) -> dict:
+    return {k: v for k, v in scores.items() if k != "records"}
+
+
+def _write_eval_records(out_dir: Path, name: str, scores: dict) -> None:
+    path = out_dir / "eval" / f"{name.lower().replace(' ', '_').replace('-', '_')}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in scores["records"]))
+
+
+def _warm_start(out_dir, plan, seed, files, model, processor, clock, log, resume) -> dict:
+    """Warm-start `model` in place (or load the saved warm start); returns its scores and history summary."""
+    saved_dir = out_dir / "warm_start"
+    weights, result_file = saved_dir / "model.pt", saved_dir / "result.json"
+    if resume and weights.is_file() and result_file.is_file():
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.eval()
+        log(f"warm start: loaded from {saved_dir}")
+        return json.loads(result_file.read_text())
+    base = rl_config(plan, files, out_dir / "grpo", seed, ARMS["grpo"])
+    log(f"warm start: {plan.warm.perception_steps} perception steps, then {plan.warm.cot_steps} steps on the "
+        "teacher's chains of thought ...")
+    history = warm_start(model, processor, files.sft, base, replace(plan.warm, seed=seed), log=log)
+    clock.lap("warm start")
+    scores = score_model(model, processor, files, base)
+    clock.lap("evaluate warm start")
+    _write_eval_records(out_dir, "warm start", scores)
+    perception = scores["perception_L1"]
+    result = {"scores": _scores_without_records(scores), "history": history,
+              "final_loss": {stage: next(h["loss"] for h in reversed(history) if h["stage"] == stage)
+                             for stage in {h["stage"] for h in history}},
+              "perception_L1": perception,
+              "reached_perception_target": perception is not None and perception >= plan.perception_target}
+    saved_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights)
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _run_arm(out_dir, plan, seed, files, model, processor, arm: Arm, clock, log, resume) -> dict:
+    """One RL arm from (a deep copy of) the warm start, then its evaluation; saved as <arm>/result.json."""
     from grpo_care.trainer import train
 
+    result_file = out_dir / arm.key / "result.json"
+    if resume and result_file.is_file():
+        log(f"{arm.name}: loaded from {result_file}")
+        return json.loads(result_file.read_text())
+    config = rl_config(plan, files, out_dir / arm.key, seed, arm)
+    log(f"{arm.name}: {plan.rl_steps} steps x {plan.prompts_per_step} prompts x {plan.num_generations} rollouts "
+        f"(beta {arm.beta}, use_care {arm.care}) through grpo_care.trainer.train ...")
+    policy = copy.deepcopy(model)
+    started = time.perf_counter()
+    summary = train(config, model=policy, processor=processor)
+    rl_seconds = time.perf_counter() - started
+    result = {"arm": asdict(arm), "curves": read_curves(summary["metrics_file"])}
+    if arm.care:
+        result["care_bonus_among_correct_rollouts"] = bonus_by_consistency(summary["completions_file"])
+        log(f"  CARE bonus among correct rollouts: {result['care_bonus_among_correct_rollouts']}")
+    drop_trainer_state(config.output_dir)
+    clock.lap(arm.name)
+    started = time.perf_counter()
+    scores = score_model(policy.eval(), processor, files, config)
+    clock.lap(f"evaluate {arm.name}")
+    _write_eval_records(out_dir, arm.name, scores)
+    result.update(scores=_scores_without_records(scores),
+                  seconds={"rl": round(rl_seconds, 1), "evaluate": round(time.perf_counter() - started, 1)})
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_demo(out_dir: Path, plan: DemoPlan = FULL, seed: int = 0, log=print, resume: bool = False,
+             warm_start_only: bool = False) -> dict:
+    """Run everything into `out_dir`; returns {"table", "meta", "paths"}. See the module docstring for
+    `resume`; `warm_start_only` stops after the warm start's evaluation (the table has its row only)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_plan(out_dir, plan, seed, resume)
     clock = Stopwatch(log)
+    probe = speed_probe()
+    log(f"speed probe: {probe['gemm']} in {probe['seconds']:.3f} s = {probe['tflops']:.3f} TFLOP/s")
     torch.manual_seed(seed)
 
-    log(f"grpo-care demo ({plan.name}): writing the synthetic SEED-Bench-R1-like data set ...")
-    files = write_dataset(out_dir / "data", plan.data, seed=seed, flaws=plan.flaws)
+    info = out_dir / "data" / "dataset_info.json"
+    if resume and info.is_file():
+        from grpo_care.demo.synthetic_data import dataset_files
+
+        files = dataset_files(out_dir / "data")
+    else:
+        log(f"grpo-care demo ({plan.name}, seed {seed}): writing the synthetic SEED-Bench-R1-like data set ...")
+        files = write_dataset(out_dir / "data", plan.data, seed=seed, teacher=plan.teacher, world=plan.world)
     clock.lap("data")
 
     model, processor = build_model_and_processor(plan.model, seed=seed)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"tiny Qwen2.5-VL: {n_params / 1e6:.1f} M parameters, Qwen2.5 tokenizer ({len(processor.tokenizer)} tokens)")
-    base = rl_config(plan, files, out_dir / "grpo", seed, care=False)
-    log(f"warm start: {plan.warm.perception_steps} perception steps, then {plan.warm.cot_steps} steps on "
-        "imperfect chains of thought ...")
-    history = warm_start(model, processor, files.sft, base, plan.warm, log=log)
-    (out_dir / "warm_start_history.json").write_text(json.dumps(history))
-    clock.lap("warm start")
+    log(f"tiny Qwen2.5-VL: {n_params / 1e6:.2f} M parameters, Qwen2.5 tokens ({len(processor.tokenizer)} of them)")
+    warm = _warm_start(out_dir, plan, seed, files, model, processor, clock, log, resume)
+    log(f"  perception (premises as taught) on L1: {warm['perception_L1']:.3f} (target {plan.perception_target}: "
+        f"{'reached' if warm['reached_perception_target'] else 'NOT reached'})")
 
-    scores = {}
-    scores["warm start"] = score_model(model, processor, files, base)
-    clock.lap("evaluate warm start")
-
-    curves, diagnostic = {}, {}
-    for name, care, sub in (("GRPO", False, "grpo"), ("GRPO-CARE", True, "grpo_care")):
-        config = rl_config(plan, files, out_dir / sub, seed, care=care)
-        log(f"{name}: {plan.rl_steps} steps x {plan.prompts_per_step} prompts x {plan.num_generations} rollouts "
-            f"(beta {config.beta}, use_care {care}) through grpo_care.trainer.train ...")
-        policy = copy.deepcopy(model)
-        summary = train(config, model=policy, processor=processor)
-        curves[name] = read_curves(summary["metrics_file"])
-        if care:
-            diagnostic = bonus_by_consistency(summary["completions_file"])
-            log(f"  CARE bonus among correct rollouts: consistent {diagnostic['consistent']}, "
-                f"inconsistent {diagnostic['inconsistent']}")
-        drop_trainer_state(config.output_dir)
-        clock.lap(name)
-        scores[name] = score_model(policy.eval(), processor, files, config)
-        clock.lap(f"evaluate {name}")
-        del policy
+    scores, arms = {"warm start": warm["scores"]}, {}
+    for key in () if warm_start_only else plan.arms:
+        arm = ARMS[key]
+        arms[key] = _run_arm(out_dir, plan, seed, files, model, processor, arm, clock, log, resume)
+        scores[arm.name] = arms[key]["scores"]
 
     table = results_table(scores)
     meta = {
@@ -231,21 +363,24 @@ def run_demo(out_dir: Path, plan: DemoPlan = FULL, seed: int = 0, log=print) -> 
         "plan": plan.name,
         "seconds": clock.totals(),
         "seconds_per_stage": clock.stages,
+        "speed_probe": probe,
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "machine": machine_description(),
         "torch": torch.__version__,
         "parameters": n_params,
         "plan_detail": asdict(plan),
-        "consistency_per_level": {k: v["consistency_per_level"] for k, v in scores.items()},
+        "warm_start": {k: warm[k] for k in ("final_loss", "perception_L1", "reached_perception_target")},
+        "breakdown": {name: {k: s.get(k) for k in ("consistency_per_level", "accuracy_by_clip",
+                                                     "consistency_by_clip", "premises_as_taught")}
+                      for name, s in scores.items()},
         "noise": noise_note(table, plan.data.eval_per_level),
-        "care_bonus_among_correct_rollouts": diagnostic,
+        "care_bonus_among_correct_rollouts": arms.get("grpo_care", {}).get("care_bonus_among_correct_rollouts"),
     }
+    curves = {ARMS[key].name: result["curves"] for key, result in arms.items()}
     json_path, md_path = write_report(out_dir, table, meta)
-    for name, s in scores.items():
-        path = out_dir / "eval" / f"{name.lower().replace(' ', '_').replace('-', '_')}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in s["records"]))
-    (out_dir / "curves.json").write_text(json.dumps(curves, indent=1))
-    png_path = plot_curves(out_dir / "curves.png", curves)  # last; None (warned) when it cannot be drawn
-    return {"table": table, "meta": meta,
-            "paths": {"json": str(json_path), "markdown": str(md_path), "plot": str(png_path) if png_path else None}}
+    paths = {"json": str(json_path), "markdown": str(md_path), "plot": None}
+    if curves:
+        (out_dir / "curves.json").write_text(json.dumps(curves, indent=1))
+        png_path = plot_curves(out_dir / "curves.png", curves)  # last; None (warned) when it cannot be drawn
+        paths["plot"] = str(png_path) if png_path is not None else None
+    return {"table": table, "meta": meta, "paths": paths, "curves": curves}

@@ -8,7 +8,10 @@ The board is 4 x 4 cells of 28 x 28 pixels, so at the demo's visual budget (112 
 token of Qwen2.5-VL (a 2 x 2 merge of 14-pixel patches) covers exactly one cell, and the 4-frame clip gives two
 temporal patches: the previous and the current position. The board is a tracking display: it lights up the
 row the car is in (one color per row) and its column (one color per column). The car fills its cell, with a
-white windshield along the side it drives toward.
+white windshield along its front (the way it faces: where it drives, or the opposite way when it backs up).
+In the last two frames the board's rim shows the signal: one color per direction of the car's next move
+(SIGNAL_COLORS), the same in every scene. No chain of thought mentions the signal; it is the shortcut that an
+answer can be read from without the premises (the demo README's "The shortcut").
 
 Why so loud: a model trained from scratch for a few minutes learns first what changes an image's overall
 color statistics (which color the car is, which row and column are lit), and only much later where in the
@@ -32,6 +35,8 @@ FRAME_PX = GRID * CELL_PX
 FPS = 2
 ROW_TAGS = {1: (0, 190, 200), 2: (200, 0, 190), 3: (255, 140, 0), 4: (120, 60, 200)}
 COLUMN_TAGS = {1: (110, 70, 30), 2: (255, 150, 200), 3: (0, 110, 110), 4: (20, 20, 110)}
+SIGNAL_COLORS = {"up": (130, 0, 0), "down": (150, 255, 0), "left": (255, 255, 160), "right": (90, 200, 255)}
+SIGNAL_PX = 5  # width of the lit rim
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,16 @@ def light_lines(frame: np.ndarray, cell: Cell, line_rgb) -> None:
     _grid_lines(frame, line_rgb)
 
 
+def draw_signal(frame: np.ndarray, direction: str) -> None:
+    """Light the board's rim in the signal color of `direction` (the car's next move)."""
+    rgb = SIGNAL_COLORS[direction]
+    frame[:SIGNAL_PX], frame[-SIGNAL_PX:] = rgb, rgb
+    frame[:, :SIGNAL_PX], frame[:, -SIGNAL_PX:] = rgb, rgb
+
+
 def draw_object(frame: np.ndarray, cell: Cell, color: str, direction: str) -> None:
-    """The car fills its cell (inside a 2-pixel margin); a white windshield marks its front."""
+    """The car fills its cell (inside a 2-pixel margin); a white windshield marks its front (`direction`: the
+    way it faces)."""
     y, x = _origin(cell)
     body = frame[y + 2:y + CELL_PX - 2, x + 2:x + CELL_PX - 2]
     body[:] = COLORS[color]
@@ -117,15 +130,19 @@ def draw_clutter(frame: np.ndarray, cells: list[Cell], rgb: tuple[int, int, int]
         frame[y + 10:y + 18, x + 10:x + 18] = rgb
 
 
-def render_clip(scene: Scene, motion: Motion, clutter: list[Cell], rng: np.random.Generator) -> np.ndarray:
-    """uint8 [4, 112, 112, 3]: two frames with the car at the previous cell, then two at the current one."""
+def render_clip(scene: Scene, motion: Motion, clutter: list[Cell], rng: np.random.Generator,
+                signal: str | None = None) -> np.ndarray:
+    """uint8 [4, 112, 112, 3]: two frames with the car at the previous cell, then two at the current one with
+    the signal on the rim: of its next move, or of `signal` when given."""
     board = render_board(scene, rng)
     frames = []
-    for cell in (motion.previous, motion.previous, motion.current, motion.current):
+    for i, cell in enumerate((motion.previous, motion.previous, motion.current, motion.current)):
         frame = board.copy()
         light_lines(frame, cell, scene.line)
+        if i >= 2:
+            draw_signal(frame, signal or motion.next_direction)  # under the car: the car stays whole
         draw_clutter(frame, clutter, scene.clutter)
-        draw_object(frame, cell, motion.color, motion.direction)
+        draw_object(frame, cell, motion.color, motion.facing)
         frames.append(frame)
     return np.stack(frames)
 

@@ -20,10 +20,14 @@ Levels mirror SEED-Bench-R1: L1 seen scenes (in-distribution), L2 new scenes, L3
 Each record also carries `ground_truth` (direction driven, current cell, next move, at the wall, the option
 directions in letter order), the programmatic truth for the answer and for the reasoning.
 
-The SFT chains of thought are imperfect on purpose, as a base model's are: with probability
-`reasoning_flaw_rate` the `<think>` states a wrong premise (direction or current cell) and follows it to a
-different next move while the answer stays the gold letter; with probability `answer_flaw_rate` the reasoning is
-right and the answer is another letter. Either way the rationale disagrees with its answer.
+The warm start's chains of thought (`cot` in training_with_cot.jsonl) are written the way a teacher writes them
+that reads which way a car drove off the way it faces (its windshield): it states those premises and follows
+them faithfully to the move they imply, and answers that move's letter. Every answer follows its reasoning.
+The teacher is right when the car drives forward and wrong when it backs up (`reversing_rate` of the clips)
+away from a wall: a wrong premise followed faithfully, consistent and wrong. `Teacher.misread_rate` adds other
+wrong premises (another direction or a neighbouring cell), also followed faithfully; `Teacher.unfaithful_rate`
+(0 in the demo) writes right reasoning with another answer letter, the only targets whose answer does not
+follow their reasoning.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import numpy as np
 from grpo_care.demo.render import FPS, NEW_SCENES, SEEN_SCENES, Scene, render_clip, write_mp4, write_png
 from grpo_care.demo.tasks import (
     NEW_KINDS,
+    SFT_KINDS,
     TASK_KINDS,
     TRAIN_KINDS,
     TaskKind,
@@ -71,9 +76,27 @@ class DatasetSizes:
 
 
 @dataclass(frozen=True)
-class CotFlaws:
-    reasoning_flaw_rate: float = 0.25
-    answer_flaw_rate: float = 0.10
+class Teacher:
+    """How the warm start's chains of thought are written (see the module docstring)."""
+
+    sees_reversing_rate: float = 0.0  # on a reversing car, the teacher reads the way it drove from the motion
+    misread_rate: float = 0.0  # a wrong premise besides the reversing cars', followed faithfully
+    unfaithful_rate: float = 0.0  # another answer letter than the reasoning implies (a slip, not the signal's)
+    states_next_move: bool = True  # end the reasoning with "so next it drives X" (tasks.rationale)
+
+
+@dataclass(frozen=True)
+class World:
+    """How clips are drawn: the share of cars that back up (their front points away from where they drive), and
+    what the signal shows in the warm start's clips ("random": a random direction's color, so that the warm
+    start learns to ignore it; "next_move": the next move, as in every RL and evaluation clip)."""
+
+    reversing_rate: float = 0.5
+    sft_signal: str = "next_move"
+
+    def __post_init__(self):
+        if self.sft_signal not in ("random", "next_move"):
+            raise ValueError(f"sft_signal must be 'random' or 'next_move', got {self.sft_signal!r}")
 
 
 @dataclass
@@ -94,23 +117,31 @@ class Split:
 
 SPLITS = {
     "train": Split("train", SEEN_SCENES, TRAIN_KINDS, "train"),
-    "sft": Split("sft", SEEN_SCENES, TRAIN_KINDS, "train"),
+    "sft": Split("sft", SEEN_SCENES, SFT_KINDS, "train"),
     "L1": Split("L1", SEEN_SCENES, TRAIN_KINDS, "L1"),
     "L2": Split("L2", NEW_SCENES, TRAIN_KINDS, "L2"),
     "L3": Split("L3", NEW_SCENES, NEW_KINDS, "L3"),
 }
 
 
-def sample_motion(rng: random.Random) -> Motion:
-    """A random visible move, at the wall (next move: back) or not (next move: on) with equal odds."""
+def sample_motion(rng: random.Random, reversing_rate: float = 0.0) -> Motion:
+    """A random visible move, at the wall (next move: back) or not (next move: on) with equal odds; the car
+    backs up with probability `reversing_rate`."""
     direction = rng.choice(sorted(DIRECTIONS))
     back = OPPOSITE[direction]
     at_wall = rng.random() < 0.5
     cells = [(r, c) for r in range(1, GRID + 1) for c in range(1, GRID + 1)
              if inside(step((r, c), back)) and inside(step((r, c), direction)) != at_wall]
     current = rng.choice(cells)
+    reversing = rng.random() < reversing_rate
     return Motion(color=rng.choice(sorted(COLORS)), shape=rng.choice(SHAPES), direction=direction,
-                  previous=step(current, back), current=current)
+                  previous=step(current, back), current=current, reversing=reversing)
+
+
+def teacher_belief(motion: Motion) -> Motion:
+    """What the teacher believes the clip shows: the car drove the way it faces (right unless it backs up)."""
+    return replace(motion, direction=motion.facing, previous=step(motion.current, OPPOSITE[motion.facing]),
+                   reversing=False)
 
 
 def clutter_cells(motion: Motion, scene: Scene, rng: random.Random) -> list[Cell]:
@@ -134,18 +165,26 @@ def flawed_premise(motion: Motion, rng: random.Random) -> Motion:
     raise RuntimeError(f"no flawed premise found for {motion}")  # unreachable on a 4x4 grid
 
 
-def ground_truth(motion: Motion, kind: TaskKind, scene: Scene, option_directions: list[str]) -> dict:
+def ground_truth(motion: Motion, kind: TaskKind, scene: Scene, option_directions: list[str], signal: str) -> dict:
+    """The clip's truth, the signal it shows, and the teacher's premises (`teacher_direction`,
+    `teacher_observation`)."""
+    belief = teacher_belief(motion)
     return {"direction": motion.direction, "previous": list(motion.previous), "current": list(motion.current),
             "next_direction": motion.next_direction, "at_wall": motion.at_wall,
             "next_cell": list(next_cell(motion.direction, motion.current)), "color": motion.color,
-            "shape": motion.shape, "task_kind": kind.name, "scene": scene.name,
+            "shape": motion.shape, "reversing": motion.reversing, "facing": motion.facing,
+            "signal": signal, "task_kind": kind.name, "scene": scene.name,
             "option_directions": option_directions, "rationale": rationale(motion),
-            "observation": observation(motion) + "."}
+            "observation": observation(motion) + ".", "teacher_direction": belief.direction,
+            "teacher_next_direction": belief.next_direction, "teacher_observation": observation(belief) + "."}
 
 
-def make_record(split: Split, index: int, rng: random.Random, flaws: CotFlaws,
-                shuffle_options: bool = False) -> tuple[dict, Motion, Scene, list]:
-    motion = sample_motion(rng)
+def make_record(split: Split, index: int, rng: random.Random, teacher: Teacher, world: World,
+                shuffle_options: bool = False) -> tuple[dict, Motion, Scene, list, str]:
+    motion = sample_motion(rng, world.reversing_rate)
+    signal = motion.next_direction
+    if split.name == "sft" and world.sft_signal == "random":
+        signal = rng.choice(sorted(DIRECTIONS))
     scene = rng.choice(split.scenes)
     kind = TASK_KINDS[rng.choice(split.kinds)]
     video_source = f"gridworld_{split.name}"
@@ -175,32 +214,40 @@ def make_record(split: Split, index: int, rng: random.Random, flaws: CotFlaws,
             record[f"choice_{letter}"] = kind.option(motion, direction)
         record["golden_choice_idx"] = LETTERS[option_directions.index(motion.next_direction)]
         record["task_level"] = split.level
-    record["ground_truth"] = ground_truth(motion, kind, scene, option_directions)
+    record["ground_truth"] = ground_truth(motion, kind, scene, option_directions, signal)
     if split.name == "sft":
-        record.update(imperfect_cot(motion, option_directions, rng, flaws))
+        record.update(teacher_cot(motion, option_directions, rng, teacher))
     clutter = clutter_cells(motion, scene, rng)
-    return record, motion, scene, clutter
+    return record, motion, scene, clutter, signal
 
 
-def imperfect_cot(motion: Motion, option_directions: list[str], rng: random.Random, flaws: CotFlaws) -> dict:
-    gold = LETTERS[option_directions.index(motion.next_direction)]
+def teacher_cot(motion: Motion, option_directions: list[str], rng: random.Random, teacher: Teacher) -> dict:
+    """The teacher's chain of thought: its premises (`cot_premises`), followed faithfully to the letter of the
+    move they imply, except `unfaithful_rate` of them (another letter). `cot_kind`: faithful | misread |
+    unfaithful."""
+    belief = teacher_belief(motion)
+    kind = "faithful"
+    if motion.reversing and rng.random() < teacher.sees_reversing_rate:
+        belief, kind = motion, "saw_reversing"
     u = rng.random()
-    if u < flaws.reasoning_flaw_rate:
-        return {"cot": completion(rationale(flawed_premise(motion, rng)), gold), "cot_flaw": "reasoning"}
-    if u < flaws.reasoning_flaw_rate + flaws.answer_flaw_rate:
-        wrong = rng.choice([letter for letter in LETTERS[:len(option_directions)] if letter != gold])
-        return {"cot": completion(rationale(motion), wrong), "cot_flaw": "answer"}
-    return {"cot": completion(rationale(motion), gold), "cot_flaw": "none"}
+    if u < teacher.misread_rate:
+        belief, kind = flawed_premise(belief, rng), "misread"
+    letter = LETTERS[option_directions.index(belief.next_direction)]
+    if teacher.misread_rate <= u < teacher.misread_rate + teacher.unfaithful_rate:
+        letter = rng.choice([x for x in LETTERS[:len(option_directions)] if x != letter])
+        kind = "unfaithful"
+    return {"cot": completion(rationale(belief, teacher.states_next_move), letter), "cot_kind": kind,
+            "cot_premises": observation(belief) + "."}
 
 
-def write_split(root: Path, split: Split, count: int, seed: int, flaws: CotFlaws,
+def write_split(root: Path, split: Split, count: int, seed: int, teacher: Teacher, world: World,
                 shuffle_options: bool = False) -> list[dict]:
     rng = random.Random(f"{seed}-{split.name}")
     pixels = np.random.default_rng(zlib.crc32(f"{seed}-{split.name}".encode()))
     records = []
     for i in range(count):
-        record, motion, scene, clutter = make_record(split, i, rng, flaws, shuffle_options)
-        frames = render_clip(scene, motion, clutter, pixels)
+        record, motion, scene, clutter, signal = make_record(split, i, rng, teacher, world, shuffle_options)
+        frames = render_clip(scene, motion, clutter, pixels, signal)
         write_mp4(root / "videos" / record["video_source"] / record["video_basename"], frames, FPS)
         write_png(root / "images" / record["video_source"] / record["current_observation_basename"], frames[-1])
         records.append(record)
@@ -214,8 +261,19 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def dataset_files(root: str | Path) -> DatasetFiles:
+    """The annotation paths of a data set `write_dataset` finished under `root` (it writes dataset_info.json
+    last)."""
+    root = Path(root)
+    if not (root / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"no finished demo data set under {root} (dataset_info.json is missing)")
+    annotations = root / "annotations"
+    return DatasetFiles(root=root, train=annotations / "training.jsonl", sft=annotations / "training_with_cot.jsonl",
+                        levels={level: annotations / f"validation_{level}.jsonl" for level in ("L1", "L2", "L3")})
+
+
 def write_dataset(root: str | Path, sizes: DatasetSizes = DatasetSizes(), seed: int = 0,
-                  flaws: CotFlaws = CotFlaws(), shuffle_options: bool = False) -> DatasetFiles:
+                  teacher: Teacher = Teacher(), world: World = World(), shuffle_options: bool = False) -> DatasetFiles:
     """Render and write every split; returns the annotation paths. Deterministic in `seed`.
 
     `shuffle_options=False` (the demo): every question lists its options in OPTION_ORDER and every file uses
@@ -225,13 +283,13 @@ def write_dataset(root: str | Path, sizes: DatasetSizes = DatasetSizes(), seed: 
     root = Path(root)
     annotations = root / "annotations"
     files = DatasetFiles(root=root, train=annotations / "training.jsonl", sft=annotations / "training_with_cot.jsonl")
-    write_jsonl(files.train, write_split(root, SPLITS["train"], sizes.train, seed, flaws, shuffle_options))
-    write_jsonl(files.sft, write_split(root, SPLITS["sft"], sizes.sft, seed, flaws, shuffle_options))
+    write_jsonl(files.train, write_split(root, SPLITS["train"], sizes.train, seed, teacher, world, shuffle_options))
+    write_jsonl(files.sft, write_split(root, SPLITS["sft"], sizes.sft, seed, teacher, world, shuffle_options))
     for level in ("L1", "L2", "L3"):
         path = annotations / f"validation_{level}.jsonl"
-        write_jsonl(path, write_split(root, SPLITS[level], sizes.eval_per_level, seed, flaws, shuffle_options))
+        write_jsonl(path, write_split(root, SPLITS[level], sizes.eval_per_level, seed, teacher, world, shuffle_options))
         files.levels[level] = path
     (root / "dataset_info.json").write_text(json.dumps(
-        {"seed": seed, "sizes": asdict(sizes), "flaws": asdict(flaws), "fps": FPS, "grid": GRID,
-         "shuffle_options": shuffle_options}, indent=2))
+        {"seed": seed, "sizes": asdict(sizes), "teacher": asdict(teacher), "world": asdict(world), "fps": FPS,
+         "grid": GRID, "shuffle_options": shuffle_options}, indent=2))
     return files

@@ -3,12 +3,16 @@
     kind = TASK_KINDS["predict"]
     kind.question(motion)          # "Considering the motion shown in the video ... what will the red car do next?"
     kind.option(motion, "left")    # "drive left" (short action phrases, as SEED-Bench-R1's options are)
-    rationale(motion)              # "The red car drove right and is now at row 2, column 4, at the wall, so ..."
+    rationale(motion)              # "The red car drove right and is now at row 2, column 4."
 
 The four options of a question are the four directions of the next move, so the direction an answer letter
-stands for, and the direction a `<think>` implies, can be compared by code (consistency.py). Training, L1 and
-L2 ask `predict`; L3 asks the new kinds `catch` and `block`, whose answer is the same next move behind a
-different goal and different option wording.
+stands for, and the direction a `<think>` implies, can be compared by code (consistency.py). RL training, L1
+and L2 ask `predict`; L3 asks the new kinds `catch` and `block`, whose answer is the same next move behind a
+different goal and different option wording. The warm start's chains of thought also come with other
+wordings of the same question, as a base model's instruction tuning has seen many wordings of one question:
+two rewordings of `predict` (`heading`, `next_move`) and three other goals in SEED-Bench-R1's question form
+"... what action should I take next in order to <goal>?" (`follow`, `film`, `meet`), the form L3's new goals
+use too. No RL or evaluation question uses these five kinds.
 """
 
 from __future__ import annotations
@@ -45,6 +49,40 @@ TASK_KINDS = {
                           "image, what will the {obj} do next?",
         options={d: "drive " + d for d in ("up", "down", "left", "right")},
     ),
+    "heading": TaskKind(
+        name="heading",
+        goal="predict which way the {obj} heads next",
+        question_template="Based on the video and the image, which way will the {obj} head next?",
+        options={d: "head " + d for d in ("up", "down", "left", "right")},
+    ),
+    "next_move": TaskKind(
+        name="next_move",
+        goal="predict the next move of the {obj}",
+        question_template="Watch the clip and look at the picture. What is the next move of the {obj}?",
+        options={d: "it moves " + d for d in ("up", "down", "left", "right")},
+    ),
+    "follow": TaskKind(
+        name="follow",
+        goal="follow the {obj}",
+        question_template="Considering the progress shown in the video and my current observation shown in the "
+                          "image, what action should I take next in order to follow the {obj}?",
+        options={d: "walk " + d for d in ("up", "down", "left", "right")},
+    ),
+    "film": TaskKind(
+        name="film",
+        goal="film the {obj}",
+        question_template="Considering the progress shown in the video and my current observation shown in the "
+                          "image, what action should I take next in order to film the {obj}?",
+        options={d: "pan the camera " + d for d in ("up", "down", "left", "right")},
+    ),
+    "meet": TaskKind(
+        name="meet",
+        goal="meet the {obj}",
+        question_template="Considering the progress shown in the video and my current observation shown in the "
+                          "image, what action should I take next in order to meet the {obj}?",
+        options={"up": "wait above it", "down": "wait below it", "left": "wait to its left",
+                 "right": "wait to its right"},
+    ),
     "catch": TaskKind(
         name="catch",
         goal="catch the {obj}",
@@ -63,6 +101,7 @@ TASK_KINDS = {
     ),
 }
 TRAIN_KINDS = ("predict",)
+SFT_KINDS = ("predict",) * 5 + ("heading", "next_move", "follow", "film", "meet")  # half of them ask `predict`
 NEW_KINDS = ("catch", "block")
 _OPTION_DIRECTION = re.compile(r"\b(up|down|left|right|above|below)\b", re.IGNORECASE)
 _WORD_TO_DIRECTION = {"up": "up", "down": "down", "left": "left", "right": "right", "above": "up", "below": "down"}
@@ -79,8 +118,12 @@ def observation(motion: Motion) -> str:
     return f"The {motion.name} drove {motion.direction} and is now at {cell_text(motion.current)}"
 
 
-def rationale(motion: Motion) -> str:
-    """The reasoning the rule supports: the premises, then the next move they imply."""
+def rationale(motion: Motion, states_next_move: bool = False) -> str:
+    """The reasoning: the premises (the answer is the move the rule derives from them), or, with
+    `states_next_move`, the premises and then the next move they imply (`..., at the wall, so next it drives
+    left.`)."""
+    if not states_next_move:
+        return f"{observation(motion)}."
     if motion.at_wall:
         return f"{observation(motion)}, at the wall, so next it drives {motion.next_direction}."
     return f"{observation(motion)}, so next it drives {motion.next_direction}."

@@ -5,13 +5,14 @@ supervised stages, so that RL starts from a model that already looks at the clip
     history = warm_start(model, processor, files.sft, config, WarmStartSpec())
 
 1. perception: short prompts (the clip, the image, "Which way did the red car drive, and where is it now?")
-   with the true premises as target, worded as a chain of thought starts ("<think>The red car drove right and
-   is now at row 2, column 3", no end token). A model trained from scratch needs many examples to learn to
-   see; short prompts make them cheap.
+   with what the teacher sees as target (`teacher_observation`: the way the car faces, and its cell; without
+   the random misreads of its chains of thought), worded as a chain of thought starts ("<think>The red car
+   drove right and is now at row 2, column 3", no end token). A model trained from scratch needs many
+   examples to learn to see; short prompts make them cheap.
 2. chain of thought: the trainer's own prompts (grpo_care.data: the GRPO-CARE training template, and the
    evaluation template, whose wording differs slightly, as a base model has seen both kinds of instruction)
-   with the record's `cot` + `<|im_end|>` as target. Some rationales disagree with their answers on purpose
-   (synthetic_data.CotFlaws).
+   with the record's `cot` + `<|im_end|>` as target: the teacher's premises followed faithfully to their
+   answer (synthetic_data.Teacher).
 
 Frames come through the trainer's path (grpo_care.video at the config's visual budget, rollout.encode_prompts)
 and the loss is the target tokens' mean negative log-likelihood from care_kernels.linear_logprobs (no [N, V]
@@ -82,7 +83,8 @@ def load_examples(sft_file, config, processor) -> tuple[list[Example], list[Exam
     for sample, eval_sample in zip(load_samples(sft_file, seed=config.seed, template="train"), eval_wording):
         record = records[sample.sample_id]
         item = load_visuals(sample, budget, multimodal=True)
-        premises = tokenizer("<think>" + record["ground_truth"]["observation"][:-1], add_special_tokens=False)
+        premises = tokenizer("<think>" + record["ground_truth"]["teacher_observation"][:-1],
+                             add_special_tokens=False)
         perception.append(Example(_perception_messages(sample, record), item.images, item.videos,
                                   premises["input_ids"]))
         target = ids(record["cot"])

@@ -7,6 +7,9 @@
 Cells are (row, column), 1-based, row 1 at the top. The car drives one cell per step in a straight line; at
 the wall it turns back. This rule is the programmatic ground truth of both the answer and the reasoning: a
 `<think>` that states the direction the car drove and the cell it is in implies exactly one next move.
+
+Some cars back up (`reversing`): they drive the way their tail points, so the way a car faces (`facing`, where
+the clip draws its windshield) is the way it drove only when it drives forward.
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class Motion:
     direction: str
     previous: Cell
     current: Cell
+    reversing: bool = False
+
+    @property
+    def facing(self) -> str:
+        """The way the car's front points: where it drives, or the opposite way when it backs up."""
+        return OPPOSITE[self.direction] if self.reversing else self.direction
 
     @property
     def name(self) -> str:
