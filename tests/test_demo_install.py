@@ -65,12 +65,13 @@ def test_a_broken_module_is_named_too(monkeypatch):
 def test_without_matplotlib_the_demo_runs_and_skips_only_the_plot(tmp_path, monkeypatch, capsys):
     import grpo_care.demo.pipeline as pipeline
 
-    def finished_run(out_dir, plan, seed=0):
+    def finished_run(out_dir, plan, seed=0, **_):
         plot = report.plot_curves(out_dir / "curves.png", {"GRPO": [{"step": 1, "reward": 0.5}]})
         table = report.results_table({"GRPO": {"accuracy": {}, "accuracy_overall": 0.5, "consistency": 0.5,
                                                "n": 3}})
         meta = {"noise": "", "seconds": {"wall_s": 1.0, "cpu_s": 1.0}, "machine": "m",
-                "load_average_1min_at_end": 0.0}
+                "load_average_1min_at_end": 0.0, "speed_probe": {"tflops": 0.1, "gemm": "g"},
+                "warm_start": {"perception_L1": 1.0, "reached_perception_target": True}}
         json_path, md_path = report.write_report(out_dir, table, meta)
         return {"table": table, "meta": meta,
                 "paths": {"json": str(json_path), "markdown": str(md_path), "plot": plot}}

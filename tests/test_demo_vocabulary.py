@@ -22,7 +22,7 @@ def test_every_demo_text_tokenizes_as_qwen(tok):
 
 def test_answer_spans_keep_qwens_tokens(tok):
     # grpo_care.md 5.2: with Qwen's BPE the answer letter is the one token `>A` (CARE's answer span)
-    from grpo_care.spans import answer_token_mask
+    from care_kernels.answer_spans import answer_token_mask
 
     text = "<think>The red car drove up and is now at row 1, column 2, at the wall, so next it drives down.</think>" \
            "<answer>B</answer><|im_end|>"
