@@ -227,3 +227,20 @@ def test_token_stats_are_the_policy_logprobs_and_entropy(path, temperature, monk
     torch.testing.assert_close(stats.entropy[active].double(), want_entropy[active], rtol=0, atol=1e-5)
     assert not stats.logprobs[~active].any() and not stats.entropy[~active].any()
     assert loss_fn(x, w, ids, mask, adv, bias=b, return_token_stats=True)[2].entropy is None
+
+
+def test_reference_scored_in_the_head_gives_a_zero_kl_gradient_at_equal_weights():
+    """With the reference scored by the head's own code (ref_input/ref_weight), a reference equal to the policy
+    gives equal log-probs bit for bit: with zero advantages every gradient is exactly 0. (Log-probs from another
+    kernel differ by rounding; AdamW would scale that gradient up to full steps.)"""
+    x, w, b, ids, mask, _, _, _ = _inputs(bias=True)
+    zero_adv = torch.zeros(B)
+    loss_fn = ck.FusedLinearGRPOLoss(beta=0.04, loss_type="grpo", temperature=0.8)
+    xx, ww, bb = x.detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_()
+    loss, (kl, _), stats = loss_fn(xx, ww, ids, mask, zero_adv, bias=bb, ref_input=x, ref_weight=w, ref_bias=b,
+                                   return_token_stats=True)
+    loss.backward()
+    assert torch.equal(stats.logprobs, stats.ref_logprobs) and kl == 0
+    assert not xx.grad.any() and not ww.grad.any() and not bb.grad.any()
+    assert loss_fn(x, w, ids, mask, zero_adv, bias=b, ref_per_token_logps=stats.logprobs,
+                   return_token_stats=True)[2].ref_logprobs is None

@@ -192,10 +192,11 @@ class HeadFlopCounter(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("arm", ["care", "no_reference"])
+@pytest.mark.parametrize("arm", ["care", "grpo", "no_reference"])
 def test_step_runs_8nhv_of_head_gemms_with_a_reference_and_6nhv_without(assets, tmp_path, monkeypatch, arm):
-    """The reference head is scored once (2NHV) and the loss head forms the policy's gradient (6NHV) and hands
-    back its log-probs and entropy: no second policy pass over the vocabulary for the metrics."""
+    """The reference head is scored once (2NHV: on its own for CARE, whose bonus needs it before the loss; inside
+    the loss head for plain GRPO's KL) and the loss head forms the policy's gradient (6NHV) and hands back its
+    log-probs and entropy: no second policy pass over the vocabulary for the metrics."""
     from grpo_care import trainer as trainer_module
 
     model = _tiny_vl(assets)
@@ -211,21 +212,44 @@ def test_step_runs_8nhv_of_head_gemms_with_a_reference_and_6nhv_without(assets, 
             counter.paused = False
 
     monkeypatch.setattr(trainer_module, "generate_rollouts", generate_uncounted)
-    extra = dict(use_care=True) if arm == "care" else dict(use_care=False, beta=0.0)
+    extra = {"care": dict(use_care=True), "grpo": dict(use_care=False, beta=0.04),
+             "no_reference": dict(use_care=False, beta=0.0)}[arm]
     config = _config(assets, tmp_path, max_steps=1, **extra)
     with counter:
         summary = train(config, model=model, processor=assets["processor"])
     assert summary["global_step"] == 1
     metrics = _read_jsonl(summary["metrics_file"])[-1]
     assert math.isfinite(metrics["entropy"]) and metrics["entropy"] > 0
-    scored = sum(counter.logits_rows)  # the completion tokens the loss head scored (its logits GEMMs' rows)
-    assert 0 < scored <= config.per_device_train_batch_size * config.num_generations * config.max_completion_length
+    scored = sum(counter.logits_rows)  # the rows of the loss head's logits GEMMs (policy, and reference if any)
+    rows = config.per_device_train_batch_size * config.num_generations * config.max_completion_length
+    assert 0 < scored <= (2 if arm == "grpo" else 1) * rows
     if arm == "care":
         assert counter.ref_rows == [scored]  # one reference pass over the same tokens
         assert sum(counter.flops) == 8 * scored * hidden * vocab, counter.flops
+    elif arm == "grpo":  # the loss head's logits GEMMs: the policy's and the reference's, over the same tokens
+        assert counter.ref_rows == [] and scored % 2 == 0
+        assert sum(counter.flops) == 8 * (scored // 2) * hidden * vocab, counter.flops
     else:
         assert counter.ref_rows == []
         assert sum(counter.flops) == 6 * scored * hidden * vocab, counter.flops
+
+
+def constant_reward(completions, **columns):
+    return [1.0] * len(completions)
+
+
+def test_grpo_with_zero_advantages_leaves_the_policy_unchanged(assets, tmp_path):
+    """Every group's rewards are equal, so every advantage is 0 and the KL to a reference equal to the policy is 0
+    with a gradient of exactly 0: the policy must not move (the KL's reference is scored by the loss head's own
+    code; log-probs from two kernels would differ by rounding, and AdamW turns such gradients into full steps)."""
+    model = _tiny_vl(assets)
+    model.resize_token_embeddings(3000)  # several vocabulary tiles (the tokenizer's own ids are all it samples)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = _config(assets, tmp_path, max_steps=2, use_care=False, beta=0.04, weight_decay=0.0,
+                     reward_funcs=[f"{__name__}.constant_reward"])
+    summary = train(config, model=model, processor=assets["processor"])
+    assert summary["global_step"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("poisoned", ["policy", "reference"])

@@ -35,11 +35,14 @@ _IGNORE = -100
 
 class TokenStats(NamedTuple):
     """By-products of the loss head's forward, detached: the policy's per-token log-probs and entropy, [B, T]
-    float32 (0 outside the mask; entropy None unless asked for). What `linear_logprobs(...,
-    return_entropy=True)` would return, without a second pass over the vocabulary."""
+    float32 (0 outside the mask; entropy None unless asked for), and the reference's log-probs when the head
+    scored it (`ref_input`/`ref_weight`; else None). What `linear_logprobs(..., return_entropy=True)` would
+    return, without a second pass over the vocabulary. Policy and reference are scored by the same code, so
+    equal weights give equal log-probs bit for bit (and a k3 KL gradient of exactly 0)."""
 
     logprobs: Tensor
     entropy: Optional[Tensor]
+    ref_logprobs: Optional[Tensor] = None
 
 
 def _default_buffer_bytes(device: torch.device) -> int:
@@ -98,8 +101,9 @@ class _FusedGRPOHead(torch.autograd.Function):
         kl = metrics.get("kl", torch.zeros_like(clip_ratio))
         logprobs = logp_flat.view(b, t)
         entropy = entropy_flat.view(b, t) if with_entropy else torch.zeros_like(logprobs)
-        ctx.mark_non_differentiable(clip_ratio, kl, logprobs, entropy)
-        return loss, clip_ratio, kl, logprobs, entropy
+        ref_logprobs = ref_flat.view(b, t) if ref_flat is not None else torch.zeros_like(logprobs)
+        ctx.mark_non_differentiable(clip_ratio, kl, logprobs, entropy, ref_logprobs)
+        return loss, clip_ratio, kl, logprobs, entropy, ref_logprobs
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -193,8 +197,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             loss_kwargs, self.temperature, int(self.max_buffer_bytes) if self.max_buffer_bytes else None,
             bool(return_token_stats and return_entropy),
         )
-        loss, clip_ratio, kl, logprobs, entropy = outs
+        loss, clip_ratio, kl, logprobs, entropy, ref_logprobs = outs
         metrics = [kl, clip_ratio] if self.beta != 0 else [clip_ratio]
         if not return_token_stats:
             return loss, metrics
-        return loss, metrics, TokenStats(logprobs, entropy if return_entropy else None)
+        return loss, metrics, TokenStats(logprobs, entropy if return_entropy else None,
+                                         ref_logprobs if use_ref_pass else None)

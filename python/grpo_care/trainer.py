@@ -8,8 +8,9 @@ One micro-batch (grpo_care.md 3-6):
   2. base rewards per function (rewards.py), accuracy first;
   3. the policy backbone runs with grad on prompt + completion: hidden states [N, L, H] of the completion
      positions; the reference backbone runs under no_grad on the same inputs;
-  4. one no_grad care_kernels pass over the vocabulary scores the reference head (`linear_logprobs`, 2NHV;
-     none without a reference): the per-token log-probs CARE's likelihood and the KL need;
+  4. CARE: one no_grad care_kernels pass over the vocabulary scores the reference head (`linear_logprobs`,
+     2NHV), whose per-token log-probs its likelihood needs before the loss; plain GRPO with a KL has the loss
+     head score the reference (same 2NHV, the policy's own code: equal weights give a KL gradient of exactly 0);
   5. CARE: answer spans (care_kernels.answer_spans) -> `ck.answer_likelihood` -> `ck.care_bonus`; reward = sum + bonus;
   6. `ck.group_advantages`, then `ck.FusedLinearGRPOLoss` on the policy hidden states and the LM-head
      weight: it forms the per-token gradient during its forward (6NHV) and hands back the policy's log-probs
@@ -485,9 +486,18 @@ class Trainer:
                 hidden = backbone_hidden(self.model, inputs)[:, positions]
             weight, bias = lm_head_params(self.model)
             hidden, weight, bias = self._head_dtype(hidden, weight, bias)
-            ref_logp = None
-            if ref_hidden is not None:
+            # CARE needs the reference's log-probs before the loss (its bonus sets the advantages): one pass of
+            # their own. Plain GRPO's KL needs them only inside the loss: the loss head scores the reference with
+            # the policy's own code, so a reference equal to the policy gives a KL gradient of exactly 0 (two
+            # kernels would differ by rounding, which AdamW scales up to full steps when advantages are 0).
+            ref_logp, ref_in_head = None, ref_hidden is not None and not c.use_care and c.beta > 0
+            if ref_hidden is not None and not ref_in_head:
                 ref_logp = self._score_reference(ref_hidden, ids.masked_fill(mask == 0, IGNORE_INDEX))
+            ref_head = {}
+            if ref_in_head:
+                ref_weight, ref_bias = map(distributed.full_tensor, lm_head_params(self.reference.module))
+                ref_head = dict(ref_input=ref_hidden.to(hidden.dtype), ref_weight=ref_weight.to(weight.dtype),
+                                ref_bias=None if ref_bias is None else ref_bias.to(weight.dtype))
 
             n = ids.shape[0]
             bonus, likelihood = None, torch.full((n,), math.nan)
@@ -508,7 +518,10 @@ class Trainer:
                 ref_per_token_logps=ref_logp if c.beta > 0 else None,
                 return_token_stats=True,
                 return_entropy=True,
+                **ref_head,
             )
+            if ref_in_head:
+                ref_logp = policy.ref_logprobs
             return loss, (policy, ref_logp, bonus, likelihood, span, total, advantages, loss_metrics)
 
         loss, extras = distributed.forward(self.engine, policy_pass)
