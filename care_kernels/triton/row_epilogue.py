@@ -21,12 +21,12 @@ _BLOCK = 4096 if not _INTERPRET else 1024
 
 
 @triton.jit
-def _row_stats_kernel(z_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V, stride, inv_t, ignore_index,
-                      BLOCK: tl.constexpr, WITH_ENTROPY: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = z_ptr + row * stride
+def _row_lse_entropy(base, V, inv_t, BLOCK: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    """One pass over the row of V logits at `base` -> (lse, entropy) of z = logits * inv_t (entropy 0.0 unless
+    WITH_ENTROPY). Per lane: the running max m, s = sum exp(z - m) and t = sum exp(z - m) (z - m), rescaled when
+    m grows; then the lanes merged at the row's max: lse = m_row + log S, entropy = log S - T / S."""
     offs = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], NEG_BIG, dtype=tl.float32)  # per lane: running max, sum exp(z - m), sum exp(z - m)(z - m)
+    m = tl.full([BLOCK], NEG_BIG, dtype=tl.float32)
     s = tl.zeros([BLOCK], dtype=tl.float32)
     t = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, V, BLOCK):
@@ -41,17 +41,37 @@ def _row_stats_kernel(z_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V, stride, inv
         s = s * scale + p
         m = m_new
     m_row = tl.max(m, axis=0)
-    lane_scale = tl.exp(m - m_row)
+    lane_scale = tl.exp(m - m_row)  # 0 for a lane that saw no column (m = NEG_BIG)
     s_row = tl.sum(s * lane_scale, axis=0)
-    lse = m_row + tl.log(s_row)
+    entropy = 0.0
+    if WITH_ENTROPY:
+        t_row = tl.sum(tl.where(lane_scale > 0, (t + s * (m - m_row)) * lane_scale, 0.0), axis=0)
+        entropy = tl.maximum(tl.log(s_row) - t_row / s_row, 0.0)
+    return m_row + tl.log(s_row), entropy
+
+
+@triton.jit
+def _row_stats_store(base, row, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V, inv_t, ignore_index, BLOCK: tl.constexpr,
+                     WITH_ENTROPY: tl.constexpr):  # fmt: skip
+    """A row's log-prob, lse (and entropy) stored at index `row` (0 log-prob and entropy at an ignored target);
+    returns (lse, target, valid) for a caller that goes on with the row."""
+    lse, entropy = _row_lse_entropy(base, V, inv_t, BLOCK, WITH_ENTROPY)
     y = tl.load(tgt_ptr + row)
     valid = y != ignore_index
     z_y = tl.load(base + tl.where(valid, y, 0)).to(tl.float32) * inv_t
     tl.store(logp_ptr + row, tl.where(valid, z_y - lse, 0.0))
     tl.store(lse_ptr + row, lse)
-    if WITH_ENTROPY:  # entropy = log s - sum p (z - m_row) / s; lanes that saw no column weigh 0 (lane_scale 0)
-        t_row = tl.sum(tl.where(lane_scale > 0, (t + s * (m - m_row)) * lane_scale, 0.0), axis=0)
-        tl.store(ent_ptr + row, tl.where(valid, tl.maximum(tl.log(s_row) - t_row / s_row, 0.0), 0.0))
+    if WITH_ENTROPY:
+        tl.store(ent_ptr + row, tl.where(valid, entropy, 0.0))
+    return lse, y, valid
+
+
+@triton.jit
+def _row_stats_kernel(z_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V, stride, inv_t, ignore_index,
+                      BLOCK: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride
+    _row_stats_store(base, row, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V, inv_t, ignore_index, BLOCK, WITH_ENTROPY)
 
 
 @triton.jit
@@ -106,31 +126,8 @@ def _row_stats_probs_kernel(z_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, n_rows, 
     offs = tl.arange(0, BLOCK)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         base = z_ptr + tl.cast(row, tl.int64) * stride
-        m = tl.full([BLOCK], NEG_BIG, dtype=tl.float32)
-        s = tl.zeros([BLOCK], dtype=tl.float32)
-        u = tl.zeros([BLOCK], dtype=tl.float32)  # sum exp(z - m) * (z - m), per lane
-        for start in range(0, V, BLOCK):
-            cols = start + offs
-            z = tl.where(cols < V, tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32) * inv_t, NEG_BIG)
-            m_new = tl.maximum(m, z)
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(z - m_new)
-            if WITH_ENTROPY:
-                u = alpha * (u + (m - m_new) * s) + e * (z - m_new)
-            s = s * alpha + e
-            m = m_new
-        m_row = tl.max(m, axis=0)
-        scale = tl.exp(m - m_row)
-        s_row = tl.sum(s * scale, axis=0)
-        lse = m_row + tl.log(s_row)
-        y = tl.load(tgt_ptr + row)
-        valid = y != ignore_index
-        z_y = tl.load(base + tl.where(valid, y, 0)).to(tl.float32) * inv_t
-        tl.store(logp_ptr + row, tl.where(valid, z_y - lse, 0.0))
-        tl.store(lse_ptr + row, lse)
-        if WITH_ENTROPY:
-            u_row = tl.sum(scale * (u + (m - m_row) * s), axis=0)
-            tl.store(ent_ptr + row, tl.where(valid, tl.maximum(tl.log(s_row) - u_row / s_row, 0.0), 0.0))
+        lse, y, valid = _row_stats_store(base, row, tgt_ptr, logp_ptr, lse_ptr, ent_ptr, V, inv_t, ignore_index,
+                                         BLOCK, WITH_ENTROPY)  # fmt: skip
         for start in range(0, V, BLOCK):
             cols = start + offs
             mask = cols < V
