@@ -72,6 +72,27 @@ def one_thread():
 
 
 @pytest.fixture
+def package_env():
+    """env(**extra) -> os.environ for a child Python that imports the very care_kernels and grpo_care this test
+    process imported (the installed ones in CI, with their built extension; a checkout on PYTHONPATH in
+    development), whatever the child's working directory. Run children with cwd=tmp_path as well: a child's
+    cwd comes first on its sys.path, and a checkout's care_kernels has no extension unless built in place."""
+    from pathlib import Path
+
+    import grpo_care
+
+    import care_kernels
+
+    roots = [str(Path(m.__file__).resolve().parent.parent) for m in (care_kernels, grpo_care)]
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+    def env(**extra) -> dict:
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(roots + rest)), **extra}
+
+    return env
+
+
+@pytest.fixture
 def run_gloo_script(tmp_path):
     """run(script): `script` (Python source that calls init_process_group("gloo", rank=0, world_size=1))
     run in a fresh interpreter in tmp_path with MASTER_ADDR / MASTER_PORT set; asserts it printed "ok" last."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -163,18 +162,19 @@ _FULL_OP_SCRIPT = textwrap.dedent(
 )
 
 
-def _epilogues_under(capability, script=_EPILOGUE_SCRIPT):
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+def _epilogues_under(capability, script, env, cwd):
+    out = subprocess.run([sys.executable, "-c", script], env=env(ATEN_CPU_CAPABILITY=capability), cwd=cwd,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize(
     "script", [_EPILOGUE_SCRIPT, _FULL_OP_SCRIPT], ids=["epilogue_ops", "linear_logprobs_with_bias"]
 )
-def test_row_epilogue_builds_return_the_same_bits(script):
+def test_row_epilogue_builds_return_the_same_bits(script, package_env, tmp_path):
     native = torch.backends.cpu.get_cpu_capability().lower()
-    results = {cap: _epilogues_under(cap, script) for cap in ("default", "avx2", "avx512")}
+    results = {cap: _epilogues_under(cap, script, package_env, tmp_path) for cap in ("default", "avx2", "avx512")}
     assert results["default"]["isa"] == "default"
     if native in ("avx2", "avx512"):
         assert results["avx2"]["isa"] == "avx2"  # ATen's choice is followed (and clamped to the CPU)

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -261,7 +259,7 @@ def test_variants_never_run_on_a_gpu_are_off_until_a_record_says_they_passed_the
     assert run() == "two_sweeps"
 
 
-def test_the_loss_needs_no_triton_off_a_gpu(tmp_path):
+def test_the_loss_needs_no_triton_off_a_gpu(tmp_path, package_env):
     """FusedLinearGRPOLoss on CPU in a Python without Triton (an optional extra): the same loss, token statistics and
     gradients as here (the chunk loop's choice never imports Triton when only the two-sweep loop can run)."""
     script = tmp_path / "no_triton.py"
@@ -289,9 +287,8 @@ def test_the_loss_needs_no_triton_off_a_gpu(tmp_path):
     """)
     )
     out = tmp_path / "out.pt"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env,
-                          timeout=120)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
+                          env=package_env(), cwd=tmp_path, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     sys.path.insert(0, str(tmp_path))
     try:
