@@ -30,6 +30,7 @@ def test_quick_demo_writes_its_outputs(tmp_path, capsys):
     assert meta["speed_probe"]["tflops"] > 0 and set(meta["seconds_per_stage"]) >= {"data", "warm start", "GRPO"}
     assert set(meta["care_bonus_among_correct_rollouts"]) == {"consistent", "inconsistent"}
     assert isinstance(meta["warm_start"]["reached_perception_target"], bool)
+    assert meta["code"]["care_kernels"] and meta["code"]["cpu_kernel"].split()[0] in ("cpp", "torch")
     for row in rows.values():
         assert row["n"] == 3 * QUICK.data.eval_per_level
         for key in ("L1", "L2", "L3", "overall", "consistency", "format"):
@@ -84,3 +85,19 @@ def test_across_seeds_reports_each_seed_and_the_spread():
     header, _, grpo = text.splitlines()
     assert "seed 0" in header and "seed 1" in header
     assert grpo == "| GRPO | 80.0 / 40.0 | 90.0 / 50.0 | 85.0 ± 7.1 | 45.0 ± 7.1 |"
+
+
+def test_each_arm_gets_the_reference_the_protocol_names(tmp_path):
+    """GRPO's KL reference is the frozen warm start, GRPO-CARE's an EMA of the policy, no-KL has none (the
+    trainer applies any ref_ema_decay it is given: one set for GRPO made it KL-EMA in the first study run)."""
+    from grpo_care.demo.pipeline import ARMS, FULL, rl_config
+    from grpo_care.demo.synthetic_data import DatasetFiles
+    from grpo_care.ema import ema_decay, ema_moves, needs_reference
+
+    files = DatasetFiles(root=tmp_path, train=tmp_path / "training.jsonl", sft=tmp_path / "sft.jsonl", levels={})
+    configs = {key: rl_config(FULL, files, tmp_path / key, 0, arm) for key, arm in ARMS.items()}
+    assert needs_reference(configs["grpo"]) and not ema_moves(ema_decay(configs["grpo"]))
+    assert configs["grpo"].beta == FULL.grpo_beta
+    assert not needs_reference(configs["no_kl"])
+    assert needs_reference(configs["grpo_care"]) and ema_decay(configs["grpo_care"]) == FULL.ref_ema_decay
+    assert configs["grpo_care"].ref_ema_update_every == FULL.ref_ema_update_every

@@ -127,7 +127,9 @@ def rl_config(plan: DemoPlan, files, out_dir: Path, seed: int, arm: Arm):
         seed=seed,
         use_care=arm.care,
         beta=arm.beta,
-        ref_ema_decay=plan.ref_ema_decay,
+        # only CARE's reference follows the policy: the trainer applies any decay it is given, so one set here
+        # would turn GRPO's frozen KL reference into Table 3's KL-EMA
+        ref_ema_decay=plan.ref_ema_decay if arm.care else None,
         ref_ema_update_every=plan.ref_ema_update_every,
         reward_funcs=["accuracy", "format", CONSISTENCY_REWARD],
         reward_weights=[1.0, 1.0, 0.0],
@@ -208,6 +210,25 @@ def machine_description() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu}, {cores} cores, {torch.get_num_threads()} torch threads"
+
+
+def code_description() -> dict:
+    """What computed the run: care_kernels' version, the CPU log-prob kernel (the C++ one and its SIMD build, or
+    the torch fallback) and the git commit of the checkout the package was imported from (None when it is not
+    one, e.g. an installed wheel)."""
+    import subprocess
+
+    import care_kernels
+    from care_kernels import cpu_backend
+
+    package_dir = Path(care_kernels.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(package_dir), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    kernel = f"cpp ({cpu_backend.isa()} epilogues)" if cpu_backend.available() else "torch (no C++ extension)"
+    return {"care_kernels": care_kernels.__version__, "cpu_kernel": kernel, "commit": commit}
 
 
 def speed_probe(m: int = 2048, k: int = 896, n: int = 16384, repeats: int = 3) -> dict:
@@ -366,6 +387,7 @@ def run_demo(out_dir: Path, plan: DemoPlan = FULL, seed: int = 0, log=print, res
         "speed_probe": probe,
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "machine": machine_description(),
+        "code": code_description(),
         "torch": torch.__version__,
         "parameters": n_params,
         "plan_detail": asdict(plan),
