@@ -179,20 +179,15 @@ def _arm_order(name: str) -> int:
     return order.index(name) if name in order else len(order)
 
 
-def _fmt(stat: dict) -> str:
+def _fmt(stat: dict, signed: bool = False) -> str:
+    """`mean [low, high]` (one decimal), `mean` without an interval, `–` without a mean; `signed`: with +/-."""
+    number = "{:+.1f}" if signed else "{:.1f}"
     if stat["mean"] is None:
         return "–"
     if stat["ci95"] is None:
-        return f"{stat['mean']:.1f}"
-    return f"{stat['mean']:.1f} [{stat['ci95'][0]:.1f}, {stat['ci95'][1]:.1f}]"
-
-
-def _signed(stat: dict) -> str:
-    if stat["mean"] is None:
-        return "–"
-    if stat["ci95"] is None:
-        return f"{stat['mean']:+.1f}"
-    return f"{stat['mean']:+.1f} [{stat['ci95'][0]:+.1f}, {stat['ci95'][1]:+.1f}]"
+        return number.format(stat["mean"])
+    low, high = stat["ci95"]
+    return f"{number.format(stat['mean'])} [{number.format(low)}, {number.format(high)}]"
 
 
 def study_markdown(summary: dict) -> str:
@@ -208,8 +203,8 @@ def study_markdown(summary: dict) -> str:
     if summary["paired"]:
         lines += ["", "| paired by seed | n | all acc | consistency |", "|---|---:|---:|---:|"]
         for name, stats in summary["paired"].items():
-            lines.append(f"| {name} | {stats['overall']['n']} | {_signed(stats['overall'])} | "
-                         f"{_signed(stats['consistency'])} |")
+            lines.append(f"| {name} | {stats['overall']['n']} | {_fmt(stats['overall'], signed=True)} | "
+                         f"{_fmt(stats['consistency'], signed=True)} |")
     lines += ["", "Mean [95% t-interval over seeds], in %; paired rows: the difference within each seed, then "
               "its mean and interval.", ""]
     arms = list(summary["arms"])
