@@ -324,29 +324,24 @@ def _status(arch: str | None) -> str:
              f"{MODE_ENV}={mode()}, records: {', '.join(str(p) for p in record_files())}"]  # fmt: skip
     if arch is not None:
         lines.append(f"{len(counting_records(arch))} of {len(load_records())} records count here")
+    def state(always_on: bool, verified: bool) -> str:
+        if always_on:
+            return "on (always)"
+        if mode() != "verified":
+            return "on" if mode() == "all" else "off"
+        return "on (verified)" if verified else "off (no record for this GPU)"
+
     for family, configs in tlp.config_families().items():
         lines.append(f"{family}:")
         verified = verified_labels(family, arch)
         for config in configs:
             label = config_label(config)
-            if not needs_verification(config):
-                state = "on (always)"
-            elif mode() != "verified":
-                state = "on" if mode() == "all" else "off"
-            else:
-                state = "on (verified)" if label in verified else "off (no record for this GPU)"
-            lines.append(f"  {label:<40} {state}")
+            lines.append(f"  {label:<40} {state(not needs_verification(config), label in verified)}")
     for family, names in PATHS.items():
         lines.append(f"{family}:")
         verified = verified_labels(family, arch)
         for name in names:
-            if name in ALWAYS_ON[family]:
-                state = "on (always)"
-            elif mode() != "verified":
-                state = "on" if mode() == "all" else "off"
-            else:
-                state = "on (verified)" if name in verified else "off (no record for this GPU)"
-            lines.append(f"  {name:<40} {state}")
+            lines.append(f"  {name:<40} {state(name in ALWAYS_ON[family], name in verified)}")
     return "\n".join(lines)
 
 
