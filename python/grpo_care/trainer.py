@@ -495,7 +495,7 @@ class Trainer:
                 ref_logp = self._score_reference(ref_hidden, ids.masked_fill(mask == 0, IGNORE_INDEX))
             ref_head = {}
             if ref_in_head:
-                ref_weight, ref_bias = map(distributed.full_tensor, lm_head_params(self.reference.module))
+                ref_weight, ref_bias = self._reference_head()
                 ref_head = dict(ref_input=ref_hidden.to(hidden.dtype), ref_weight=ref_weight.to(weight.dtype),
                                 ref_bias=None if ref_bias is None else ref_bias.to(weight.dtype))
 
@@ -560,7 +560,8 @@ class Trainer:
         raises the same error before backward (none is left waiting in a collective). A non-finite reference
         would otherwise pass silently at beta = 0: `care_bonus` gives a NaN likelihood no bonus."""
         zero = torch.zeros((), device=loss.device)
-        bad_ref = (~torch.isfinite(ref_logp[mask.bool()])).any().float() if ref_logp is not None else zero
+        # masked by `&`, not by indexing: a boolean index is a nonzero(), which would be a second host sync
+        bad_ref = (~torch.isfinite(ref_logp) & mask.bool()).any().float() if ref_logp is not None else zero
         flags = distributed.max_over_ranks(torch.stack([(~torch.isfinite(loss.detach())).float(), bad_ref]), self.dist)
         value, bad_loss, bad_ref = torch.cat([loss.detach().float().reshape(1), flags.to(loss.device)]).tolist()
         where = f"step {self.global_step + 1}" + (f", rank {self.dist.rank}" if self.dist.enabled else "")
@@ -577,6 +578,10 @@ class Trainer:
             )
         return value
 
+    def _reference_head(self):
+        """The reference's LM-head weight [V, H] and bias [V] (or None), whole (gathered when sharded)."""
+        return tuple(map(distributed.full_tensor, lm_head_params(self.reference.module)))
+
     @torch.no_grad()
     def _score_reference(self, ref_hidden, targets):
         """The reference's per-token log-probs [N, L] (0 at ignored targets), one care_kernels pass (2NHV).
@@ -587,7 +592,7 @@ class Trainer:
         non-finite values within the step's one read of the loss.
         """
         c = self.config
-        ref_weight, ref_bias = map(distributed.full_tensor, lm_head_params(self.reference.module))
+        ref_weight, ref_bias = self._reference_head()
         return ck.linear_logprobs(
             ref_hidden.to(ref_weight.dtype),
             ref_weight,
