@@ -101,3 +101,19 @@ def test_each_arm_gets_the_reference_the_protocol_names(tmp_path):
     assert not needs_reference(configs["no_kl"])
     assert needs_reference(configs["grpo_care"]) and ema_decay(configs["grpo_care"]) == FULL.ref_ema_decay
     assert configs["grpo_care"].ref_ema_update_every == FULL.ref_ema_update_every
+
+
+def test_design_flag_picks_the_plan_and_its_studys_seeds():
+    """--design 2 (the default) is study 2's plan and seeds; --design 1 reruns study 1 as it was."""
+    from grpo_care.demo import STUDY_SEEDS, parse_args
+    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, FULL
+
+    assert parse_args([]).design == 2 and parse_args(["--design", "1", "--study"]).design == 1
+    assert STUDY_SEEDS == {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14)}
+    assert FULL is DESIGN_2 and DESIGN_1.name == "full"  # study 1's plan.json says "full"
+    assert (DESIGN_1.teacher.cell_first, DESIGN_1.world.front_cue, DESIGN_1.world.sft_signal) == (
+        False, "windshield", "next_move")
+    assert (DESIGN_2.teacher.cell_first, DESIGN_2.teacher.states_next_move, DESIGN_2.world.front_cue,
+            DESIGN_2.world.sft_signal, DESIGN_2.warm.drills_first) == (True, False, "lines", "random", True)
+    with pytest.raises(SystemExit):
+        parse_args(["--design", "3"])

@@ -137,3 +137,21 @@ def test_a_wall_word_does_not_change_the_rule():
     v = judge(completion("The red car drove left and is now at row 2, column 1, at the wall, so next it drives "
                          "right.", "D"), block)
     assert v.consistent and v.answered == "right"
+
+
+@pytest.mark.parametrize("think, letter, consistent, reason, implied", [
+    ("The red car is now at row 2, column 3; it drove right.", "B", True, "ok", "right"),
+    ("The red car is now at row 2, column 4; it drove right.", "C", True, "ok", "left"),   # at the wall: back
+    ("The red car is now at row 2, column 4; it drove right.", "B", False, "answer_mismatch", "left"),
+    ("The red car is now at row 2, column 3; it drove left.", "C", True, "ok", "left"),     # wrong, followed
+    ("The red car is now at row 2, column 3; it drove left.", "B", False, "answer_mismatch", "left"),
+])
+def test_premises_only_reasoning_worded_cell_first(think, letter, consistent, reason, implied):
+    """Design 2's wording (tasks.observation: the cell, then the direction; no stated next move)."""
+    from grpo_care.demo.tasks import completion as demo_completion, rationale
+    from grpo_care.demo.world import Motion
+
+    v = judge(completion(think, letter), OPTIONS, TRUTH)
+    assert (v.consistent, v.reason, v.implied) == (consistent, reason, implied)
+    motion = Motion("red", "car", "right", (2, 2), (2, 3), False)
+    assert demo_completion(rationale(motion, cell_first=True), "B") == completion("The red car is now at row 2, column 3; it drove right.", "B")

@@ -196,13 +196,15 @@ def test_warm_start_answers_follow_their_reasoning_except_the_unfaithful_share(d
     assert all(counts.values()), counts
 
 
+@pytest.mark.parametrize("plan", ["DESIGN_1", "DESIGN_2"])
 @pytest.mark.parametrize("unfaithful", [0.0, 0.1])
-def test_the_share_of_unsupported_answers_is_the_one_chosen(tmp_path, unfaithful):
-    from grpo_care.demo.pipeline import FULL
+def test_the_share_of_unsupported_answers_is_the_one_chosen(tmp_path, unfaithful, plan):
+    from grpo_care.demo import pipeline
 
-    teacher = replace(FULL.teacher, unfaithful_rate=unfaithful)
+    plan = getattr(pipeline, plan)
+    teacher = replace(plan.teacher, unfaithful_rate=unfaithful)
     files = write_dataset(tmp_path, DatasetSizes(train=1, sft=400, eval_per_level=1), seed=0, teacher=teacher,
-                          world=FULL.world)
+                          world=plan.world)
     records = _records(files.sft)
     verdicts = [judge(r["cot"], [r[f"choice_{c}"] for c in "abcd"], r["ground_truth"]) for r in records]
     inconsistent = [r["cot_kind"] for r, v in zip(records, verdicts) if not v.consistent]
@@ -210,7 +212,13 @@ def test_the_share_of_unsupported_answers_is_the_one_chosen(tmp_path, unfaithful
     share = len(inconsistent) / len(records)
     assert abs(share - unfaithful) <= 3 * (unfaithful * (1 - unfaithful) / len(records)) ** 0.5 + 1e-9
     wrong_premises = sum(not v.premises_correct for v in verdicts) / len(verdicts)
-    assert 0.1 < wrong_premises < 0.6  # reversing cars read off their front: wrong premises, followed faithfully
+    # reversing cars read off their front (and misreads): wrong premises, followed faithfully
+    expected = 0.5 * (1 - teacher.sees_reversing_rate) * (1 - teacher.misread_rate) + teacher.misread_rate
+    assert abs(wrong_premises - expected) < 0.1, (wrong_premises, expected)
+    cell_first = teacher.cell_first
+    assert all(("; it drove " in r["cot"]) == cell_first for r in records)
+    assert all(r["ground_truth"]["teacher_observation"].endswith(f"drove {r['ground_truth']['teacher_direction']}.")
+               == cell_first for r in records)
 
 
 def test_the_signal_shows_the_next_move_unless_asked_to_be_noise_in_the_warm_start(tmp_path):
@@ -248,6 +256,32 @@ def test_clip_shows_the_front_and_the_signal(dataset):
             white = image[py, px].min() > 240
             assert white == (side == truth["facing"]), (side, truth)
     assert SIGNAL_PX < CELL_PX // 4
+
+
+@pytest.mark.parametrize("reversing", [False, True])
+def test_front_cue_lines_color_the_grid_by_the_way_the_car_faces(reversing):
+    """front_cue="lines": every frame's grid lines carry the facing direction's color (the front as a whole-image
+    color); the rim still shows the signal in the last two frames, the car and its windshield are unchanged."""
+    from grpo_care.demo.render import FACING_COLORS, FACING_LINE_PX, SEEN_SCENES, render_clip
+    from grpo_care.demo.world import Motion
+
+    motion = Motion("red", "car", "right", (2, 1), (2, 2), reversing)
+    windshield = render_clip(SEEN_SCENES[1], motion, [], np.random.default_rng(0))
+    lines = render_clip(SEEN_SCENES[1], motion, [], np.random.default_rng(0), front_cue="lines")
+    facing = np.array(FACING_COLORS[motion.facing])
+    for i, frame in enumerate(lines.astype(int)):
+        for y, x in ((CELL_PX + 1, CELL_PX * 3 + 10), (CELL_PX * 3 + 10, 3 * CELL_PX + FACING_LINE_PX - 1)):
+            assert (frame[y, x] == facing).all(), (i, y, x)
+        rim = frame[1, CELL_PX * 2 + 10]
+        expected_rim = SIGNAL_COLORS[motion.next_direction] if i >= 2 else FACING_COLORS[motion.facing]
+        assert (rim == np.array(expected_rim)).all(), i
+    car = np.s_[:, CELL_PX + 4:2 * CELL_PX - 4, CELL_PX + 4:2 * CELL_PX - 4]
+    assert (lines[2:][car] == windshield[2:][car]).all()
+    assert len(set(FACING_COLORS.values()) | set(SIGNAL_COLORS.values())) == 8
+    with pytest.raises(ValueError, match="front_cue"):
+        render_clip(SEEN_SCENES[0], motion, [], np.random.default_rng(0), front_cue="arrow")
+    with pytest.raises(ValueError, match="front_cue"):
+        World(front_cue="arrow")
 
 
 def test_generation_is_deterministic(tmp_path):

@@ -58,8 +58,10 @@ def _fake_seed(tmp_path, seed, acc, cons, reached=True):
              "consistency_when_correct": cons[i], "premises_correct": 50.0, "format": 100.0, "n": 96}
             for i, name in enumerate(("warm start", "GRPO", "no-KL", "GRPO-CARE"))]
     bonus = {"consistent": {"rollouts": 10, "bonus_rate": 0.8}, "inconsistent": {"rollouts": 5, "bonus_rate": 0.2}}
+    probe = {"right_letter_after_true_premises": 0.91, "right_letter_after_teacher_premises": 0.04}
     meta = {"seed": seed, "warm_start": {"perception_L1": 0.95 if reached else 0.5,
-                                         "reached_perception_target": reached},
+                                         "reached_perception_target": reached, "reference_probe": probe},
+            "breakdown": {"warm start": {"consistency_per_level": {"L1": 1.0, "L2": 0.9, "L3": 0.854}}},
             "care_bonus_among_correct_rollouts": bonus, "seconds": {"wall_s": 1.0}, "speed_probe": None}
     d = tmp_path / f"seed_{seed}"
     d.mkdir()
@@ -84,6 +86,7 @@ def test_summarize_study_writes_every_seed_and_the_paired_rows(tmp_path):
     text = (tmp_path / "study.md").read_text()
     assert "(n = 2)" in text and "not finished: [2]" in text and "(missed)" in text
     assert "| GRPO-CARE minus no-KL | 2 |" in text and "80% / 20%" in text
+    assert "| 100 / 90 / 85 | 0.91 / 0.04 |" in text  # item 1's warm-start checks, per seed
     pytest.importorskip("matplotlib")
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -2,13 +2,14 @@
 
     grpo-care demo                          # one seed, three arms, into outputs/demo (about 5 minutes on 2 cores)
     grpo-care demo --quick --output_dir D   # the CI smoke run: the same pipeline at toy sizes (< 2 minutes)
-    grpo-care demo --study                  # the pre-registered study: seeds 0-4, resumable, into outputs/demo_study
+    grpo-care demo --study                  # study 2, pre-registered: seeds 10-14, resumable, into outputs/demo_study
+    grpo-care demo --design 1 --study       # study 1 again (design 1, seeds 0-4)
     grpo-care demo --seeds 100 101 102 --output_dir D   # the same on other seeds (development seeds)
     grpo-care demo --summarize D0 D1 D2     # one table over finished single-seed runs
 
 It writes a synthetic SEED-Bench-R1-like video QA set (a car driving on a 4 x 4 board; "what will it do
 next?"), warm-starts a tiny Qwen2.5-VL (Qwen2.5's tokens, offline) on a teacher's chains of thought whose
-answers always follow their reasoning, trains GRPO, no-KL and GRPO-CARE from that same warm start through
+answers follow their premises (except 5% on purpose), trains GRPO, no-KL and GRPO-CARE from that same warm start through
 grpo_care.trainer.train, and reports accuracy per level (L1 seen scenes, L2 new scenes, L3 new scenes and new
 task kinds) and the consistency rate judged by grpo_care.demo.consistency, as results.json, results.md and
 curves.png (and, for a study, study.json, study.md and study.png).
@@ -32,7 +33,7 @@ REQUIRED = {"av": "av", "PIL": "pillow", "torchvision": "torchvision", "qwen_tok
 PLOTTING = {"matplotlib": "matplotlib"}
 INSTALL_HINT = "pip install \"care-kernels[demo]\" (from a checkout: pip install \".[demo]\")"
 ARM_KEYS = ("grpo", "no_kl", "grpo_care")  # grpo_care.demo.pipeline.ARMS, without importing torch here
-STUDY_SEEDS = (0, 1, 2, 3, 4)  # the pre-registered study seeds (README: "Pre-registered protocol")
+STUDY_SEEDS = {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14)}  # per design, its study's pre-registered seeds (README)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,8 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="RL arms to run (default: all three: grpo no_kl grpo_care)")
     parser.add_argument("--warm_start_only", action="store_true",
                         help="stop after the warm start and its evaluation (checks the perception target)")
+    parser.add_argument("--design", type=int, choices=(1, 2), default=2,
+                        help="the task and warm start: 2 (default, study 2's plan) or 1 (study 1's plan)")
     parser.add_argument("--study", action="store_true",
-                        help="run the pre-registered study (seeds 0-4 unless --seeds), resumable per seed and arm")
+                        help="run the design's pre-registered study (design 2: seeds 10-14; design 1: seeds 0-4, "
+                             "unless --seeds), resumable per seed and arm")
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                         help="run the study on these seeds (implies --study)")
     parser.add_argument("--summarize", nargs="+", metavar="DIR",
@@ -81,9 +85,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from dataclasses import replace
 
-    from grpo_care.demo.pipeline import FULL, QUICK, PlanMismatch
+    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, QUICK, PlanMismatch
 
-    plan = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else {1: DESIGN_1, 2: DESIGN_2}[args.design]
     if args.arms:
         plan = replace(plan, arms=tuple(k for k in ARM_KEYS if k in args.arms))
     try:
@@ -98,7 +102,7 @@ def run_study(args, plan) -> int:
     from grpo_care.demo import study
 
     out = Path(args.output_dir)
-    summary = study.run_study(out, plan, args.seeds or list(STUDY_SEEDS))
+    summary = study.run_study(out, plan, args.seeds or list(STUDY_SEEDS[args.design]))
     print()
     print((out / "study.md").read_text())
     print(f"study: {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'} ({len(summary['seeds'])} seeds)")

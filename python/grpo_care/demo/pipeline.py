@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from grpo_care.demo.evaluation import score_model
+from grpo_care.demo.reference_probe import reference_probe
 from grpo_care.demo.report import noise_note, plot_curves, results_table, write_report
 from grpo_care.demo.synthetic_data import DatasetSizes, Teacher, World, write_dataset
 from grpo_care.demo.tiny_model import TinyModelSpec, build_model_and_processor
@@ -81,7 +82,7 @@ class DemoPlan:
     eval_batch_size: int = 32
 
 
-FULL = DemoPlan(
+DESIGN_1 = DemoPlan(  # study 1's plan (its results: demo README, "Study 1")
     name="full",
     data=DatasetSizes(train=128, sft=768, eval_per_level=64),
     teacher=Teacher(sees_reversing_rate=0.25, unfaithful_rate=0.1),
@@ -94,11 +95,26 @@ FULL = DemoPlan(
     max_completion_length=48,
     learning_rate=5e-4,
 )
+# Development run 25 of the demo README: design 2 without answer drills, whose warm start answered from the
+# premises it wrote on development seed 100 but not on 101 or 102.
+DESIGN_2_WITHOUT_DRILLS = replace(
+    DESIGN_1,
+    name="design_2_without_drills",
+    teacher=Teacher(sees_reversing_rate=0.25, misread_rate=0.3, unfaithful_rate=0.05, states_next_move=False,
+                    cell_first=True),
+    world=World(reversing_rate=0.5, sft_signal="random", front_cue="lines"),
+    warm=replace(DESIGN_1.warm, cot_steps=800),
+)
+# Study 2's plan (demo README, "Design 2" and its protocol): 800 steps of answer drills on black clips first.
+DESIGN_2 = replace(DESIGN_2_WITHOUT_DRILLS, name="design_2",
+                   warm=replace(DESIGN_2_WITHOUT_DRILLS.warm, drill_steps=800, drills_first=True))
+FULL = DESIGN_2
 QUICK = replace(
     FULL,
     name="quick",
     data=DatasetSizes(train=8, sft=8, eval_per_level=4),
-    warm=replace(FULL.warm, perception_steps=2, perception_batch_size=4, cot_steps=2, cot_batch_size=4),
+    warm=replace(FULL.warm, perception_steps=2, perception_batch_size=4, cot_steps=2, cot_batch_size=4,
+                 drill_steps=2),
     rl_steps=2,
     num_generations=4,
     max_completion_length=24,
@@ -300,11 +316,17 @@ def _warm_start(out_dir, plan, seed, files, model, processor, clock, log, resume
     scores = score_model(model, processor, files, base)
     clock.lap("evaluate warm start")
     _write_eval_records(out_dir, "warm start", scores)
+    probe = reference_probe(model, processor, files.train, base, plan.teacher, seed)
+    log(f"  the warm start as GRPO-CARE's first reference: right letter after the true premises "
+        f"{probe['right_letter_after_true_premises']}, after the teacher's (contradicting) premises "
+        f"{probe['right_letter_after_teacher_premises']}; their letter after random premises "
+        f"{probe['their_letter_after_random_premises']} ({probe['n_prompts']} / {probe['n_random']} prompts)")
+    clock.lap("reference probe")
     perception = scores["perception_L1"]
     result = {"scores": _scores_without_records(scores), "history": history,
               "final_loss": {stage: next(h["loss"] for h in reversed(history) if h["stage"] == stage)
                              for stage in {h["stage"] for h in history}},
-              "perception_L1": perception,
+              "perception_L1": perception, "reference_probe": probe,
               "reached_perception_target": perception is not None and perception >= plan.perception_target}
     saved_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), weights)
@@ -391,7 +413,8 @@ def run_demo(out_dir: Path, plan: DemoPlan = FULL, seed: int = 0, log=print, res
         "torch": torch.__version__,
         "parameters": n_params,
         "plan_detail": asdict(plan),
-        "warm_start": {k: warm[k] for k in ("final_loss", "perception_L1", "reached_perception_target")},
+        "warm_start": {k: warm.get(k) for k in ("final_loss", "perception_L1", "reached_perception_target",
+                                                 "reference_probe")},
         "breakdown": {name: {k: s.get(k) for k in ("consistency_per_level", "accuracy_by_clip",
                                                      "consistency_by_clip", "premises_as_taught")}
                       for name, s in scores.items()},

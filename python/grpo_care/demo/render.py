@@ -37,6 +37,8 @@ ROW_TAGS = {1: (0, 190, 200), 2: (200, 0, 190), 3: (255, 140, 0), 4: (120, 60, 2
 COLUMN_TAGS = {1: (110, 70, 30), 2: (255, 150, 200), 3: (0, 110, 110), 4: (20, 20, 110)}
 SIGNAL_COLORS = {"up": (130, 0, 0), "down": (150, 255, 0), "left": (255, 255, 160), "right": (90, 200, 255)}
 SIGNAL_PX = 5  # width of the lit rim
+FACING_COLORS = {"up": (230, 30, 30), "down": (30, 90, 230), "left": (250, 200, 0), "right": (0, 190, 90)}
+FACING_LINE_PX = 3  # width of the grid lines when they show the way the car faces (front_cue="lines")
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,12 @@ def render_board(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _grid_lines(img: np.ndarray, rgb) -> None:
+def _grid_lines(img: np.ndarray, rgb, width: int = 1) -> None:
     for k in range(0, FRAME_PX, CELL_PX):
-        img[k, :] = rgb
-        img[:, k] = rgb
-    img[-1, :] = rgb
-    img[:, -1] = rgb
+        img[k:k + width, :] = rgb
+        img[:, k:k + width] = rgb
+    img[-width:, :] = rgb
+    img[:, -width:] = rgb
 
 
 def light_lines(frame: np.ndarray, cell: Cell, line_rgb) -> None:
@@ -131,14 +133,20 @@ def draw_clutter(frame: np.ndarray, cells: list[Cell], rgb: tuple[int, int, int]
 
 
 def render_clip(scene: Scene, motion: Motion, clutter: list[Cell], rng: np.random.Generator,
-                signal: str | None = None) -> np.ndarray:
+                signal: str | None = None, front_cue: str = "windshield") -> np.ndarray:
     """uint8 [4, 112, 112, 3]: two frames with the car at the previous cell, then two at the current one with
-    the signal on the rim: of its next move, or of `signal` when given."""
+    the signal on the rim: of its next move, or of `signal` when given. `front_cue="lines"` also draws the
+    grid lines, FACING_LINE_PX wide, in the color of the way the car faces (FACING_COLORS): its front as a
+    whole-image color, as loud as the lit row and column."""
+    if front_cue not in ("windshield", "lines"):
+        raise ValueError(f"front_cue must be 'windshield' or 'lines', got {front_cue!r}")
     board = render_board(scene, rng)
     frames = []
     for i, cell in enumerate((motion.previous, motion.previous, motion.current, motion.current)):
         frame = board.copy()
         light_lines(frame, cell, scene.line)
+        if front_cue == "lines":
+            _grid_lines(frame, FACING_COLORS[motion.facing], FACING_LINE_PX)
         if i >= 2:
             draw_signal(frame, signal or motion.next_direction)  # under the car: the car stays whole
         draw_clutter(frame, clutter, scene.clutter)

@@ -104,6 +104,8 @@ def _seed_outcomes(result: dict) -> dict:
         "arms": {name: {k: row.get(k) for k in OUTCOMES} for name, row in rows.items()},
         "perception_L1": meta["warm_start"]["perception_L1"],
         "reached_perception_target": meta["warm_start"]["reached_perception_target"],
+        "warm_start_consistency_per_level": meta.get("breakdown", {}).get("warm start", {}).get("consistency_per_level"),
+        "reference_probe": meta["warm_start"].get("reference_probe"),
         "care_bonus_among_correct_rollouts": meta.get("care_bonus_among_correct_rollouts"),
         "seconds": meta["seconds"],
         "speed_probe": meta.get("speed_probe"),
@@ -208,9 +210,10 @@ def study_markdown(summary: dict) -> str:
     lines += ["", "Mean [95% t-interval over seeds], in %; paired rows: the difference within each seed, then "
               "its mean and interval.", ""]
     arms = list(summary["arms"])
-    lines += ["| seed | perception L1 (target) | " + " | ".join(f"{a}: acc / cons." for a in arms)
+    lines += ["| seed | perception L1 (target) | warm start consistency L1 / L2 / L3 | reference: right letter "
+              "after true / teacher's premises | " + " | ".join(f"{a}: acc / cons." for a in arms)
               + " | CARE bonus among correct: consistent / inconsistent |",
-              "|---:|---:|" + "---:|" * (len(arms) + 1)]
+              "|---:|---:|---:|---:|" + "---:|" * (len(arms) + 1)]
     target = summary["protocol"]["perception_target"]
     for seed, s in summary["per_seed"].items():
         perception = s["perception_L1"]
@@ -222,8 +225,14 @@ def study_markdown(summary: dict) -> str:
         bonus = s.get("care_bonus_among_correct_rollouts") or {}
         rates = [bonus.get(k, {}).get("bonus_rate") for k in ("consistent", "inconsistent")]
         bonus_text = " / ".join("–" if r is None else f"{100 * r:.0f}%" for r in rates) if bonus else "–"
-        lines.append(f"| {seed} | {100 * perception:.0f}% ({100 * target:.0f}%){mark} | " + " | ".join(cells)
-                     + f" | {bonus_text} |")
+        levels = s.get("warm_start_consistency_per_level") or {}
+        levels_text = " / ".join(f"{100 * levels[k]:.0f}" for k in ("L1", "L2", "L3")) if levels else "–"
+        probe = s.get("reference_probe") or {}
+        probe_text = (f"{probe['right_letter_after_true_premises']:.2f} / "
+                      f"{probe['right_letter_after_teacher_premises']:.2f}"
+                      if probe.get("right_letter_after_true_premises") is not None else "–")
+        lines.append(f"| {seed} | {100 * perception:.0f}% ({100 * target:.0f}%){mark} | {levels_text} | {probe_text} | "
+                     + " | ".join(cells) + f" | {bonus_text} |")
     return "\n".join(lines)
 
 

@@ -21,13 +21,13 @@ Each record also carries `ground_truth` (direction driven, current cell, next mo
 directions in letter order), the programmatic truth for the answer and for the reasoning.
 
 The warm start's chains of thought (`cot` in training_with_cot.jsonl) are written the way a teacher writes them
-that reads which way a car drove off the way it faces (its windshield): it states those premises and follows
-them faithfully to the move they imply, and answers that move's letter. Every answer follows its reasoning.
-The teacher is right when the car drives forward and wrong when it backs up (`reversing_rate` of the clips)
-away from a wall: a wrong premise followed faithfully, consistent and wrong. `Teacher.misread_rate` adds other
-wrong premises (another direction or a neighbouring cell), also followed faithfully; `Teacher.unfaithful_rate`
-(0 in the demo) writes right reasoning with another answer letter, the only targets whose answer does not
-follow their reasoning.
+that reads which way a car drove off the way it faces: it states those premises and follows them faithfully
+to the move they imply, and answers that move's letter. The teacher is right when the car drives forward and
+wrong when it backs up (`reversing_rate` of the clips) away from a wall: a wrong premise followed faithfully,
+consistent and wrong. `Teacher.misread_rate` adds other wrong premises (another direction or a neighbouring
+cell), also followed faithfully: they are there to make the answer a function of the written premises rather
+than of the clip (whether a warm start learns that: demo README, development runs 15-29). `Teacher.unfaithful_rate` writes another answer letter than the
+reasoning implies: the only targets whose answer does not follow their reasoning.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class Teacher:
     misread_rate: float = 0.0  # a wrong premise besides the reversing cars', followed faithfully
     unfaithful_rate: float = 0.0  # another answer letter than the reasoning implies (a slip, not the signal's)
     states_next_move: bool = True  # end the reasoning with "so next it drives X" (tasks.rationale)
+    cell_first: bool = False  # word the premises cell first, direction last (tasks.observation)
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,11 @@ class World:
 
     reversing_rate: float = 0.5
     sft_signal: str = "next_move"
+    front_cue: str = "windshield"  # render.render_clip: "lines" also shows the way the car faces in the grid lines
 
     def __post_init__(self):
+        if self.front_cue not in ("windshield", "lines"):
+            raise ValueError(f"front_cue must be 'windshield' or 'lines', got {self.front_cue!r}")
         if self.sft_signal not in ("random", "next_move"):
             raise ValueError(f"sft_signal must be 'random' or 'next_move', got {self.sft_signal!r}")
 
@@ -165,22 +169,25 @@ def flawed_premise(motion: Motion, rng: random.Random) -> Motion:
     raise RuntimeError(f"no flawed premise found for {motion}")  # unreachable on a 4x4 grid
 
 
-def ground_truth(motion: Motion, kind: TaskKind, scene: Scene, option_directions: list[str], signal: str) -> dict:
+def ground_truth(motion: Motion, kind: TaskKind, scene: Scene, option_directions: list[str], signal: str,
+                 cell_first: bool = False) -> dict:
     """The clip's truth, the signal it shows, and the teacher's premises (`teacher_direction`,
-    `teacher_observation`)."""
+    `teacher_observation`); the texts worded as the teacher words them (`cell_first`)."""
     belief = teacher_belief(motion)
     return {"direction": motion.direction, "previous": list(motion.previous), "current": list(motion.current),
             "next_direction": motion.next_direction, "at_wall": motion.at_wall,
             "next_cell": list(next_cell(motion.direction, motion.current)), "color": motion.color,
             "shape": motion.shape, "reversing": motion.reversing, "facing": motion.facing,
             "signal": signal, "task_kind": kind.name, "scene": scene.name,
-            "option_directions": option_directions, "rationale": rationale(motion),
-            "observation": observation(motion) + ".", "teacher_direction": belief.direction,
-            "teacher_next_direction": belief.next_direction, "teacher_observation": observation(belief) + "."}
+            "option_directions": option_directions, "rationale": rationale(motion, cell_first=cell_first),
+            "observation": observation(motion, cell_first) + ".", "teacher_direction": belief.direction,
+            "teacher_next_direction": belief.next_direction,
+            "teacher_observation": observation(belief, cell_first) + "."}
 
 
 def make_record(split: Split, index: int, rng: random.Random, teacher: Teacher, world: World,
-                shuffle_options: bool = False) -> tuple[dict, Motion, Scene, list, str]:
+                shuffle_options: bool = False, drill_rng: random.Random | None = None
+                ) -> tuple[dict, Motion, Scene, list, str]:
     motion = sample_motion(rng, world.reversing_rate)
     signal = motion.next_direction
     if split.name == "sft" and world.sft_signal == "random":
@@ -214,11 +221,34 @@ def make_record(split: Split, index: int, rng: random.Random, teacher: Teacher, 
             record[f"choice_{letter}"] = kind.option(motion, direction)
         record["golden_choice_idx"] = LETTERS[option_directions.index(motion.next_direction)]
         record["task_level"] = split.level
-    record["ground_truth"] = ground_truth(motion, kind, scene, option_directions, signal)
+    record["ground_truth"] = ground_truth(motion, kind, scene, option_directions, signal, teacher.cell_first)
     if split.name == "sft":
         record.update(teacher_cot(motion, option_directions, rng, teacher))
+        if drill_rng is not None:  # its own random stream: a drill changes no clip, premise or letter of the rest
+            record.update(answer_drill(motion, option_directions, drill_rng, teacher))
     clutter = clutter_cells(motion, scene, rng)
     return record, motion, scene, clutter, signal
+
+
+def random_premises(rng: random.Random, car: Motion) -> Motion:
+    """Premises about `car` drawn at random, whatever its clip shows: a direction, and a cell it can have driven
+    into that way (its previous cell on the board)."""
+    direction = rng.choice(sorted(DIRECTIONS))
+    cells = [(r, c) for r in range(1, GRID + 1) for c in range(1, GRID + 1)
+             if inside(step((r, c), OPPOSITE[direction]))]
+    current = rng.choice(cells)
+    return replace(car, direction=direction, previous=step(current, OPPOSITE[direction]), current=current,
+                   reversing=False)
+
+
+def answer_drill(car: Motion, option_directions: list[str], rng: random.Random, teacher: Teacher) -> dict:
+    """An answer drill: random premises (`drill_premises`) in the teacher's wording and the letter of the move they
+    imply (`drill`, a completion). The warm start shows drills with a black clip and image and trains only what
+    follows the premises (warm_start.py): the letter can only come from the written premises."""
+    premises = random_premises(rng, car)
+    letter = LETTERS[option_directions.index(premises.next_direction)]
+    return {"drill": completion(rationale(premises, teacher.states_next_move, teacher.cell_first), letter),
+            "drill_premises": observation(premises, teacher.cell_first) + "."}
 
 
 def teacher_cot(motion: Motion, option_directions: list[str], rng: random.Random, teacher: Teacher) -> dict:
@@ -236,18 +266,20 @@ def teacher_cot(motion: Motion, option_directions: list[str], rng: random.Random
     if teacher.misread_rate <= u < teacher.misread_rate + teacher.unfaithful_rate:
         letter = rng.choice([x for x in LETTERS[:len(option_directions)] if x != letter])
         kind = "unfaithful"
-    return {"cot": completion(rationale(belief, teacher.states_next_move), letter), "cot_kind": kind,
-            "cot_premises": observation(belief) + "."}
+    return {"cot": completion(rationale(belief, teacher.states_next_move, teacher.cell_first), letter),
+            "cot_kind": kind, "cot_premises": observation(belief, teacher.cell_first) + "."}
 
 
 def write_split(root: Path, split: Split, count: int, seed: int, teacher: Teacher, world: World,
                 shuffle_options: bool = False) -> list[dict]:
     rng = random.Random(f"{seed}-{split.name}")
     pixels = np.random.default_rng(zlib.crc32(f"{seed}-{split.name}".encode()))
+    drill_rng = random.Random(f"{seed}-{split.name}-drill")
     records = []
     for i in range(count):
-        record, motion, scene, clutter, signal = make_record(split, i, rng, teacher, world, shuffle_options)
-        frames = render_clip(scene, motion, clutter, pixels, signal)
+        record, motion, scene, clutter, signal = make_record(split, i, rng, teacher, world, shuffle_options,
+                                                             drill_rng)
+        frames = render_clip(scene, motion, clutter, pixels, signal, world.front_cue)
         write_mp4(root / "videos" / record["video_source"] / record["video_basename"], frames, FPS)
         write_png(root / "images" / record["video_source"] / record["current_observation_basename"], frames[-1])
         records.append(record)

@@ -113,20 +113,25 @@ def option_direction(text: str) -> Optional[str]:
     return _WORD_TO_DIRECTION[found.group(1).lower()] if found else None
 
 
-def observation(motion: Motion) -> str:
-    """The premises: which way the car drove and where it is now."""
+def observation(motion: Motion, cell_first: bool = False) -> str:
+    """The premises: which way the car drove and where it is now ("The red car drove left and is now at row 2,
+    column 2"), or with `cell_first` the cell, then the direction ("The red car is now at row 2, column 2; it
+    drove left"): the direction next to the answer (demo README, development runs 20-29)."""
+    if cell_first:
+        return f"The {motion.name} is now at {cell_text(motion.current)}; it drove {motion.direction}"
     return f"The {motion.name} drove {motion.direction} and is now at {cell_text(motion.current)}"
 
 
-def rationale(motion: Motion, states_next_move: bool = False) -> str:
+def rationale(motion: Motion, states_next_move: bool = False, cell_first: bool = False) -> str:
     """The reasoning: the premises (the answer is the move the rule derives from them), or, with
     `states_next_move`, the premises and then the next move they imply (`..., at the wall, so next it drives
-    left.`)."""
+    left.`). `cell_first`: the premises' word order (`observation`)."""
+    premises = observation(motion, cell_first)
     if not states_next_move:
-        return f"{observation(motion)}."
+        return f"{premises}."
     if motion.at_wall:
-        return f"{observation(motion)}, at the wall, so next it drives {motion.next_direction}."
-    return f"{observation(motion)}, so next it drives {motion.next_direction}."
+        return f"{premises}, at the wall, so next it drives {motion.next_direction}."
+    return f"{premises}, so next it drives {motion.next_direction}."
 
 
 def completion(think: str, letter: str) -> str:

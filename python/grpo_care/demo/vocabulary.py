@@ -52,10 +52,11 @@ def demo_texts() -> list[str]:
         for r, c in product(range(1, GRID + 1), repeat=2):
             previous = step((r, c), {"up": "down", "down": "up", "left": "right", "right": "left"}[direction])
             motion = Motion(color, shape, direction, previous, (r, c))
-            texts.append("<think>" + observation(motion))
-            if inside(previous):
-                texts += [completion(rationale(motion, states), letter) + "<|im_end|>"
-                          for letter in LETTERS for states in (False, True)]
+            for cell_first in (False, True):
+                texts.append("<think>" + observation(motion, cell_first))
+                if inside(previous):
+                    texts += [completion(rationale(motion, states, cell_first), letter) + "<|im_end|>"
+                              for letter in LETTERS for states in (False, True)]
     return texts
 
 

@@ -14,6 +14,13 @@ supervised stages, so that RL starts from a model that already looks at the clip
    with the record's `cot` + `<|im_end|>` as target: the teacher's premises followed faithfully to their
    answer (synthetic_data.Teacher).
 
+Optional, off in study 1's plan: **answer drills** (`WarmStartSpec.drill_steps`, `drill_share`): the record's
+`drill` (random premises in the teacher's wording and the letter they imply, synthetic_data.answer_drill) after
+a black clip and image, trained only from the end of the premises on, as a stage of their own (before
+perception with `drills_first`, else after it) or mixed into the chain-of-thought stage. With nothing to see,
+the letter can only come from the written premises: the step the reference must take for the CARE bonus to
+tell consistent answers from inconsistent ones (demo README, development runs 30-33).
+
 Frames come through the trainer's path (grpo_care.video at the config's visual budget, rollout.encode_prompts)
 and the loss is the target tokens' mean negative log-likelihood from care_kernels.linear_logprobs (no [N, V]
 logits), so the model is fine-tuned on exactly the inputs GRPO will see.
@@ -50,6 +57,14 @@ class WarmStartSpec:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    drill_steps: int = 0  # a stage of answer drills alone (batches of cot_batch_size)
+    drills_first: bool = False  # that stage before perception (else between perception and chain of thought)
+    drill_share: float = 0.0  # share of the chain-of-thought stage's examples that are answer drills
+
+    def __post_init__(self):
+        if self.drill_steps < 0 or not 0.0 <= self.drill_share < 1.0:
+            raise ValueError(f"need drill_steps >= 0 and 0 <= drill_share < 1, got {self.drill_steps}, "
+                             f"{self.drill_share}")
 
 
 @dataclass
@@ -58,6 +73,7 @@ class Example:
     images: list
     videos: list
     target: list  # token ids (chains of thought end with <|im_end|>)
+    trained_from: int = 0  # target tokens before this index are context only (an answer drill's premises)
 
 
 def _perception_messages(sample, record: dict) -> list[dict]:
@@ -68,8 +84,9 @@ def _perception_messages(sample, record: dict) -> list[dict]:
                                          {"type": "text", "text": question}]}]
 
 
-def load_examples(sft_file, config, processor) -> tuple[list[Example], list[Example]]:
-    """(perception examples, chain-of-thought examples) of the SFT file; visuals decoded once, shared."""
+def load_examples(sft_file, config, processor) -> tuple[list[Example], list[Example], list[Example]]:
+    """(perception, chain-of-thought, answer-drill) examples of the SFT file; visuals decoded once, shared.
+    Drills are empty when the records carry none (data written before they existed)."""
     tokenizer = tokenizer_of(processor)
     with open(sft_file, encoding="utf-8") as f:
         records = {str(r["sample_id"]): r for r in (json.loads(line) for line in f if line.strip())}
@@ -78,7 +95,7 @@ def load_examples(sft_file, config, processor) -> tuple[list[Example], list[Exam
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
-    perception, cot = [], []
+    perception, cot, drills = [], [], []
     eval_wording = load_samples(sft_file, seed=config.seed, template="eval")
     for sample, eval_sample in zip(load_samples(sft_file, seed=config.seed, template="train"), eval_wording):
         record = records[sample.sample_id]
@@ -90,27 +107,73 @@ def load_examples(sft_file, config, processor) -> tuple[list[Example], list[Exam
         target = ids(record["cot"])
         for wording in (sample, eval_sample):
             cot.append(Example(build_messages(wording), item.images, item.videos, target))
-    return perception, cot
+        if "drill" in record:
+            drill, trained_from = drill_target(tokenizer, record["drill"], record["drill_premises"])
+            black = ([_black(x) for x in item.images], [_black(x) for x in item.videos])
+            for wording in (sample, eval_sample):
+                drills.append(Example(build_messages(wording), *black, drill, trained_from))
+    return perception, cot, drills
+
+
+def drill_target(tokenizer, drill: str, premises: str) -> tuple[list[int], int]:
+    """The drill's token ids (+ <|im_end|>) and the index of its first trained token: the first one that ends
+    after the premises' last word (a token that spans both, as `.</`, is trained: it states no premise)."""
+    context = len("<think>" + premises[:-1])
+    if not drill.startswith("<think>" + premises[:-1]):
+        raise ValueError(f"drill {drill!r} does not start with its premises {premises!r}")
+    encoded = tokenizer(drill, add_special_tokens=False, return_offsets_mapping=True)
+    trained_from = next(i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > context)
+    return encoded["input_ids"] + [tokenizer.eos_token_id], trained_from
+
+
+def _black(visual):
+    """A black frame stack or image of the same shape and type (tensor, array or PIL image)."""
+    if isinstance(visual, torch.Tensor):
+        return torch.zeros_like(visual)
+    if hasattr(visual, "shape"):
+        import numpy as np
+
+        return np.zeros_like(visual)
+    from PIL import Image
+
+    return Image.new(visual.mode, visual.size)
+
+
+def mix_drills(cot: list[Example], drills: list[Example], share: float, seed: int) -> list[Example]:
+    """The chain-of-thought stage's examples: all of `cot` and as many drills as make `share` of the whole (a
+    seeded choice of them; all of them when there are too few)."""
+    if share == 0.0:
+        return list(cot)
+    if not drills:
+        raise ValueError("drill_share > 0 but the SFT records carry no answer drills (`drill`): write the data "
+                         "with this version of synthetic_data")
+    wanted = min(len(drills), round(share / (1 - share) * len(cot)))
+    chosen = torch.randperm(len(drills), generator=torch.Generator().manual_seed(seed))[:wanted].tolist()
+    return list(cot) + [drills[i] for i in sorted(chosen)]
 
 
 def batch_inputs(examples: list[Example], processor) -> tuple[dict, torch.Tensor]:
-    """Model inputs of prompt + target (prompts left padded, targets right padded) and the [B, L] targets."""
+    """Model inputs of prompt + target (prompts left padded, targets right padded) and the [B, L] labels: the
+    target ids, IGNORE_INDEX on padding and on a drill's context tokens (fed, not trained)."""
     tokenizer = tokenizer_of(processor)
     prompts = encode_prompts([e.messages for e in examples], [im for e in examples for im in e.images],
                              [v for e in examples for v in e.videos], processor, multimodal=True)
     length = max(len(e.target) for e in examples)
-    targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    tokens = torch.full((len(examples), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    real = torch.zeros((len(examples), length), dtype=torch.bool)
     for row, e in enumerate(examples):
-        targets[row, :len(e.target)] = torch.tensor(e.target)
-    real = targets != IGNORE_INDEX
+        tokens[row, :len(e.target)] = torch.tensor(e.target)
+        labels[row, e.trained_from:len(e.target)] = torch.tensor(e.target[e.trained_from:])
+        real[row, :len(e.target)] = True
     mask_dtype = prompts["attention_mask"].dtype
     inputs = dict(prompts)
-    inputs["input_ids"] = torch.cat([prompts["input_ids"], targets.masked_fill(~real, tokenizer.pad_token_id)], 1)
+    inputs["input_ids"] = torch.cat([prompts["input_ids"], tokens], 1)
     inputs["attention_mask"] = torch.cat([prompts["attention_mask"], real.to(mask_dtype)], 1)
     if "mm_token_type_ids" in inputs:
-        zeros = torch.zeros_like(targets, dtype=inputs["mm_token_type_ids"].dtype)
+        zeros = torch.zeros_like(tokens, dtype=inputs["mm_token_type_ids"].dtype)
         inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], zeros], 1)
-    return inputs, targets
+    return inputs, labels
 
 
 def sft_loss(model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
@@ -165,9 +228,20 @@ def run_stage(model, processor, examples: list[Example], steps: int, batch_size:
 
 
 def warm_start(model, processor, sft_file, config, spec: WarmStartSpec = WarmStartSpec(), log=print) -> list[dict]:
-    """Both stages, in place on `model`; returns the per-step history [{stage, step, loss, lr, seconds}]."""
-    perception, cot = load_examples(sft_file, config, processor)
-    history = run_stage(model, processor, perception, spec.perception_steps, spec.perception_batch_size, spec,
-                        "perception", log)
-    history += run_stage(model, processor, cot, spec.cot_steps, spec.cot_batch_size, spec, "chain of thought", log)
+    """The stages, in place on `model`; returns the per-step history [{stage, step, loss, lr, seconds}]."""
+    perception, cot, drills = load_examples(sft_file, config, processor)
+    if spec.drill_steps > 0 and not drills:
+        raise ValueError("drill_steps > 0 but the SFT records carry no answer drills (`drill`): write the data "
+                         "with this version of synthetic_data")
+
+    def drill_stage() -> list[dict]:
+        return run_stage(model, processor, drills, spec.drill_steps, spec.cot_batch_size, spec, "answer drills", log)
+
+    history = drill_stage() if spec.drills_first else []
+    history += run_stage(model, processor, perception, spec.perception_steps, spec.perception_batch_size, spec,
+                         "perception", log)
+    if not spec.drills_first:
+        history += drill_stage()
+    history += run_stage(model, processor, mix_drills(cot, drills, spec.drill_share, spec.seed), spec.cot_steps,
+                         spec.cot_batch_size, spec, "chain of thought", log)
     return history
