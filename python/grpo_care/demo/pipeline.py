@@ -310,10 +310,10 @@ def _warm_start(out_dir, plan, seed, files, model, processor, clock, log, resume
         return json.loads(result_file.read_text())
     base = rl_config(plan, files, out_dir / "grpo", seed, ARMS["grpo"])
     w = plan.warm
-    drills = f"{w.drill_steps} answer-drill steps, " if w.drill_steps else ""
-    stages = (f"{drills}{w.perception_steps} perception steps" if w.drills_first
-              else f"{w.perception_steps} perception steps, {drills}".rstrip(", "))
-    log(f"warm start: {stages}, then {w.cot_steps} steps on the teacher's chains of thought"
+    stages = [f"{w.perception_steps} perception steps"]
+    if w.drill_steps:
+        stages.insert(0 if w.drills_first else 1, f"{w.drill_steps} answer-drill steps")
+    log(f"warm start: {', '.join(stages)}, then {w.cot_steps} steps on the teacher's chains of thought"
         + (f" ({100 * w.drill_share:.0f}% of them answer drills)" if w.drill_share else "") + " ...")
     history = warm_start(model, processor, files.sft, base, replace(plan.warm, seed=seed), log=log)
     clock.lap("warm start")

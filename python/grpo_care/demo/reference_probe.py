@@ -24,10 +24,11 @@ import random
 
 import torch
 
+from care_kernels.answer_spans import answer_positions
 from grpo_care.data import build_messages, load_samples
 from grpo_care.demo.synthetic_data import LETTERS, Teacher, random_premises, teacher_belief
 from grpo_care.demo.tasks import completion, rationale
-from grpo_care.demo.warm_start import Example, batch_inputs
+from grpo_care.demo.warm_start import Example, batch_inputs, target_logprobs
 from grpo_care.demo.world import Motion
 
 BATCH = 16
@@ -80,11 +81,13 @@ def probe_cases(processor, train_file, config, teacher: Teacher, seed: int = 0) 
 
 
 def _letter_position(tokenizer, text: str) -> tuple[list[int], int]:
-    """The completion's token ids (+ <|im_end|>) and the index of the token that holds the answer letter."""
-    letter_at = text.index("<answer>") + len("<answer>")
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    position = next(i for i, (start, end) in enumerate(encoded["offset_mapping"]) if start <= letter_at < end)
-    return encoded["input_ids"] + [tokenizer.eos_token_id], position
+    """The completion's token ids (+ <|im_end|>) and the index of its answer token: the span CARE's reference
+    likelihood scores (care_kernels.answer_spans, `content`), one token (`>A`) with Qwen's BPE."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    span = answer_positions(ids, tokenizer)
+    if len(span) != 1:
+        raise ValueError(f"the answer of {text!r} is {len(span)} tokens, not one")
+    return ids + [tokenizer.eos_token_id], span[0]
 
 
 @torch.no_grad()
@@ -93,15 +96,9 @@ def mean_letter_probability(model, processor, examples: list[tuple[Example, int]
     log_softmax(model(prompt + target).logits[:, prompt_len - 1 + position]).gather(target[position])."""
     if not examples:
         return None
-    from grpo_care.modeling import backbone_hidden, lm_head_params
-    import care_kernels as ck
-
     total = 0.0
     for start in range(0, len(examples), BATCH):
         batch = examples[start:start + BATCH]
-        inputs, targets = batch_inputs([e for e, _ in batch], processor)
-        hidden = backbone_hidden(model, inputs)[:, -targets.shape[1] - 1:-1]
-        weight, bias = lm_head_params(model)
-        logprobs = ck.linear_logprobs(hidden.contiguous(), weight, targets, bias, ignore_index=-100)
+        logprobs = target_logprobs(model, *batch_inputs([e for e, _ in batch], processor))
         total += sum(math.exp(float(logprobs[row, position])) for row, (_, position) in enumerate(batch))
     return round(total / len(examples), 4)

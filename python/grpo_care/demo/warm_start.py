@@ -33,6 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import care_kernels as ck
@@ -109,7 +110,7 @@ def load_examples(sft_file, config, processor) -> tuple[list[Example], list[Exam
             cot.append(Example(build_messages(wording), item.images, item.videos, target))
         if "drill" in record:
             drill, trained_from = drill_target(tokenizer, record["drill"], record["drill_premises"])
-            black = ([_black(x) for x in item.images], [_black(x) for x in item.videos])
+            black = ([np.zeros_like(x) for x in item.images], [np.zeros_like(x) for x in item.videos])
             for wording in (sample, eval_sample):
                 drills.append(Example(build_messages(wording), *black, drill, trained_from))
     return perception, cot, drills
@@ -124,19 +125,6 @@ def drill_target(tokenizer, drill: str, premises: str) -> tuple[list[int], int]:
     encoded = tokenizer(drill, add_special_tokens=False, return_offsets_mapping=True)
     trained_from = next(i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > context)
     return encoded["input_ids"] + [tokenizer.eos_token_id], trained_from
-
-
-def _black(visual):
-    """A black frame stack or image of the same shape and type (tensor, array or PIL image)."""
-    if isinstance(visual, torch.Tensor):
-        return torch.zeros_like(visual)
-    if hasattr(visual, "shape"):
-        import numpy as np
-
-        return np.zeros_like(visual)
-    from PIL import Image
-
-    return Image.new(visual.mode, visual.size)
 
 
 def mix_drills(cot: list[Example], drills: list[Example], share: float, seed: int) -> list[Example]:
@@ -176,12 +164,18 @@ def batch_inputs(examples: list[Example], processor) -> tuple[dict, torch.Tensor
     return inputs, labels
 
 
+def target_logprobs(model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+    """[B, L] log-probs of the target tokens (0 at IGNORE_INDEX) given everything before them (batch_inputs'
+    layout: the targets are the last L input positions); the torch expression:
+    log_softmax(model(**inputs).logits[:, -L - 1:-1], -1).gather(-1, targets[..., None])[..., 0]."""
+    hidden = backbone_hidden(model, inputs)
+    weight, bias = lm_head_params(model)
+    return ck.linear_logprobs(hidden[:, -targets.shape[1] - 1:-1], weight, targets, bias, ignore_index=IGNORE_INDEX)
+
+
 def sft_loss(model, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of the target tokens (token mean over the batch)."""
-    hidden = backbone_hidden(model, inputs)
-    predictors = hidden[:, -targets.shape[1] - 1:-1]
-    weight, bias = lm_head_params(model)
-    logp = ck.linear_logprobs(predictors, weight, targets, bias, ignore_index=IGNORE_INDEX)
+    logp = target_logprobs(model, inputs, targets)
     real = targets != IGNORE_INDEX
     return -(logp * real).sum() / real.sum().clamp(min=1)
 
