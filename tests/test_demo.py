@@ -117,3 +117,23 @@ def test_design_flag_picks_the_plan_and_its_studys_seeds():
             DESIGN_2.world.sft_signal, DESIGN_2.warm.drills_first) == (True, False, "lines", "random", True)
     with pytest.raises(SystemExit):
         parse_args(["--design", "3"])
+
+
+def test_one_seed_runs_two_arms_for_half_the_steps_and_a_study_runs_the_plan():
+    """`grpo-care demo` keeps to its time budget (GRPO and GRPO-CARE, 50 steps); --study runs the design's plan
+    unchanged, and the flags that undo the single-seed defaults give exactly a study seed's plan (so such a run
+    can resume into a study's seed directory)."""
+    from grpo_care.demo import SINGLE_SEED_ARMS, SINGLE_SEED_RL_STEPS, parse_args, plan_for
+    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, QUICK
+
+    one = plan_for(parse_args([]))
+    assert (one.arms, one.rl_steps) == (SINGLE_SEED_ARMS, SINGLE_SEED_RL_STEPS) == (("grpo", "grpo_care"), 50)
+    assert one.warm == DESIGN_2.warm and one.teacher == DESIGN_2.teacher and one.world == DESIGN_2.world
+    assert plan_for(parse_args(["--study"])) == DESIGN_2 and DESIGN_2.rl_steps == 100
+    assert plan_for(parse_args(["--design", "1", "--seeds", "0", "1"])) == DESIGN_1
+    assert plan_for(parse_args(["--quick"])) == QUICK
+    as_in_the_study = ["--seed", "12", "--rl_steps", "100", "--arms", "grpo_care", "no_kl", "grpo"]
+    assert plan_for(parse_args(as_in_the_study)) == DESIGN_2
+    assert plan_for(parse_args(["--study", "--rl_steps", "300"])).rl_steps == 300
+    with pytest.raises(SystemExit):
+        parse_args(["--rl_steps", "0"])

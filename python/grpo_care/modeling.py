@@ -91,7 +91,8 @@ def load_processor(path: str, multimodal: bool):
 
 
 def prepare_for_training(model, config, device: torch.device):
-    """Move to device, freeze what is frozen, gradient checkpointing and (on GPU) Liger's layer kernels.
+    """Move to device, freeze what is frozen, gradient checkpointing, (on GPU) Liger's layer kernels and (on CPU)
+    Qwen2.5-VL's vision windows in one SDPA call per window length (grpo_care.vision_windows: the same math).
 
     A skeleton on the meta device stays there (FSDP start-up allocates its shards after sharding)."""
     if not is_on_meta(model):
@@ -104,6 +105,10 @@ def prepare_for_training(model, config, device: torch.device):
             visual.requires_grad_(False)
     if config.use_liger_kernel:
         apply_liger_layer_kernels(model, device)
+    if device.type == "cpu":  # measured on CPU only so far; GPU runs keep transformers' per-window loop
+        from grpo_care.vision_windows import batch_vision_windows
+
+        batch_vision_windows(model)
     if config.gradient_checkpointing:
         set_checkpointing(model, True)
     model.config.use_cache = False

@@ -1,6 +1,6 @@
 """`grpo-care demo`: GRPO-CARE end to end on a CPU, with consistency between reasoning and answer decided by code.
 
-    grpo-care demo                          # one seed, three arms, into outputs/demo (about 5 minutes on 2 cores)
+    grpo-care demo                          # one seed, GRPO and GRPO-CARE, 50 RL steps each, into outputs/demo
     grpo-care demo --quick --output_dir D   # the CI smoke run: the same pipeline at toy sizes (< 2 minutes)
     grpo-care demo --study                  # study 2, pre-registered: seeds 10-14, resumable, into outputs/demo_study
     grpo-care demo --design 1 --study       # study 1 again (design 1, seeds 0-4)
@@ -34,6 +34,10 @@ PLOTTING = {"matplotlib": "matplotlib"}
 INSTALL_HINT = "pip install \"care-kernels[demo]\" (from a checkout: pip install \".[demo]\")"
 ARM_KEYS = ("grpo", "no_kl", "grpo_care")  # grpo_care.demo.pipeline.ARMS, without importing torch here
 STUDY_SEEDS = {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14)}  # per design, its study's pre-registered seeds (README)
+# One seed's defaults, so that `grpo-care demo` fits in its 10 minutes on slow 2-core machines (demo README, "Where
+# the time goes"): the two arms the comparison is about, half a study arm's steps. --study runs the design's plan.
+SINGLE_SEED_ARMS = ("grpo", "grpo_care")
+SINGLE_SEED_RL_STEPS = 50
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="toy sizes: checks the pipeline runs and writes its outputs, not a result")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and every RL arm")
     parser.add_argument("--arms", nargs="+", choices=sorted(ARM_KEYS), default=None,
-                        help="RL arms to run (default: all three: grpo no_kl grpo_care)")
+                        help="RL arms to run (default: grpo grpo_care for one seed; all three for --study and "
+                             "--quick)")
+    parser.add_argument("--rl_steps", type=int, default=None,
+                        help=f"optimizer steps per RL arm (default: {SINGLE_SEED_RL_STEPS} for one seed, to keep the "
+                             "demo within its time budget; the design's own, 100, for --study; pass 100 to repeat "
+                             "a study seed alone)")
     parser.add_argument("--warm_start_only", action="store_true",
                         help="stop after the warm start and its evaluation (checks the perception target)")
     parser.add_argument("--design", type=int, choices=(1, 2), default=2,
@@ -65,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output_dir = "outputs/demo"
     if args.study and args.warm_start_only:
         parser.error("--study runs whole seeds: drop --warm_start_only")
+    if args.rl_steps is not None and args.rl_steps < 1:
+        parser.error(f"--rl_steps must be at least 1, got {args.rl_steps}")
     return args
 
 
@@ -83,18 +94,28 @@ def main(argv=None) -> int:
                       stacklevel=2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from dataclasses import replace
+    from grpo_care.demo.pipeline import PlanMismatch
 
-    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, QUICK, PlanMismatch
-
-    plan = QUICK if args.quick else {1: DESIGN_1, 2: DESIGN_2}[args.design]
-    if args.arms:
-        plan = replace(plan, arms=tuple(k for k in ARM_KEYS if k in args.arms))
+    plan = plan_for(args)
     try:
         return run_study(args, plan) if args.study else run_one(args, plan)
     except PlanMismatch as e:
         print(f"grpo-care demo: {e}", file=sys.stderr)
         return 2
+
+
+def plan_for(args: argparse.Namespace):
+    """The DemoPlan the flags ask for: the design's (or --quick's) plan; one seed runs SINGLE_SEED_ARMS for
+    SINGLE_SEED_RL_STEPS unless --arms / --rl_steps say otherwise, a study the plan's own arms and steps."""
+    from dataclasses import replace
+
+    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, QUICK
+
+    plan = QUICK if args.quick else {1: DESIGN_1, 2: DESIGN_2}[args.design]
+    single_seed = not (args.study or args.quick)
+    arms = args.arms or (SINGLE_SEED_ARMS if single_seed else plan.arms)
+    return replace(plan, arms=tuple(k for k in ARM_KEYS if k in arms),
+                   rl_steps=args.rl_steps or (SINGLE_SEED_RL_STEPS if single_seed else plan.rl_steps))
 
 
 def run_study(args, plan) -> int:

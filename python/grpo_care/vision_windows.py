@@ -1,0 +1,84 @@
+"""Qwen2.5-VL's vision attention with one SDPA call per window length instead of one per window.
+
+    batch_vision_windows(model)   # in place; returns how many attention modules now batch their windows
+
+Qwen2.5-VL's vision tower attends within windows (and, in a few blocks, within each image or video). With
+flash-attention the windows go to one varlen kernel; with SDPA, transformers splits the sequence and calls
+SDPA once per window: hundreds of calls per block for one image, most of a small model's vision time on a
+CPU. Here the windows of equal length are gathered into one batch, `[windows, heads, length, head_dim]`, and
+attended in one call. The torch expression each window computes is unchanged:
+
+    softmax(q_w @ k_w.T * scaling) @ v_w          # per window w and head, as transformers computes it
+
+Only SDPA without dropout takes this path; every other attention implementation (flash, eager, flex) runs
+transformers' own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """Attention within each window `[cu_seqlens[i], cu_seqlens[i + 1])` of the `[S, H, D]` sequences; returns
+    `[S, H, D]`. Windows of one length share one SDPA call; when all are equal, no gather is needed."""
+    starts = cu_seqlens[:-1].tolist()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    seq, heads, dim = q.shape
+    if starts[0] != 0 or starts[-1] + lengths[-1] != seq or min(lengths) < 0:
+        raise ValueError(f"cu_seqlens must run from 0 to the sequence length {seq} without going back, "
+                         f"got {cu_seqlens.tolist()}")
+    distinct = sorted(set(lengths) - {0})
+    if len(distinct) == 1 and distinct[0] * sum(1 for n in lengths if n) == seq:
+        n = distinct[0]
+        windows = [t.reshape(seq // n, n, heads, dim).transpose(1, 2) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*windows, scale=scaling).transpose(1, 2).reshape(seq, heads, dim)
+    out = torch.empty_like(q)
+    for n in distinct:
+        first = torch.tensor([s for s, m in zip(starts, lengths) if m == n], device=q.device)
+        index = (first[:, None] + torch.arange(n, device=q.device)).reshape(-1)  # [windows * n] token positions
+        windows = [t.index_select(0, index).reshape(-1, n, heads, dim).transpose(1, 2) for t in (q, k, v)]
+        attended = F.scaled_dot_product_attention(*windows, scale=scaling).transpose(1, 2).reshape(-1, heads, dim)
+        out = out.index_copy(0, index, attended)
+    return out
+
+
+def _batched_class():
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+    class WindowBatchedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
+        """Qwen2_5_VLVisionAttention whose SDPA path attends all windows of one length in one call."""
+
+        def forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+            if self.config._attn_implementation != "sdpa" or (self.training and self.attention_dropout > 0):
+                return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+            seq = hidden_states.shape[0]
+            q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = position_embeddings
+            q, k = qwen.apply_rotary_pos_emb_vision(q, k, cos, sin)
+            return self.proj(window_attention(q, k, v, cu_seqlens, self.scaling).reshape(seq, -1))
+
+    return WindowBatchedVisionAttention
+
+
+_BATCHED = None
+
+
+def batch_vision_windows(model: torch.nn.Module) -> int:
+    """Swap the class of every Qwen2.5-VL vision attention module in `model` for the batched one (same
+    parameters, same state dict); returns how many were swapped (0 for other models)."""
+    global _BATCHED
+    try:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+    except ImportError:
+        return 0
+    if _BATCHED is None:
+        _BATCHED = _batched_class()
+    swapped = 0
+    for module in model.modules():
+        if type(module) is Qwen2_5_VLVisionAttention:
+            module.__class__ = _BATCHED
+            swapped += 1
+    return swapped
