@@ -137,3 +137,25 @@ def test_one_seed_runs_two_arms_for_half_the_steps_and_a_study_runs_the_plan():
     assert plan_for(parse_args(["--study", "--rl_steps", "300"])).rl_steps == 300
     with pytest.raises(SystemExit):
         parse_args(["--rl_steps", "0"])
+
+
+def test_hidden_motion_is_scored_apart(tmp_path):
+    """With World(hidden_motion_rate) the evaluation reports accuracy and consistency on the clips that show and
+    that hide the motion, each the rate over its own records (eval/*.jsonl); without it, no such keys."""
+    from dataclasses import replace
+
+    from grpo_care.demo.pipeline import QUICK, run_demo
+
+    plan = replace(QUICK, world=replace(QUICK.world, hidden_motion_rate=0.5), warm=replace(QUICK.warm, cot_steps=1))
+    result = run_demo(tmp_path / "hidden", plan, seed=3, log=lambda *a: None, warm_start_only=True)
+    breakdown = result["meta"]["breakdown"]["warm start"]
+    records = [json.loads(line) for line in (tmp_path / "hidden" / "eval" / "warm_start.jsonl").read_text().splitlines()]
+    for name, hidden in (("shown", False), ("hidden", True)):
+        mine = [r for r in records if r["motion_hidden"] == hidden]
+        assert mine, name
+        assert breakdown["accuracy_by_motion"][name] == pytest.approx(sum(r["correct"] for r in mine) / len(mine))
+        assert breakdown["consistency_by_motion"][name] == pytest.approx(sum(r["consistent"] for r in mine) / len(mine))
+    plain = json.loads((tmp_path / "hidden" / "results.json").read_text())  # written, and read back the same
+    assert plain["meta"]["breakdown"]["warm start"]["accuracy_by_motion"] == breakdown["accuracy_by_motion"]
+    assert "accuracy_by_motion" not in run_demo(tmp_path / "plain", replace(QUICK, warm=plan.warm), seed=3,
+                                                log=lambda *a: None, warm_start_only=True)["meta"]["breakdown"]["warm start"]

@@ -290,3 +290,36 @@ def test_generation_is_deterministic(tmp_path):
     assert a.sft.read_text() == b.sft.read_text()
     png = "images/gridworld_L2/L2_00001.png"
     assert (a.root / png).read_bytes() == (b.root / png).read_bytes()
+
+
+def test_hidden_motion_shows_the_car_standing_in_its_current_cell():
+    """hide_motion: the first two frames are the last two without the signal (the car, its front, the lit row
+    and column already at the current cell); the last two frames are unchanged."""
+    from grpo_care.demo.render import SEEN_SCENES, render_clip
+
+    motion = Motion("red", "car", "right", (2, 1), (2, 2), True)
+    shown = render_clip(SEEN_SCENES[1], motion, [(4, 4)], np.random.default_rng(0), front_cue="lines")
+    hidden = render_clip(SEEN_SCENES[1], motion, [(4, 4)], np.random.default_rng(0), front_cue="lines",
+                         hide_motion=True)
+    assert (hidden[2:] == shown[2:]).all() and (hidden[0] == hidden[1]).all()
+    inner = np.s_[SIGNAL_PX:-SIGNAL_PX, SIGNAL_PX:-SIGNAL_PX]  # all but the rim, where the signal is
+    assert (hidden[0][inner] == shown[2][inner]).all() and not (shown[0][inner] == shown[2][inner]).all()
+
+
+def test_hidden_motion_touches_only_rl_and_evaluation_clips(tmp_path):
+    """World(hidden_motion_rate): that share of the RL and evaluation clips hide the motion (recorded as
+    ground_truth.motion_hidden), from a random stream of its own: the warm start's data, and every record's
+    other fields, are the same bytes as without it."""
+    sizes = DatasetSizes(train=60, sft=12, eval_per_level=40)
+    plain = write_dataset(tmp_path / "plain", sizes, seed=2, world=World(front_cue="lines"))
+    hiding = write_dataset(tmp_path / "hiding", sizes, seed=2, world=World(front_cue="lines", hidden_motion_rate=0.5))
+    assert plain.sft.read_text() == hiding.sft.read_text()
+    sft_clip = "videos/gridworld_sft/sft_00003.mp4"
+    assert (plain.root / sft_clip).read_bytes() == (hiding.root / sft_clip).read_bytes()
+    for path in (plain.train, *plain.levels.values()):
+        ours = _records(hiding.root / path.relative_to(plain.root))
+        hidden = [r["ground_truth"].pop("motion_hidden") for r in ours]
+        assert 0.25 < sum(hidden) / len(hidden) < 0.75
+        assert ours == _records(path) and "motion_hidden" not in _records(path)[0]["ground_truth"]
+    with pytest.raises(ValueError, match="hidden_motion_rate"):
+        World(hidden_motion_rate=1.5)

@@ -46,6 +46,12 @@ def _by_clip(records: list[dict], key: str) -> dict:
     return {clip: _rate([r[key] for r in records if r["clip"] == clip]) for clip in ("forward", "reversing")}
 
 
+def _by_motion(records: list[dict], key: str) -> dict:
+    """{"shown", "hidden"}: the rate on clips that show the motion and on those that hide it (World.hidden_motion_rate)."""
+    return {name: _rate([r[key] for r in records if r["motion_hidden"] == hidden])
+            for name, hidden in (("shown", False), ("hidden", True))}
+
+
 def score_model(model, processor, files, config) -> dict:
     """Accuracy per level and overall, consistency (overall, per level, among correct answers, per clip kind),
     premises (true, as taught), perception on L1 (premises as taught)."""
@@ -69,7 +75,13 @@ def score_model(model, processor, files, config) -> dict:
                             "at_wall": bool(truth["at_wall"]),
                             "consistent": verdict.consistent, "premises_correct": bool(verdict.premises_correct),
                             "premises_as_taught": _premises_as_taught(verdict, truth)})
+            if "motion_hidden" in truth:
+                records[-1]["motion_hidden"] = truth["motion_hidden"]
         consistency[level] = _rate(verdicts)
+    by_motion = {}
+    if records and all("motion_hidden" in r for r in records):
+        by_motion = {"accuracy_by_motion": _by_motion(records, "correct"),
+                     "consistency_by_motion": _by_motion(records, "consistent")}
     return {
         "accuracy": accuracy,
         "accuracy_overall": _rate([r["correct"] for r in records]),
@@ -81,6 +93,7 @@ def score_model(model, processor, files, config) -> dict:
         "perception_L1": _rate([r["premises_as_taught"] for r in records if r["level"] == "L1"]),
         "accuracy_by_clip": _by_clip(records, "correct"),
         "consistency_by_clip": _by_clip(records, "consistent"),
+        **by_motion,
         "format": _rate([r["format_ok"] for r in records]),
         "n": len(records),
         "records": records,

@@ -419,8 +419,9 @@ def run_demo(out_dir: Path, plan: DemoPlan = FULL, seed: int = 0, log=print, res
         "plan_detail": asdict(plan),
         "warm_start": {k: warm.get(k) for k in ("final_loss", "perception_L1", "reached_perception_target",
                                                  "reference_probe")},
-        "breakdown": {name: {k: s.get(k) for k in ("consistency_per_level", "accuracy_by_clip",
-                                                     "consistency_by_clip", "premises_as_taught")}
+        "breakdown": {name: {k: s[k] for k in ("consistency_per_level", "accuracy_by_clip", "consistency_by_clip",
+                                                "accuracy_by_motion", "consistency_by_motion", "premises_as_taught")
+                             if k in s}
                       for name, s in scores.items()},
         "noise": noise_note(table, plan.data.eval_per_level),
         "care_bonus_among_correct_rollouts": arms.get("grpo_care", {}).get("care_bonus_among_correct_rollouts"),

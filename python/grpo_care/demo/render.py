@@ -133,16 +133,18 @@ def draw_clutter(frame: np.ndarray, cells: list[Cell], rgb: tuple[int, int, int]
 
 
 def render_clip(scene: Scene, motion: Motion, clutter: list[Cell], rng: np.random.Generator,
-                signal: str | None = None, front_cue: str = "windshield") -> np.ndarray:
+                signal: str | None = None, front_cue: str = "windshield", hide_motion: bool = False) -> np.ndarray:
     """uint8 [4, 112, 112, 3]: two frames with the car at the previous cell, then two at the current one with
     the signal on the rim: of its next move, or of `signal` when given. `front_cue="lines"` also draws the
     grid lines, FACING_LINE_PX wide, in the color of the way the car faces (FACING_COLORS): its front as a
-    whole-image color, as loud as the lit row and column."""
+    whole-image color, as loud as the lit row and column. `hide_motion`: the first two frames show the car
+    already at its current cell, so which way it drove cannot be seen (only its front, and the signal)."""
     if front_cue not in ("windshield", "lines"):
         raise ValueError(f"front_cue must be 'windshield' or 'lines', got {front_cue!r}")
     board = render_board(scene, rng)
     frames = []
-    for i, cell in enumerate((motion.previous, motion.previous, motion.current, motion.current)):
+    first = motion.current if hide_motion else motion.previous
+    for i, cell in enumerate((first, first, motion.current, motion.current)):
         frame = board.copy()
         light_lines(frame, cell, scene.line)
         if front_cue == "lines":

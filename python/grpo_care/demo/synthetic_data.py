@@ -95,8 +95,11 @@ class World:
     reversing_rate: float = 0.5
     sft_signal: str = "next_move"
     front_cue: str = "windshield"  # render.render_clip: "lines" also shows the way the car faces in the grid lines
+    hidden_motion_rate: float = 0.0  # RL and evaluation clips whose car does not move on screen (render_clip)
 
     def __post_init__(self):
+        if not 0.0 <= self.hidden_motion_rate <= 1.0:
+            raise ValueError(f"hidden_motion_rate must be in [0, 1], got {self.hidden_motion_rate}")
         if self.front_cue not in ("windshield", "lines"):
             raise ValueError(f"front_cue must be 'windshield' or 'lines', got {self.front_cue!r}")
         if self.sft_signal not in ("random", "next_move"):
@@ -275,11 +278,16 @@ def write_split(root: Path, split: Split, count: int, seed: int, teacher: Teache
     rng = random.Random(f"{seed}-{split.name}")
     pixels = np.random.default_rng(zlib.crc32(f"{seed}-{split.name}".encode()))
     drill_rng = random.Random(f"{seed}-{split.name}-drill")
+    hide_rng = random.Random(f"{seed}-{split.name}-hide")  # its own stream: hiding changes nothing else
     records = []
     for i in range(count):
         record, motion, scene, clutter, signal = make_record(split, i, rng, teacher, world, shuffle_options,
                                                              drill_rng)
-        frames = render_clip(scene, motion, clutter, pixels, signal, world.front_cue)
+        hide = False
+        if split.name != "sft" and world.hidden_motion_rate > 0:  # the warm start's clips always show the motion
+            hide = hide_rng.random() < world.hidden_motion_rate
+            record["ground_truth"]["motion_hidden"] = hide
+        frames = render_clip(scene, motion, clutter, pixels, signal, world.front_cue, hide)
         write_mp4(root / "videos" / record["video_source"] / record["video_basename"], frames, FPS)
         write_png(root / "images" / record["video_source"] / record["current_observation_basename"], frames[-1])
         records.append(record)
