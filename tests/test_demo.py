@@ -86,6 +86,15 @@ def test_across_seeds_reports_each_seed_and_the_spread():
     assert "seed 0" in header and "seed 1" in header
     assert grpo == "| GRPO | 80.0 / 40.0 | 90.0 / 50.0 | 85.0 ± 7.1 | 45.0 ± 7.1 |"
 
+    # a study seed (three arms) beside a one-seed run (two): the arms both have; runs of other lengths refused
+    three = result(2, 70.0, 60.0)
+    three["table"]["rows"].insert(0, {"model": "no-KL", "overall": 1.0, "consistency": 2.0})
+    assert across_seeds([three, result(3, 80.0, 40.0)]).splitlines()[2:] == ["| GRPO | 70.0 / 60.0 | 80.0 / 40.0 | 75.0 ± 7.1 | 50.0 ± 14.1 |"]
+    shorter = result(4, 1.0, 1.0)
+    three["meta"]["plan_detail"], shorter["meta"]["plan_detail"] = {"rl_steps": 100}, {"rl_steps": 50}
+    with pytest.raises(ValueError, match="different numbers of RL steps"):
+        across_seeds([three, shorter])
+
 
 def test_each_arm_gets_the_reference_the_protocol_names(tmp_path):
     """GRPO's KL reference is the frozen warm start, GRPO-CARE's an EMA of the policy, no-KL has none (the

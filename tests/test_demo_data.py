@@ -321,5 +321,8 @@ def test_hidden_motion_touches_only_rl_and_evaluation_clips(tmp_path):
         hidden = [r["ground_truth"].pop("motion_hidden") for r in ours]
         assert 0.25 < sum(hidden) / len(hidden) < 0.75
         assert ours == _records(path) and "motion_hidden" not in _records(path)[0]["ground_truth"]
+        for record, hide in zip(ours, hidden):
+            clip = f"videos/{record['video_source']}/{record['video_basename']}"
+            assert ((plain.root / clip).read_bytes() == (hiding.root / clip).read_bytes()) == (not hide)
     with pytest.raises(ValueError, match="hidden_motion_rate"):
         World(hidden_motion_rate=1.5)

@@ -9,8 +9,8 @@
 
 It writes a synthetic SEED-Bench-R1-like video QA set (a car driving on a 4 x 4 board; "what will it do
 next?"), warm-starts a tiny Qwen2.5-VL (Qwen2.5's tokens, offline) on a teacher's chains of thought whose
-answers follow their premises (except 5% on purpose), trains GRPO, no-KL and GRPO-CARE from that same warm start through
-grpo_care.trainer.train, and reports accuracy per level (L1 seen scenes, L2 new scenes, L3 new scenes and new
+answers follow their premises (except 5% on purpose), trains GRPO and GRPO-CARE (a study: also no-KL) from that
+same warm start through grpo_care.trainer.train, and reports accuracy per level (L1 seen scenes, L2 new scenes, L3 new scenes and new
 task kinds) and the consistency rate judged by grpo_care.demo.consistency, as results.json, results.md and
 curves.png (and, for a study, study.json, study.md and study.png).
 """
@@ -34,8 +34,8 @@ PLOTTING = {"matplotlib": "matplotlib"}
 INSTALL_HINT = "pip install \"care-kernels[demo]\" (from a checkout: pip install \".[demo]\")"
 ARM_KEYS = ("grpo", "no_kl", "grpo_care")  # grpo_care.demo.pipeline.ARMS, without importing torch here
 STUDY_SEEDS = {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14)}  # per design, its study's pre-registered seeds (README)
-# One seed's defaults, so that `grpo-care demo` fits in its 10 minutes on slow 2-core machines (demo README, "Where
-# the time goes"): the two arms the comparison is about, half a study arm's steps. --study runs the design's plan.
+# One seed's defaults, so that `grpo-care demo` fits in its 10 minutes on slow 2-core machines (demo README, "The
+# model, and where the time goes"): the two arms the comparison is about, half a study arm's steps. --study runs the design's plan.
 SINGLE_SEED_ARMS = ("grpo", "grpo_care")
 SINGLE_SEED_RL_STEPS = 50
 
@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "--quick)")
     parser.add_argument("--rl_steps", type=int, default=None,
                         help=f"optimizer steps per RL arm (default: {SINGLE_SEED_RL_STEPS} for one seed, to keep the "
-                             "demo within its time budget; the design's own, 100, for --study; pass 100 to repeat "
-                             "a study seed alone)")
+                             "demo within its time budget; the plan's own for --study (100) and --quick (2); pass 100 "
+                             "with --arms grpo no_kl grpo_care to repeat a study seed alone)")
     parser.add_argument("--warm_start_only", action="store_true",
                         help="stop after the warm start and its evaluation (checks the perception target)")
     parser.add_argument("--design", type=int, choices=(1, 2), default=2,
@@ -94,9 +94,12 @@ def main(argv=None) -> int:
                       stacklevel=2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from grpo_care.demo.pipeline import PlanMismatch
+    from grpo_care.demo.pipeline import DESIGNS, PlanMismatch
 
     plan = plan_for(args)
+    if args.study and not args.quick and args.rl_steps and args.rl_steps != DESIGNS[args.design].rl_steps:
+        warnings.warn(f"--rl_steps {args.rl_steps}: not the pre-registered study's plan (its arms train for "
+                      f"{DESIGNS[args.design].rl_steps} steps)", stacklevel=2)
     try:
         return run_study(args, plan) if args.study else run_one(args, plan)
     except PlanMismatch as e:
@@ -109,9 +112,9 @@ def plan_for(args: argparse.Namespace):
     SINGLE_SEED_RL_STEPS unless --arms / --rl_steps say otherwise, a study the plan's own arms and steps."""
     from dataclasses import replace
 
-    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, QUICK
+    from grpo_care.demo.pipeline import DESIGNS, QUICK
 
-    plan = QUICK if args.quick else {1: DESIGN_1, 2: DESIGN_2}[args.design]
+    plan = QUICK if args.quick else DESIGNS[args.design]
     single_seed = not (args.study or args.quick)
     arms = args.arms or (SINGLE_SEED_ARMS if single_seed else plan.arms)
     return replace(plan, arms=tuple(k for k in ARM_KEYS if k in arms),
@@ -184,7 +187,11 @@ def summarize(dirs: list[str]) -> int:
         print(f"no results.json in {', '.join(missing)}: pass the --output_dir of finished demo runs",
               file=sys.stderr)
         return 2
-    print(across_seeds([json.loads((Path(d) / "results.json").read_text()) for d in dirs]))
+    try:
+        print(across_seeds([json.loads((Path(d) / "results.json").read_text()) for d in dirs]))
+    except ValueError as err:
+        print(f"grpo-care demo --summarize: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

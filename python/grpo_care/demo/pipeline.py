@@ -1,9 +1,9 @@
-"""`grpo-care demo`: data, warm start, three RL arms through the real trainer, evaluation, table and plot.
+"""`grpo-care demo`: data, warm start, the plan's RL arms through the real trainer, evaluation, table and plot.
 
     result = run_demo(Path("outputs/demo"), FULL, seed=0)
     result = run_demo(Path("outputs/study/seed_3"), FULL, seed=3, resume=True)   # skips what is finished
 
-The three arms start from the same warm-start weights (deep copies), with the same seed, data order, rollout
+The arms (`DemoPlan.arms`: all three in a study) start from the same warm-start weights (deep copies), with the same seed, data order, rollout
 budget and learning rate, and differ only where the paper's Table 3 rows differ (ARMS): GRPO keeps a frozen
 reference with a KL penalty (beta 0.04, TRL's default); no-KL drops the KL (beta 0) and adds nothing; GRPO-CARE
 drops the KL and adds the consistency bonus with its EMA reference. The code judge is registered as a reward
@@ -109,6 +109,7 @@ DESIGN_2_WITHOUT_DRILLS = replace(
 DESIGN_2 = replace(DESIGN_2_WITHOUT_DRILLS, name="design_2",
                    warm=replace(DESIGN_2_WITHOUT_DRILLS.warm, drill_steps=800, drills_first=True))
 FULL = DESIGN_2
+DESIGNS = {1: DESIGN_1, 2: DESIGN_2}  # `grpo-care demo --design N`
 QUICK = replace(
     FULL,
     name="quick",

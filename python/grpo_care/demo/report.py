@@ -77,8 +77,14 @@ def noise_note(table: dict, per_level: int) -> str:
 def across_seeds(results: list[dict]) -> str:
     """Markdown: overall accuracy and consistency of each model per seed, then mean and spread over seeds.
 
-    `results` are the demo's results.json contents, one per seed (`grpo-care demo --summarize DIR ...`)."""
-    models = [row["model"] for row in results[0]["table"]["rows"]]
+    `results` are the demo's results.json contents, one per seed (`grpo-care demo --summarize DIR ...`): the
+    models every run has, from runs of one RL length (runs of 50 and 100 steps are not averaged together)."""
+    steps = sorted({r["meta"].get("plan_detail", {}).get("rl_steps") for r in results}, key=str)
+    if len(steps) > 1:
+        raise ValueError(f"these runs trained for different numbers of RL steps ({', '.join(map(str, steps))}): "
+                         "summarize runs of one length together")
+    models = [row["model"] for row in results[0]["table"]["rows"]
+              if all(any(x["model"] == row["model"] for x in r["table"]["rows"]) for r in results)]
     seeds = [r["meta"]["seed"] for r in results]
     lines = ["| model | " + " | ".join(f"seed {s}: acc / cons." for s in seeds) + " | mean acc | mean cons. |",
              "|---|" + "---:|" * (len(seeds) + 2)]
