@@ -113,3 +113,21 @@ def test_other_attention_implementations_keep_transformers_forward(monkeypatch):
 
 def test_models_without_a_qwen_vision_tower_are_left_alone():
     assert batch_vision_windows(torch.nn.Linear(2, 2)) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_attention_on_cuda_matches_the_per_window_loop(dtype):
+    """What gpu_check.sh verifies before the trainer may batch windows on a GPU too (it does on CPU only): on CUDA
+    SDPA picks its kernel by shape, so the batched call may round differently; within each dtype's tolerance."""
+    lengths = [64] * 12 + [40, 24, 15, 0, 64]
+    generator = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(sum(lengths), 16, 80, generator=generator).to("cuda", dtype).requires_grad_() for _ in range(3)]
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0)
+    ours = window_attention(*qkv, cu, 80**-0.5)
+    reference = per_window_reference(*qkv, cu, 80**-0.5)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(ours, reference, **tol)
+    grads = torch.autograd.grad(ours.float().square().sum(), qkv)
+    for g, r in zip(grads, torch.autograd.grad(reference.float().square().sum(), qkv)):
+        torch.testing.assert_close(g, r, **tol)

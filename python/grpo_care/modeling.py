@@ -105,7 +105,7 @@ def prepare_for_training(model, config, device: torch.device):
             visual.requires_grad_(False)
     if config.use_liger_kernel:
         apply_liger_layer_kernels(model, device)
-    if device.type == "cpu":  # measured on CPU only so far; GPU runs keep transformers' per-window loop
+    if device.type == "cpu":  # GPU runs keep transformers' loop until gpu_check.sh has run the gpu-marked test
         from grpo_care.vision_windows import batch_vision_windows
 
         batch_vision_windows(model)
