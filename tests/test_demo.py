@@ -89,7 +89,8 @@ def test_across_seeds_reports_each_seed_and_the_spread():
     # a study seed (three arms) beside a one-seed run (two): the arms both have; runs of other lengths refused
     three = result(2, 70.0, 60.0)
     three["table"]["rows"].insert(0, {"model": "no-KL", "overall": 1.0, "consistency": 2.0})
-    assert across_seeds([three, result(3, 80.0, 40.0)]).splitlines()[2:] == ["| GRPO | 70.0 / 60.0 | 80.0 / 40.0 | 75.0 ± 7.1 | 50.0 ± 14.1 |"]
+    rows = across_seeds([three, result(3, 80.0, 40.0)]).splitlines()[2:]
+    assert rows == ["| GRPO | 70.0 / 60.0 | 80.0 / 40.0 | 75.0 ± 7.1 | 50.0 ± 14.1 |"]
     shorter = result(4, 1.0, 1.0)
     three["meta"]["plan_detail"], shorter["meta"]["plan_detail"] = {"rl_steps": 100}, {"rl_steps": 50}
     with pytest.raises(ValueError, match="different numbers of RL steps"):
@@ -158,13 +159,16 @@ def test_hidden_motion_is_scored_apart(tmp_path):
     plan = replace(QUICK, world=replace(QUICK.world, hidden_motion_rate=0.5), warm=replace(QUICK.warm, cot_steps=1))
     result = run_demo(tmp_path / "hidden", plan, seed=3, log=lambda *a: None, warm_start_only=True)
     breakdown = result["meta"]["breakdown"]["warm start"]
-    records = [json.loads(line) for line in (tmp_path / "hidden" / "eval" / "warm_start.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "hidden" / "eval" / "warm_start.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
     for name, hidden in (("shown", False), ("hidden", True)):
         mine = [r for r in records if r["motion_hidden"] == hidden]
         assert mine, name
         assert breakdown["accuracy_by_motion"][name] == pytest.approx(sum(r["correct"] for r in mine) / len(mine))
-        assert breakdown["consistency_by_motion"][name] == pytest.approx(sum(r["consistent"] for r in mine) / len(mine))
+        consistent = sum(r["consistent"] for r in mine) / len(mine)
+        assert breakdown["consistency_by_motion"][name] == pytest.approx(consistent)
     plain = json.loads((tmp_path / "hidden" / "results.json").read_text())  # written, and read back the same
     assert plain["meta"]["breakdown"]["warm start"]["accuracy_by_motion"] == breakdown["accuracy_by_motion"]
-    assert "accuracy_by_motion" not in run_demo(tmp_path / "plain", replace(QUICK, warm=plan.warm), seed=3,
-                                                log=lambda *a: None, warm_start_only=True)["meta"]["breakdown"]["warm start"]
+    without = run_demo(tmp_path / "plain", replace(QUICK, warm=plan.warm), seed=3, log=lambda *a: None,
+                       warm_start_only=True)
+    assert "accuracy_by_motion" not in without["meta"]["breakdown"]["warm start"]

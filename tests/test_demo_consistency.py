@@ -148,10 +148,12 @@ def test_a_wall_word_does_not_change_the_rule():
 ])
 def test_premises_only_reasoning_worded_cell_first(think, letter, consistent, reason, implied):
     """Design 2's wording (tasks.observation: the cell, then the direction; no stated next move)."""
-    from grpo_care.demo.tasks import completion as demo_completion, rationale
+    from grpo_care.demo.tasks import completion as demo_completion
+    from grpo_care.demo.tasks import rationale
     from grpo_care.demo.world import Motion
 
     v = judge(completion(think, letter), OPTIONS, TRUTH)
     assert (v.consistent, v.reason, v.implied) == (consistent, reason, implied)
     motion = Motion("red", "car", "right", (2, 2), (2, 3), False)
-    assert demo_completion(rationale(motion, cell_first=True), "B") == completion("The red car is now at row 2, column 3; it drove right.", "B")
+    expected = completion("The red car is now at row 2, column 3; it drove right.", "B")
+    assert demo_completion(rationale(motion, cell_first=True), "B") == expected

@@ -7,13 +7,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from grpo_care.demo.consistency import judge
 from grpo_care.demo.pipeline import ARMS, DESIGN_1, DESIGN_2, QUICK, rl_config
 from grpo_care.demo.synthetic_data import DatasetSizes, write_dataset
 from grpo_care.demo.tiny_model import build_model_and_processor
-from grpo_care.demo.warm_start import (IGNORE_INDEX, WarmStartSpec, batch_inputs, drill_target, load_examples,
-                                       mix_drills, warm_start)
+from grpo_care.demo.warm_start import (
+    IGNORE_INDEX,
+    WarmStartSpec,
+    batch_inputs,
+    drill_target,
+    load_examples,
+    mix_drills,
+    warm_start,
+)
 
 SIZES = DatasetSizes(train=2, sft=24, eval_per_level=2)
 

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from grpo_care.demo.pipeline import ARMS, DESIGN_1, DESIGN_2, QUICK, rl_config
 from grpo_care.demo.reference_probe import mean_letter_probability, probe_cases, reference_probe
 from grpo_care.demo.synthetic_data import LETTERS, DatasetSizes, write_dataset
@@ -30,7 +29,8 @@ def test_cases_are_the_reversing_cars_away_from_a_wall_and_every_prompt(setup, t
     cases = probe_cases(processor, files.train, config, teacher, seed=0)
     away = [t for t in truths if t["reversing"] and not t["at_wall"]]
     assert 0 < len(away) < len(truths)
-    assert len(cases["right_letter_after_true_premises"]) == len(cases["right_letter_after_teacher_premises"]) == len(away)
+    after_true, after_teacher = cases["right_letter_after_true_premises"], cases["right_letter_after_teacher_premises"]
+    assert len(after_true) == len(after_teacher) == len(away)
     assert len(cases["their_letter_after_random_premises"]) == len(truths)
     tokenizer = processor.tokenizer
     for (true, at), (taught, at_taught), truth in zip(cases["right_letter_after_true_premises"],

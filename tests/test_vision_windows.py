@@ -8,7 +8,6 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-
 from grpo_care import vision_windows
 from grpo_care.vision_windows import batch_vision_windows, window_attention
 

@@ -10,9 +10,9 @@
 It writes a synthetic SEED-Bench-R1-like video QA set (a car driving on a 4 x 4 board; "what will it do
 next?"), warm-starts a tiny Qwen2.5-VL (Qwen2.5's tokens, offline) on a teacher's chains of thought whose
 answers follow their premises (except 5% on purpose), trains GRPO and GRPO-CARE (a study: also no-KL) from that
-same warm start through grpo_care.trainer.train, and reports accuracy per level (L1 seen scenes, L2 new scenes, L3 new scenes and new
-task kinds) and the consistency rate judged by grpo_care.demo.consistency, as results.json, results.md and
-curves.png (and, for a study, study.json, study.md and study.png).
+same warm start through grpo_care.trainer.train, and reports accuracy per level (L1 seen scenes, L2 new scenes,
+L3 new scenes and new task kinds) and the consistency rate judged by grpo_care.demo.consistency, as
+results.json, results.md and curves.png (and, for a study, study.json, study.md and study.png).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ INSTALL_HINT = "pip install \"care-kernels[demo]\" (from a checkout: pip install
 ARM_KEYS = ("grpo", "no_kl", "grpo_care")  # grpo_care.demo.pipeline.ARMS, without importing torch here
 STUDY_SEEDS = {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14)}  # per design, its study's pre-registered seeds (README)
 # One seed's defaults, so that `grpo-care demo` fits in its 10 minutes on slow 2-core machines (demo README, "The
-# model, and where the time goes"): the two arms the comparison is about, half a study arm's steps. --study runs the design's plan.
+# model, and where the time goes"): the two arms the comparison is about, half a study arm's steps. --study
+# runs the design's plan.
 SINGLE_SEED_ARMS = ("grpo", "grpo_care")
 SINGLE_SEED_RL_STEPS = 50
 

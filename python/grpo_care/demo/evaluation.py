@@ -47,7 +47,8 @@ def _by_clip(records: list[dict], key: str) -> dict:
 
 
 def _by_motion(records: list[dict], key: str) -> dict:
-    """{"shown", "hidden"}: the rate on clips that show the motion and on those that hide it (World.hidden_motion_rate)."""
+    """{"shown", "hidden"}: the rate on clips that show the motion and on those that hide it
+    (World.hidden_motion_rate)."""
     return {name: _rate([r[key] for r in records if r["motion_hidden"] == hidden])
             for name, hidden in (("shown", False), ("hidden", True))}
 

@@ -3,12 +3,12 @@
     result = run_demo(Path("outputs/demo"), FULL, seed=0)
     result = run_demo(Path("outputs/study/seed_3"), FULL, seed=3, resume=True)   # skips what is finished
 
-The arms (`DemoPlan.arms`: all three in a study) start from the same warm-start weights (deep copies), with the same seed, data order, rollout
-budget and learning rate, and differ only where the paper's Table 3 rows differ (ARMS): GRPO keeps a frozen
-reference with a KL penalty (beta 0.04, TRL's default); no-KL drops the KL (beta 0) and adds nothing; GRPO-CARE
-drops the KL and adds the consistency bonus with its EMA reference. The code judge is registered as a reward
-function with weight 0, so the trainer logs the consistency of its own rollouts at every step without it
-touching a reward.
+The arms (`DemoPlan.arms`: all three in a study) start from the same warm-start weights (deep copies), with
+the same seed, data order, rollout budget and learning rate, and differ only where the paper's Table 3 rows
+differ (ARMS): GRPO keeps a frozen reference with a KL penalty (beta 0.04, TRL's default); no-KL drops the KL
+(beta 0) and adds nothing; GRPO-CARE drops the KL and adds the consistency bonus with its EMA reference. The
+code judge is registered as a reward function with weight 0, so the trainer logs the consistency of its own
+rollouts at every step without it touching a reward.
 
 Resuming (`resume=True`, what `--study` does): the seed's directory keeps `plan.json` (the plan and seed it was
 made with; another plan there is refused, not overwritten), the warm start's weights and scores, and one

@@ -63,21 +63,25 @@ def probe_cases(processor, train_file, config, teacher: Teacher, seed: int = 0) 
         options = truth["option_directions"]
         motion = Motion(truth["color"], truth["shape"], truth["direction"], tuple(truth["previous"]),
                         tuple(truth["current"]), truth["reversing"])
-
-        def example(premises: Motion, letter_of: Motion) -> Example:
-            text = completion(rationale(premises, teacher.states_next_move, teacher.cell_first),
-                              LETTERS[options.index(letter_of.next_direction)])
-            ids, position = _letter_position(tokenizer, text)
-            return Example(build_messages(sample), item.images, item.videos, ids), position
-
+        prompt = (build_messages(sample), item.images, item.videos)
         drawn = random_premises(rng, motion)
-        after_random.append(example(drawn, drawn))
+        after_random.append(_case(tokenizer, teacher, prompt, options, drawn, drawn))
         if motion.reversing and not motion.at_wall:
-            after_true.append(example(motion, motion))
-            after_teacher.append(example(teacher_belief(motion), motion))
+            after_true.append(_case(tokenizer, teacher, prompt, options, motion, motion))
+            after_teacher.append(_case(tokenizer, teacher, prompt, options, teacher_belief(motion), motion))
     return {"right_letter_after_true_premises": after_true,
             "right_letter_after_teacher_premises": after_teacher,
             "their_letter_after_random_premises": after_random}
+
+
+def _case(tokenizer, teacher: Teacher, prompt: tuple, options: list[str], premises: Motion,
+          letter_of: Motion) -> tuple[Example, int]:
+    """The prompt (messages, images, videos) with `premises` in the teacher's wording and the letter of
+    `letter_of`'s next move as target; the index of that letter's token."""
+    text = completion(rationale(premises, teacher.states_next_move, teacher.cell_first),
+                      LETTERS[options.index(letter_of.next_direction)])
+    ids, position = _letter_position(tokenizer, text)
+    return Example(*prompt, ids), position
 
 
 def _letter_position(tokenizer, text: str) -> tuple[list[int], int]:

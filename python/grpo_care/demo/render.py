@@ -39,6 +39,12 @@ SIGNAL_COLORS = {"up": (130, 0, 0), "down": (150, 255, 0), "left": (255, 255, 16
 SIGNAL_PX = 5  # width of the lit rim
 FACING_COLORS = {"up": (230, 30, 30), "down": (30, 90, 230), "left": (250, 200, 0), "right": (0, 190, 90)}
 FACING_LINE_PX = 3  # width of the grid lines when they show the way the car faces (front_cue="lines")
+FRONT_CUES = ("windshield", "lines")
+
+
+def check_front_cue(front_cue: str) -> None:
+    if front_cue not in FRONT_CUES:
+        raise ValueError(f"front_cue must be 'windshield' or 'lines', got {front_cue!r}")
 
 
 @dataclass(frozen=True)
@@ -139,8 +145,7 @@ def render_clip(scene: Scene, motion: Motion, clutter: list[Cell], rng: np.rando
     grid lines, FACING_LINE_PX wide, in the color of the way the car faces (FACING_COLORS): its front as a
     whole-image color, as loud as the lit row and column. `hide_motion`: the first two frames show the car
     already at its current cell, so which way it drove cannot be seen (only its front, and the signal)."""
-    if front_cue not in ("windshield", "lines"):
-        raise ValueError(f"front_cue must be 'windshield' or 'lines', got {front_cue!r}")
+    check_front_cue(front_cue)
     board = render_board(scene, rng)
     frames = []
     first = motion.current if hide_motion else motion.previous

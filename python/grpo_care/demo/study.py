@@ -104,7 +104,8 @@ def _seed_outcomes(result: dict) -> dict:
         "arms": {name: {k: row.get(k) for k in OUTCOMES} for name, row in rows.items()},
         "perception_L1": meta["warm_start"]["perception_L1"],
         "reached_perception_target": meta["warm_start"]["reached_perception_target"],
-        "warm_start_consistency_per_level": meta.get("breakdown", {}).get("warm start", {}).get("consistency_per_level"),
+        "warm_start_consistency_per_level":
+            meta.get("breakdown", {}).get("warm start", {}).get("consistency_per_level"),
         "reference_probe": meta["warm_start"].get("reference_probe"),
         "care_bonus_among_correct_rollouts": meta.get("care_bonus_among_correct_rollouts"),
         "seconds": meta["seconds"],

@@ -26,8 +26,9 @@ to the move they imply, and answers that move's letter. The teacher is right whe
 wrong when it backs up (`reversing_rate` of the clips) away from a wall: a wrong premise followed faithfully,
 consistent and wrong. `Teacher.misread_rate` adds other wrong premises (another direction or a neighbouring
 cell), also followed faithfully: they are there to make the answer a function of the written premises rather
-than of the clip (whether a warm start learns that: demo README, development runs 15-29). `Teacher.unfaithful_rate` writes another answer letter than the
-reasoning implies: the only targets whose answer does not follow their reasoning.
+than of the clip (whether a warm start learns that: demo README, development runs 15-29).
+`Teacher.unfaithful_rate` writes another answer letter than the reasoning implies: the only targets whose answer
+does not follow their reasoning.
 """
 
 from __future__ import annotations
@@ -40,7 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
-from grpo_care.demo.render import FPS, NEW_SCENES, SEEN_SCENES, Scene, render_clip, write_mp4, write_png
+from grpo_care.demo.render import (
+    FPS,
+    NEW_SCENES,
+    SEEN_SCENES,
+    Scene,
+    check_front_cue,
+    render_clip,
+    write_mp4,
+    write_png,
+)
 from grpo_care.demo.tasks import (
     NEW_KINDS,
     SFT_KINDS,
@@ -100,8 +110,7 @@ class World:
     def __post_init__(self):
         if not 0.0 <= self.hidden_motion_rate <= 1.0:
             raise ValueError(f"hidden_motion_rate must be in [0, 1], got {self.hidden_motion_rate}")
-        if self.front_cue not in ("windshield", "lines"):
-            raise ValueError(f"front_cue must be 'windshield' or 'lines', got {self.front_cue!r}")
+        check_front_cue(self.front_cue)
         if self.sft_signal not in ("random", "next_move"):
             raise ValueError(f"sft_signal must be 'random' or 'next_move', got {self.sft_signal!r}")
 
