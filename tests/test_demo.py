@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -28,7 +29,7 @@ def test_quick_demo_writes_its_outputs(tmp_path, capsys):
     assert set(rows) == {"warm start", "GRPO", "no-KL", "GRPO-CARE"}
     meta = result["meta"]
     assert meta["speed_probe"]["tflops"] > 0 and set(meta["seconds_per_stage"]) >= {"data", "warm start", "GRPO"}
-    assert set(meta["care_bonus_among_correct_rollouts"]) == {"consistent", "inconsistent"}
+    assert set(meta["care_bonus_among_correct_rollouts"]) == {"consistent", "inconsistent", "groups_with_both"}
     assert isinstance(meta["warm_start"]["reached_perception_target"], bool)
     assert meta["code"]["care_kernels"] and meta["code"]["cpu_kernel"].split()[0] in ("cpp", "torch")
     for row in rows.values():
@@ -114,19 +115,23 @@ def test_each_arm_gets_the_reference_the_protocol_names(tmp_path):
 
 
 def test_design_flag_picks_the_plan_and_its_studys_seeds():
-    """--design 2 (the default) is study 2's plan and seeds; --design 1 reruns study 1 as it was."""
+    """--design 3 (the default) is study 3's plan and seeds; --design 2 and 1 rerun studies 2 and 1 as they were."""
     from grpo_care.demo import STUDY_SEEDS, parse_args
-    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, FULL
+    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, DESIGN_3, FULL
 
-    assert parse_args([]).design == 2 and parse_args(["--design", "1", "--study"]).design == 1
-    assert STUDY_SEEDS == {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14)}
-    assert FULL is DESIGN_2 and DESIGN_1.name == "full"  # study 1's plan.json says "full"
+    assert parse_args([]).design == 3 and parse_args(["--design", "1", "--study"]).design == 1
+    assert STUDY_SEEDS == {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14), 3: (20, 21, 22, 23, 24)}
+    assert FULL is DESIGN_3 and DESIGN_1.name == "full"  # study 1's plan.json says "full"
     assert (DESIGN_1.teacher.cell_first, DESIGN_1.world.front_cue, DESIGN_1.world.sft_signal) == (
         False, "windshield", "next_move")
     assert (DESIGN_2.teacher.cell_first, DESIGN_2.teacher.states_next_move, DESIGN_2.world.front_cue,
             DESIGN_2.world.sft_signal, DESIGN_2.warm.drills_first) == (True, False, "lines", "random", True)
+    assert (DESIGN_2.teacher.unfaithful_rate, DESIGN_2.teacher.slip_to, DESIGN_2.rl_steps) == (0.05, "random", 100)
+    # design 3 is design 2 but for the teacher's slips (to the rim's move, 15%) and the arms' length
+    assert replace(DESIGN_3, name=DESIGN_2.name, teacher=DESIGN_2.teacher, rl_steps=DESIGN_2.rl_steps) == DESIGN_2
+    assert (DESIGN_3.teacher.unfaithful_rate, DESIGN_3.teacher.slip_to, DESIGN_3.rl_steps) == (0.15, "signal", 200)
     with pytest.raises(SystemExit):
-        parse_args(["--design", "3"])
+        parse_args(["--design", "4"])
 
 
 def test_one_seed_runs_two_arms_for_half_the_steps_and_a_study_runs_the_plan():
@@ -134,16 +139,17 @@ def test_one_seed_runs_two_arms_for_half_the_steps_and_a_study_runs_the_plan():
     unchanged, and the flags that undo the single-seed defaults give exactly a study seed's plan (so such a run
     can resume into a study's seed directory)."""
     from grpo_care.demo import SINGLE_SEED_ARMS, SINGLE_SEED_RL_STEPS, parse_args, plan_for
-    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, QUICK
+    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, DESIGN_3, QUICK
 
     one = plan_for(parse_args([]))
     assert (one.arms, one.rl_steps) == (SINGLE_SEED_ARMS, SINGLE_SEED_RL_STEPS) == (("grpo", "grpo_care"), 50)
-    assert one.warm == DESIGN_2.warm and one.teacher == DESIGN_2.teacher and one.world == DESIGN_2.world
-    assert plan_for(parse_args(["--study"])) == DESIGN_2 and DESIGN_2.rl_steps == 100
+    assert one.warm == DESIGN_3.warm and one.teacher == DESIGN_3.teacher and one.world == DESIGN_3.world
+    assert plan_for(parse_args(["--study"])) == DESIGN_3 and DESIGN_3.rl_steps == 200
+    assert plan_for(parse_args(["--design", "2", "--seeds", "10", "11"])) == DESIGN_2
     assert plan_for(parse_args(["--design", "1", "--seeds", "0", "1"])) == DESIGN_1
     assert plan_for(parse_args(["--quick"])) == QUICK
-    as_in_the_study = ["--seed", "12", "--rl_steps", "100", "--arms", "grpo_care", "no_kl", "grpo"]
-    assert plan_for(parse_args(as_in_the_study)) == DESIGN_2
+    as_in_the_study = ["--seed", "22", "--rl_steps", "200", "--arms", "grpo_care", "no_kl", "grpo"]
+    assert plan_for(parse_args(as_in_the_study)) == DESIGN_3
     assert plan_for(parse_args(["--study", "--rl_steps", "300"])).rl_steps == 300
     with pytest.raises(SystemExit):
         parse_args(["--rl_steps", "0"])
@@ -172,3 +178,22 @@ def test_hidden_motion_is_scored_apart(tmp_path):
     without = run_demo(tmp_path / "plain", replace(QUICK, warm=plan.warm), seed=3, log=lambda *a: None,
                        warm_start_only=True)
     assert "accuracy_by_motion" not in without["meta"]["breakdown"]["warm start"]
+
+
+def test_bonus_rates_within_groups_that_hold_both_kinds(tmp_path):
+    from grpo_care.demo.pipeline import bonus_by_consistency
+
+    def row(step, sample, consistent, bonus, p=0.5, accuracy=1.0):
+        return {"step": step, "sample_id": sample, "accuracy": accuracy, "consistency_reward": float(consistent),
+                "bonus": bonus, "ref_likelihood": p}
+
+    rows = [row(1, "a", 1, 0.5, 0.9), row(1, "a", 0, 0.0, 0.1), row(1, "a", 1, 0.0, 0.8),  # both kinds
+            row(1, "b", 0, 0.5, 0.2), row(1, "b", 0, 0.5, 0.2),  # only inconsistent: both at their own mean
+            row(2, "a", 1, 0.5, 0.9), row(2, "a", 0, 0.0, 0.3, accuracy=0.0)]  # a wrong one is not counted
+    path = tmp_path / "completions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = bonus_by_consistency(path)
+    assert out["consistent"] == {"rollouts": 3, "bonus_rate": 0.667, "mean_ref_likelihood": 0.867}
+    assert out["inconsistent"] == {"rollouts": 3, "bonus_rate": 0.667, "mean_ref_likelihood": 0.167}
+    assert out["groups_with_both"] == {"groups": 1, "consistent": {"rollouts": 2, "bonus_rate": 0.5},
+                                       "inconsistent": {"rollouts": 1, "bonus_rate": 0.0}}

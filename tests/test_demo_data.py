@@ -221,6 +221,30 @@ def test_the_share_of_unsupported_answers_is_the_one_chosen(tmp_path, unfaithful
                == cell_first for r in records)
 
 
+def test_slips_to_the_signal_answer_the_letter_of_the_rims_move(tmp_path):
+    """Teacher(slip_to="signal"): the unfaithful share answers the move the rim shows (random in the warm start's
+    clips), never stated by the reasoning; where the rim shows the implied move the target stays faithful."""
+    from grpo_care.demo.pipeline import DESIGN_2
+
+    teacher = replace(DESIGN_2.teacher, unfaithful_rate=0.2, slip_to="signal")
+    files = write_dataset(tmp_path, DatasetSizes(train=1, sft=400, eval_per_level=1), seed=0, teacher=teacher,
+                          world=DESIGN_2.world)
+    records = _records(files.sft)
+    slips = 0
+    for r in records:
+        truth, options = r["ground_truth"], [r[f"choice_{c}"] for c in "abcd"]
+        verdict = judge(r["cot"], options, truth)
+        assert verdict.consistent == (r["cot_kind"] != "unfaithful"), r
+        if r["cot_kind"] == "unfaithful":
+            slips += 1
+            rim_letter = "ABCD"[truth["option_directions"].index(truth["signal"])]
+            assert r["cot"].endswith(f"<answer>{rim_letter}</answer>") and verdict.implied != truth["signal"]
+    expected = 0.2 * 0.75  # the rim shows a random move: a quarter of the slips land on the implied one
+    assert abs(slips / len(records) - expected) < 3 * (expected * (1 - expected) / len(records)) ** 0.5
+    with pytest.raises(ValueError, match="slip_to"):
+        Teacher(slip_to="rim")
+
+
 def test_the_signal_shows_the_next_move_unless_asked_to_be_noise_in_the_warm_start(tmp_path):
     sizes = DatasetSizes(train=40, sft=80, eval_per_level=40)
     default = write_dataset(tmp_path / "default", sizes, seed=1)

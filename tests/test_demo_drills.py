@@ -101,3 +101,21 @@ def test_the_drill_stage_runs_where_asked(data, first):
                      else ["perception", "answer drills", "chain of thought"])
     assert stages.count("answer drills") == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert DESIGN_1.warm.drill_steps == 0 and DESIGN_1.warm.drill_share == 0.0  # study 1: no drills
+
+
+def test_misreads_as_context_feed_the_misread_premises_and_train_only_the_letter(data):
+    files, _, processor, config = data
+    records = {r["sample_id"]: r for r in _sft(files)}
+    _, plain, _ = load_examples(files.sft, config, processor)
+    _, context, _ = load_examples(files.sft, config, processor, misreads_as_context=True)
+    kinds = [r["cot_kind"] for r in records.values()]
+    assert "misread" in kinds and "faithful" in kinds
+    tokenizer = processor.tokenizer
+    for kind, a, b in zip(kinds, plain[::2], context[::2]):  # two wordings per record, the same target
+        assert a.target == b.target and a.trained_from == 0
+        if kind != "misread":
+            assert b.trained_from == 0
+            continue
+        premises = tokenizer.decode(b.target[:b.trained_from])
+        assert "drove" in premises and "drove" not in tokenizer.decode(b.target[b.trained_from:])
+        assert "<answer>" in tokenizer.decode(b.target[b.trained_from:])

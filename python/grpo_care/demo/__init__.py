@@ -2,17 +2,18 @@
 
     grpo-care demo                          # one seed, GRPO and GRPO-CARE, 50 RL steps each, into outputs/demo
     grpo-care demo --quick --output_dir D   # the CI smoke run: the same pipeline at toy sizes (< 2 minutes)
-    grpo-care demo --study                  # study 2, pre-registered: seeds 10-14, resumable, into outputs/demo_study
-    grpo-care demo --design 1 --study       # study 1 again (design 1, seeds 0-4)
+    grpo-care demo --study                  # study 3, pre-registered: seeds 20-24, resumable, into outputs/demo_study
+    grpo-care demo --design 2 --study       # study 2 again (design 2, seeds 10-14; --design 1: study 1, seeds 0-4)
     grpo-care demo --seeds 100 101 102 --output_dir D   # the same on other seeds (development seeds)
     grpo-care demo --summarize D0 D1 D2     # one table over finished single-seed runs
 
 It writes a synthetic SEED-Bench-R1-like video QA set (a car driving on a 4 x 4 board; "what will it do
 next?"), warm-starts a tiny Qwen2.5-VL (Qwen2.5's tokens, offline) on a teacher's chains of thought whose
-answers follow their premises (except 5% on purpose), trains GRPO and GRPO-CARE (a study: also no-KL) from that
-same warm start through grpo_care.trainer.train, and reports accuracy per level (L1 seen scenes, L2 new scenes,
-L3 new scenes and new task kinds) and the consistency rate judged by grpo_care.demo.consistency, as
-results.json, results.md and curves.png (and, for a study, study.json, study.md and study.png).
+answers follow their premises (except 15% on purpose, which answer the move a cue in the clip shows), trains
+GRPO and GRPO-CARE (a study: also no-KL) from that same warm start through grpo_care.trainer.train, and reports
+accuracy per level (L1 seen scenes, L2 new scenes, L3 new scenes and new task kinds) and the consistency rate
+judged by grpo_care.demo.consistency, as results.json, results.md and curves.png (and, for a study, study.json,
+study.md and study.png).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ REQUIRED = {"av": "av", "PIL": "pillow", "torchvision": "torchvision", "qwen_tok
 PLOTTING = {"matplotlib": "matplotlib"}
 INSTALL_HINT = "pip install \"care-kernels[demo]\" (from a checkout: pip install \".[demo]\")"
 ARM_KEYS = ("grpo", "no_kl", "grpo_care")  # grpo_care.demo.pipeline.ARMS, without importing torch here
-STUDY_SEEDS = {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14)}  # per design, its study's pre-registered seeds (README)
+# per design, its study's pre-registered seeds (demo README)
+STUDY_SEEDS = {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14), 3: (20, 21, 22, 23, 24)}
 # One seed's defaults, so that `grpo-care demo` fits in its 10 minutes on slow 2-core machines (demo README, "The
 # model, and where the time goes"): the two arms the comparison is about, half a study arm's steps. --study
 # runs the design's plan.
@@ -53,15 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "--quick)")
     parser.add_argument("--rl_steps", type=int, default=None,
                         help=f"optimizer steps per RL arm (default: {SINGLE_SEED_RL_STEPS} for one seed, to keep the "
-                             "demo within its time budget; the plan's own for --study (100) and --quick (2); pass 100 "
-                             "with --arms grpo no_kl grpo_care to repeat a study seed alone)")
+                             "demo within its time budget; the plan's own for --study (design 3: 200) and --quick "
+                             "(2); pass 200 with --arms grpo no_kl grpo_care to repeat a study seed alone)")
     parser.add_argument("--warm_start_only", action="store_true",
                         help="stop after the warm start and its evaluation (checks the perception target)")
-    parser.add_argument("--design", type=int, choices=(1, 2), default=2,
-                        help="the task and warm start: 2 (default, study 2's plan) or 1 (study 1's plan)")
+    parser.add_argument("--design", type=int, choices=sorted(STUDY_SEEDS), default=3,
+                        help="the task and warm start: 3 (default, study 3's plan), 2 or 1 (studies 2 and 1)")
     parser.add_argument("--study", action="store_true",
-                        help="run the design's pre-registered study (design 2: seeds 10-14; design 1: seeds 0-4, "
-                             "unless --seeds), resumable per seed and arm")
+                        help="run the design's pre-registered study (design 3: seeds 20-24; design 2: 10-14; "
+                             "design 1: 0-4; unless --seeds), resumable per seed and arm")
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                         help="run the study on these seeds (implies --study)")
     parser.add_argument("--summarize", nargs="+", metavar="DIR",
@@ -153,6 +155,11 @@ def run_one(args, plan) -> int:
         print("GRPO-CARE: among correct rollouts the bonus went to "
               + ", ".join(f"{100 * (bonus[k]['bonus_rate'] or 0):.0f}% of the {bonus[k]['rollouts']} {k} ones"
                           for k in ("consistent", "inconsistent")))
+        both = bonus.get("groups_with_both")
+        if both and both["groups"]:
+            print(f"  in the {both['groups']} groups whose correct rollouts were of both kinds: "
+                  + ", ".join(f"{100 * (both[k]['bonus_rate'] or 0):.0f}% of the {both[k]['rollouts']} {k} ones"
+                              for k in ("consistent", "inconsistent")))
     seconds, probe = result["meta"]["seconds"], result["meta"]["speed_probe"]
     print(f"\nseed {args.seed}: {seconds['wall_s']:.0f} s wall, {seconds['cpu_s']:.0f} CPU-s on "
           f"{result['meta']['machine']} (speed probe: {probe['tflops']:.3f} TFLOP/s, {probe['gemm']}; 1-min load "

@@ -108,8 +108,13 @@ DESIGN_2_WITHOUT_DRILLS = replace(
 # Study 2's plan (demo README, "Design 2" and its protocol): 800 steps of answer drills on black clips first.
 DESIGN_2 = replace(DESIGN_2_WITHOUT_DRILLS, name="design_2",
                    warm=replace(DESIGN_2_WITHOUT_DRILLS.warm, drill_steps=800, drills_first=True))
-FULL = DESIGN_2
-DESIGNS = {1: DESIGN_1, 2: DESIGN_2}  # `grpo-care demo --design N`
+# Study 3's plan (demo README, "Design 3" and its protocol): design 2 whose teacher slips to the letter of the move
+# the rim shows (random in the warm start's clips) on 15% of its targets, a habit the reasoning never states; the
+# arms train twice as long.
+DESIGN_3 = replace(DESIGN_2, name="design_3", teacher=replace(DESIGN_2.teacher, unfaithful_rate=0.15, slip_to="signal"),
+                   rl_steps=200)
+FULL = DESIGN_3
+DESIGNS = {1: DESIGN_1, 2: DESIGN_2, 3: DESIGN_3}  # `grpo-care demo --design N`
 QUICK = replace(
     FULL,
     name="quick",
@@ -186,15 +191,33 @@ def read_curves(metrics_file) -> list[dict]:
 def bonus_by_consistency(completions_file) -> dict:
     """Among the CARE run's correct rollouts: how often the bonus went to consistent vs inconsistent ones, and
     the reference likelihood p of their answers. The bonus can only teach consistency if it prefers the
-    consistent ones, which it does only as far as the reference's answer depends on the reasoning."""
-    out = {}
+    consistent ones, which it does only as far as the reference's answer depends on the reasoning.
+
+    `groups_with_both`: the same rates within the groups (one prompt at one step) whose correct rollouts
+    include consistent and inconsistent ones, the only groups where the rule (grpo_care.md 5.3: a correct
+    rollout's p against the mean p of its group's correct ones) can choose between them. In a group whose correct
+    rollouts are all inconsistent, those at or above their own mean get the bonus whatever the reference says."""
     rows = [json.loads(line) for line in Path(completions_file).read_text().splitlines() if line.strip()]
-    for name, wanted in (("consistent", 1.0), ("inconsistent", 0.0)):
-        sel = [r for r in rows if r.get("accuracy") == 1.0 and r.get("consistency_reward") == wanted]
-        likelihoods = [r["ref_likelihood"] for r in sel if r.get("ref_likelihood") is not None]
-        out[name] = {"rollouts": len(sel),
-                     "bonus_rate": round(sum(r.get("bonus", 0) > 0 for r in sel) / len(sel), 3) if sel else None,
-                     "mean_ref_likelihood": round(sum(likelihoods) / len(likelihoods), 3) if likelihoods else None}
+    correct = [r for r in rows if r.get("accuracy") == 1.0]
+    kinds = {"consistent": 1.0, "inconsistent": 0.0}
+    out = {name: _bonus_rates([r for r in correct if r.get("consistency_reward") == wanted], with_likelihood=True)
+           for name, wanted in kinds.items()}
+    groups: dict = {}
+    for r in correct:
+        groups.setdefault((r.get("step"), r.get("sample_id")), []).append(r)
+    mixed = [g for g in groups.values() if {r.get("consistency_reward") for r in g} >= set(kinds.values())]
+    out["groups_with_both"] = {"groups": len(mixed), **{
+        name: _bonus_rates([r for g in mixed for r in g if r.get("consistency_reward") == wanted])
+        for name, wanted in kinds.items()}}
+    return out
+
+
+def _bonus_rates(rollouts: list[dict], with_likelihood: bool = False) -> dict:
+    out = {"rollouts": len(rollouts),
+           "bonus_rate": round(sum(r.get("bonus", 0) > 0 for r in rollouts) / len(rollouts), 3) if rollouts else None}
+    if with_likelihood:
+        likelihoods = [r["ref_likelihood"] for r in rollouts if r.get("ref_likelihood") is not None]
+        out["mean_ref_likelihood"] = round(sum(likelihoods) / len(likelihoods), 3) if likelihoods else None
     return out
 
 

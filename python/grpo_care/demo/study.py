@@ -226,6 +226,11 @@ def study_markdown(summary: dict) -> str:
         bonus = s.get("care_bonus_among_correct_rollouts") or {}
         rates = [bonus.get(k, {}).get("bonus_rate") for k in ("consistent", "inconsistent")]
         bonus_text = " / ".join("–" if r is None else f"{100 * r:.0f}%" for r in rates) if bonus else "–"
+        both = bonus.get("groups_with_both")  # absent from results written before it was measured
+        if both:
+            both_rates = " / ".join("–" if both[k]["bonus_rate"] is None else f"{100 * both[k]['bonus_rate']:.0f}%"
+                                    for k in ("consistent", "inconsistent"))
+            bonus_text += f" (groups with both: {both_rates}, {both['groups']} groups)"
         levels = s.get("warm_start_consistency_per_level") or {}
         levels_text = " / ".join(f"{100 * levels[k]:.0f}" for k in ("L1", "L2", "L3")) if levels else "–"
         probe = s.get("reference_probe") or {}

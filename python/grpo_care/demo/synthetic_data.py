@@ -91,7 +91,12 @@ class Teacher:
 
     sees_reversing_rate: float = 0.0  # on a reversing car, the teacher reads the way it drove from the motion
     misread_rate: float = 0.0  # a wrong premise besides the reversing cars', followed faithfully
-    unfaithful_rate: float = 0.0  # another answer letter than the reasoning implies (a slip, not the signal's)
+    unfaithful_rate: float = 0.0  # another answer letter than the reasoning implies
+    slip_to: str = "random"  # that letter: "random" (another letter) or "signal" (the letter of the rim's move)
+
+    def __post_init__(self):
+        if self.slip_to not in ("random", "signal"):
+            raise ValueError(f"slip_to must be 'random' or 'signal', got {self.slip_to!r}")
     states_next_move: bool = True  # end the reasoning with "so next it drives X" (tasks.rationale)
     cell_first: bool = False  # word the premises cell first, direction last (tasks.observation)
 
@@ -235,7 +240,7 @@ def make_record(split: Split, index: int, rng: random.Random, teacher: Teacher, 
         record["task_level"] = split.level
     record["ground_truth"] = ground_truth(motion, kind, scene, option_directions, signal, teacher.cell_first)
     if split.name == "sft":
-        record.update(teacher_cot(motion, option_directions, rng, teacher))
+        record.update(teacher_cot(motion, option_directions, rng, teacher, signal))
         if drill_rng is not None:  # its own random stream: a drill changes no clip, premise or letter of the rest
             record.update(answer_drill(motion, option_directions, drill_rng, teacher))
     clutter = clutter_cells(motion, scene, rng)
@@ -263,10 +268,12 @@ def answer_drill(car: Motion, option_directions: list[str], rng: random.Random, 
             "drill_premises": observation(premises, teacher.cell_first) + "."}
 
 
-def teacher_cot(motion: Motion, option_directions: list[str], rng: random.Random, teacher: Teacher) -> dict:
+def teacher_cot(motion: Motion, option_directions: list[str], rng: random.Random, teacher: Teacher,
+                signal: str | None = None) -> dict:
     """The teacher's chain of thought: its premises (`cot_premises`), followed faithfully to the letter of the
-    move they imply, except `unfaithful_rate` of them (another letter). `cot_kind`: faithful | misread |
-    unfaithful."""
+    move they imply, except `unfaithful_rate` of them: another letter (`slip_to="random"`) or the letter of the
+    move the clip's rim shows (`slip_to="signal"`; where that is the implied move anyway the target stays
+    faithful). `cot_kind`: faithful | saw_reversing | misread | unfaithful."""
     belief = teacher_belief(motion)
     kind = "faithful"
     if motion.reversing and rng.random() < teacher.sees_reversing_rate:
@@ -276,8 +283,13 @@ def teacher_cot(motion: Motion, option_directions: list[str], rng: random.Random
         belief, kind = flawed_premise(belief, rng), "misread"
     letter = LETTERS[option_directions.index(belief.next_direction)]
     if teacher.misread_rate <= u < teacher.misread_rate + teacher.unfaithful_rate:
-        letter = rng.choice([x for x in LETTERS[:len(option_directions)] if x != letter])
-        kind = "unfaithful"
+        if teacher.slip_to == "random":
+            letter = rng.choice([x for x in LETTERS[:len(option_directions)] if x != letter])
+            kind = "unfaithful"
+        elif signal is None:
+            raise ValueError("Teacher(slip_to='signal') needs the clip's signal")
+        elif signal != belief.next_direction:
+            letter, kind = LETTERS[option_directions.index(signal)], "unfaithful"
     return {"cot": completion(rationale(belief, teacher.states_next_move, teacher.cell_first), letter),
             "cot_kind": kind, "cot_premises": observation(belief, teacher.cell_first) + "."}
 

@@ -61,6 +61,7 @@ class WarmStartSpec:
     drill_steps: int = 0  # a stage of answer drills alone (batches of cot_batch_size)
     drills_first: bool = False  # that stage before perception (else between perception and chain of thought)
     drill_share: float = 0.0  # share of the chain-of-thought stage's examples that are answer drills
+    misreads_as_context: bool = False  # a misread target's premises are fed, not trained (only what follows)
 
     def __post_init__(self):
         if self.drill_steps < 0 or not 0.0 <= self.drill_share < 1.0:
@@ -85,9 +86,12 @@ def _perception_messages(sample, record: dict) -> list[dict]:
                                          {"type": "text", "text": question}]}]
 
 
-def load_examples(sft_file, config, processor) -> tuple[list[Example], list[Example], list[Example]]:
+def load_examples(sft_file, config, processor, misreads_as_context: bool = False
+                  ) -> tuple[list[Example], list[Example], list[Example]]:
     """(perception, chain-of-thought, answer-drill) examples of the SFT file; visuals decoded once, shared.
-    Drills are empty when the records carry none (data written before they existed)."""
+    Drills are empty when the records carry none (data written before they existed). `misreads_as_context`:
+    a misread chain of thought (`cot_kind`) trains only what follows its premises, like a drill on the real
+    clip, so the answer learns to follow written premises that the model does not learn to write."""
     tokenizer = tokenizer_of(processor)
     with open(sft_file, encoding="utf-8") as f:
         records = {str(r["sample_id"]): r for r in (json.loads(line) for line in f if line.strip())}
@@ -105,9 +109,11 @@ def load_examples(sft_file, config, processor) -> tuple[list[Example], list[Exam
                              add_special_tokens=False)
         perception.append(Example(_perception_messages(sample, record), item.images, item.videos,
                                   premises["input_ids"]))
-        target = ids(record["cot"])
+        target, trained_from = ids(record["cot"]), 0
+        if misreads_as_context and record.get("cot_kind") == "misread":
+            target, trained_from = drill_target(tokenizer, record["cot"], record["cot_premises"])
         for wording in (sample, eval_sample):
-            cot.append(Example(build_messages(wording), item.images, item.videos, target))
+            cot.append(Example(build_messages(wording), item.images, item.videos, target, trained_from))
         if "drill" in record:
             drill, trained_from = drill_target(tokenizer, record["drill"], record["drill_premises"])
             black = ([np.zeros_like(x) for x in item.images], [np.zeros_like(x) for x in item.videos])
@@ -223,7 +229,7 @@ def run_stage(model, processor, examples: list[Example], steps: int, batch_size:
 
 def warm_start(model, processor, sft_file, config, spec: WarmStartSpec = WarmStartSpec(), log=print) -> list[dict]:
     """The stages, in place on `model`; returns the per-step history [{stage, step, loss, lr, seconds}]."""
-    perception, cot, drills = load_examples(sft_file, config, processor)
+    perception, cot, drills = load_examples(sft_file, config, processor, spec.misreads_as_context)
     if spec.drill_steps > 0 and not drills:
         raise ValueError("drill_steps > 0 but the SFT records carry no answer drills (`drill`): write the data "
                          "with this version of synthetic_data")
