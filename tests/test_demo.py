@@ -63,7 +63,8 @@ def test_quick_study_resumes_and_refuses_other_settings(tmp_path, capsys):
     from grpo_care.demo.study import seed_dir
 
     out = tmp_path / "study"
-    run_demo(seed_dir(out, 7), replace(QUICK, arms=("no_kl", "grpo_care")), seed=7, resume=True, log=lambda *_: None)
+    first = run_demo(seed_dir(out, 7), replace(QUICK, arms=("no_kl", "grpo_care")), seed=7, resume=True,
+                     log=lambda *_: None)
     before = (seed_dir(out, 7) / "no_kl" / "result.json").stat().st_mtime_ns
     assert main(["--quick", "--seeds", "7", "--arms", "no_kl", "grpo_care", "--output_dir", str(out)]) == 0
     assert (seed_dir(out, 7) / "no_kl" / "result.json").stat().st_mtime_ns == before  # loaded, not rerun
@@ -71,6 +72,11 @@ def test_quick_study_resumes_and_refuses_other_settings(tmp_path, capsys):
     assert "loaded from" in printed and "(n = 1)" in printed and "GRPO-CARE minus no-KL" in printed
     summary = json.loads((out / "study.json").read_text())
     assert summary["seeds"] == [7] and summary["protocol"]["arms"] == ["no_kl", "grpo_care"]
+    # the resumed seed's results keep the seconds its pieces took when they ran, marked as loaded
+    stages = json.loads((seed_dir(out, 7) / "results.json").read_text())["meta"]["seconds_per_stage"]
+    ran = first["meta"]["seconds_per_stage"]
+    assert stages["warm start"] == {**ran["warm start"], "loaded": True}
+    assert stages["GRPO-CARE"]["loaded"] and stages["GRPO-CARE"]["wall_s"] >= 0 and "loaded" not in ran["GRPO-CARE"]
     assert main(["--quick", "--seeds", "7", "--output_dir", str(out)]) == 2  # all three arms: another plan
     assert "other settings (arms)" in capsys.readouterr().err
 

@@ -80,6 +80,8 @@ def test_summarize_study_writes_every_seed_and_the_paired_rows(tmp_path):
     assert summary["seeds"] == [0, 1] and summary["missing_seeds"] == [2]
     care_grpo = summary["paired"]["GRPO-CARE minus GRPO"]
     assert care_grpo["consistency"]["values"] == [18.0, 25.0] and care_grpo["overall"]["values"] == [5.0, -1.0]
+    drift = summary["paired"]["GRPO minus warm start"]  # each arm's change from the warm start, per seed
+    assert drift["consistency"]["values"] == [-20.0, -28.0] and drift["overall"]["values"] == [10.0, 15.0]
     assert summary["arms"]["GRPO"]["overall"]["n"] == 2
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved["protocol"]["rl_steps"] == QUICK.rl_steps and set(saved["per_seed"]) == {"0", "1"}

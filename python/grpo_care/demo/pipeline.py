@@ -236,6 +236,13 @@ class Stopwatch:
                  f"({cpu - self._since[1]:.0f} CPU-s)")
         self._since = (wall, cpu)
 
+    def loaded(self, saved: dict) -> None:
+        """Stages a resumed run loads instead of running: their seconds as saved when they ran (`saved`: stage ->
+        {wall_s, cpu_s}; empty for pieces saved before their timings were), marked `loaded`."""
+        for name, seconds in saved.items():
+            self.stages[name] = {**seconds, "loaded": True}
+        self._since = (time.perf_counter(), time.process_time())
+
     def totals(self) -> dict:
         return {"wall_s": round(time.perf_counter() - self.start, 1),
                 "cpu_s": round(time.process_time() - self.cpu_start, 1)}
@@ -331,7 +338,9 @@ def _warm_start(out_dir, plan, seed, files, model, processor, clock, log, resume
         model.load_state_dict(torch.load(weights, weights_only=True))
         model.eval()
         log(f"warm start: loaded from {saved_dir}")
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        clock.loaded(result.get("seconds_per_stage") or {"warm start": {}})
+        return result
     base = rl_config(plan, files, out_dir / "grpo", seed, ARMS["grpo"])
     w = plan.warm
     stages = [f"{w.perception_steps} perception steps"]
@@ -355,7 +364,9 @@ def _warm_start(out_dir, plan, seed, files, model, processor, clock, log, resume
               "final_loss": {stage: next(h["loss"] for h in reversed(history) if h["stage"] == stage)
                              for stage in {h["stage"] for h in history}},
               "perception_L1": perception, "reference_probe": probe,
-              "reached_perception_target": perception is not None and perception >= plan.perception_target}
+              "reached_perception_target": perception is not None and perception >= plan.perception_target,
+              "seconds_per_stage": {k: clock.stages[k]
+                                    for k in ("warm start", "evaluate warm start", "reference probe")}}
     saved_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), weights)
     result_file.write_text(json.dumps(result, indent=1))
@@ -369,7 +380,11 @@ def _run_arm(out_dir, plan, seed, files, model, processor, arm: Arm, clock, log,
     result_file = out_dir / arm.key / "result.json"
     if resume and result_file.is_file():
         log(f"{arm.name}: loaded from {result_file}")
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        seconds = result.get("seconds", {})  # wall seconds of its RL run and evaluation
+        clock.loaded({arm.name: {"wall_s": seconds["rl"]} if "rl" in seconds else {},
+                      f"evaluate {arm.name}": {"wall_s": seconds["evaluate"]} if "evaluate" in seconds else {}})
+        return result
     config = rl_config(plan, files, out_dir / arm.key, seed, arm)
     log(f"{arm.name}: {plan.rl_steps} steps x {plan.prompts_per_step} prompts x {plan.num_generations} rollouts "
         f"(beta {arm.beta}, use_care {arm.care}) through grpo_care.trainer.train ...")

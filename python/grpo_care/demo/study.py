@@ -6,7 +6,8 @@
 Each seed runs into `<output_dir>/seed_<s>` with `run_demo(..., resume=True)`: a seed or arm that finished is
 loaded, not run again. The summary (study.json, study.md, study.png) holds every per-seed, per-arm outcome, the
 mean of each outcome per arm with a 95% t-interval over seeds, and the paired differences GRPO-CARE minus GRPO
-and GRPO-CARE minus no-KL (the difference within each seed, then its mean and 95% t-interval over seeds).
+and GRPO-CARE minus no-KL (the difference within each seed, then its mean and 95% t-interval over seeds), then
+each arm minus the warm start (how far RL moved it; descriptive).
 Every seed counts, including one whose warm start missed the perception target (marked in the table).
 """
 
@@ -19,7 +20,9 @@ import warnings
 from pathlib import Path
 
 OUTCOMES = ("overall", "consistency", "L1", "L2", "L3", "consistency_when_correct", "premises_correct", "format")
-PAIRS = (("GRPO-CARE", "GRPO"), ("GRPO-CARE", "no-KL"))
+# the primary comparisons, then each arm's change from the warm start (drift: descriptive)
+PAIRS = (("GRPO-CARE", "GRPO"), ("GRPO-CARE", "no-KL"),
+         ("GRPO", "warm start"), ("no-KL", "warm start"), ("GRPO-CARE", "warm start"))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ consistent and wrong. `Teacher.misread_rate` adds other wrong premises (another 
 cell), also followed faithfully: they are there to make the answer a function of the written premises rather
 than of the clip (whether a warm start learns that: demo README, development runs 15-29).
 `Teacher.unfaithful_rate` writes another answer letter than the reasoning implies: the only targets whose answer
-does not follow their reasoning.
+does not follow their reasoning. With `Teacher.slip_to="signal"` (design 3) that letter is the one of the move the
+clip's rim shows, a habit no rationale states (random in the warm start's clips, the next move in RL's).
 """
 
 from __future__ import annotations
@@ -93,12 +94,12 @@ class Teacher:
     misread_rate: float = 0.0  # a wrong premise besides the reversing cars', followed faithfully
     unfaithful_rate: float = 0.0  # another answer letter than the reasoning implies
     slip_to: str = "random"  # that letter: "random" (another letter) or "signal" (the letter of the rim's move)
+    states_next_move: bool = True  # end the reasoning with "so next it drives X" (tasks.rationale)
+    cell_first: bool = False  # word the premises cell first, direction last (tasks.observation)
 
     def __post_init__(self):
         if self.slip_to not in ("random", "signal"):
             raise ValueError(f"slip_to must be 'random' or 'signal', got {self.slip_to!r}")
-    states_next_move: bool = True  # end the reasoning with "so next it drives X" (tasks.rationale)
-    cell_first: bool = False  # word the premises cell first, direction last (tasks.observation)
 
 
 @dataclass(frozen=True)
