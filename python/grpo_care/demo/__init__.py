@@ -124,6 +124,12 @@ def plan_for(args: argparse.Namespace):
                    rl_steps=args.rl_steps or (SINGLE_SEED_RL_STEPS if single_seed else plan.rl_steps))
 
 
+def _bonus_shares(bonus: dict) -> str:
+    """The bonus shares of care_bonus_among_correct_rollouts in words: "92% of the 63 consistent ones, ..."."""
+    return ", ".join(f"{100 * (bonus[k]['bonus_rate'] or 0):.0f}% of the {bonus[k]['rollouts']} {k} ones"
+                     for k in ("consistent", "inconsistent"))
+
+
 def run_study(args, plan) -> int:
     """`--study` / `--seeds`: every seed (resumed where finished), then the study's tables."""
     from grpo_care.demo import study
@@ -152,14 +158,10 @@ def run_one(args, plan) -> int:
           f"{100 * plan.perception_target:.0f}%: {'reached' if warm['reached_perception_target'] else 'NOT reached'})")
     bonus = result["meta"].get("care_bonus_among_correct_rollouts")
     if bonus:
-        print("GRPO-CARE: among correct rollouts the bonus went to "
-              + ", ".join(f"{100 * (bonus[k]['bonus_rate'] or 0):.0f}% of the {bonus[k]['rollouts']} {k} ones"
-                          for k in ("consistent", "inconsistent")))
+        print(f"GRPO-CARE: among correct rollouts the bonus went to {_bonus_shares(bonus)}")
         both = bonus.get("groups_with_both")
         if both and both["groups"]:
-            print(f"  in the {both['groups']} groups whose correct rollouts were of both kinds: "
-                  + ", ".join(f"{100 * (both[k]['bonus_rate'] or 0):.0f}% of the {both[k]['rollouts']} {k} ones"
-                              for k in ("consistent", "inconsistent")))
+            print(f"  in the {both['groups']} groups whose correct rollouts were of both kinds: {_bonus_shares(both)}")
     seconds, probe = result["meta"]["seconds"], result["meta"]["speed_probe"]
     print(f"\nseed {args.seed}: {seconds['wall_s']:.0f} s wall, {seconds['cpu_s']:.0f} CPU-s on "
           f"{result['meta']['machine']} (speed probe: {probe['tflops']:.3f} TFLOP/s, {probe['gemm']}; 1-min load "

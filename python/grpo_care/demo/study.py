@@ -227,13 +227,10 @@ def study_markdown(summary: dict) -> str:
             row = s["arms"].get(a)
             cells.append("–" if row is None else f"{row['overall']:.1f} / {row['consistency']:.1f}")
         bonus = s.get("care_bonus_among_correct_rollouts") or {}
-        rates = [bonus.get(k, {}).get("bonus_rate") for k in ("consistent", "inconsistent")]
-        bonus_text = " / ".join("–" if r is None else f"{100 * r:.0f}%" for r in rates) if bonus else "–"
+        bonus_text = _bonus_shares(bonus) if bonus else "–"
         both = bonus.get("groups_with_both")  # absent from results written before it was measured
         if both:
-            both_rates = " / ".join("–" if both[k]["bonus_rate"] is None else f"{100 * both[k]['bonus_rate']:.0f}%"
-                                    for k in ("consistent", "inconsistent"))
-            bonus_text += f" (groups with both: {both_rates}, {both['groups']} groups)"
+            bonus_text += f" (groups with both: {_bonus_shares(both)}, {both['groups']} groups)"
         levels = s.get("warm_start_consistency_per_level") or {}
         levels_text = " / ".join(f"{100 * levels[k]:.0f}" for k in ("L1", "L2", "L3")) if levels else "–"
         probe = s.get("reference_probe") or {}
@@ -243,6 +240,12 @@ def study_markdown(summary: dict) -> str:
         lines.append(f"| {seed} | {100 * perception:.0f}% ({100 * target:.0f}%){mark} | {levels_text} | {probe_text} | "
                      + " | ".join(cells) + f" | {bonus_text} |")
     return "\n".join(lines)
+
+
+def _bonus_shares(bonus: dict) -> str:
+    """The shares of consistent / inconsistent right rollouts that got the bonus, as "92% / 5%" ("–": none)."""
+    rates = [bonus.get(k, {}).get("bonus_rate") for k in ("consistent", "inconsistent")]
+    return " / ".join("–" if r is None else f"{100 * r:.0f}%" for r in rates)
 
 
 # ------------------------------------------------------------------------------------------------------------
