@@ -21,9 +21,10 @@ perception with `drills_first`, else after it) or mixed into the chain-of-though
 the letter can only come from the written premises: the step the reference must take for the CARE bonus to
 tell consistent answers from inconsistent ones (demo README, development runs 30-33).
 
-Frames come through the trainer's path (grpo_care.video at the config's visual budget, rollout.encode_prompts)
-and the loss is the target tokens' mean negative log-likelihood from care_kernels.linear_logprobs (no [N, V]
-logits), so the model is fine-tuned on exactly the inputs GRPO will see.
+Frames come through the trainer's path (grpo_care.video at the config's visual budget, rollout.encode_prompts;
+each example's prompt is encoded once, when the examples are loaded, and batches are collated from those rows:
+encoded_prompts.py) and the loss is the target tokens' mean negative log-likelihood from
+care_kernels.linear_logprobs (no [N, V] logits), so the model is fine-tuned on exactly the inputs GRPO will see.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ import torch
 
 import care_kernels as ck
 from grpo_care.data import build_messages, load_samples
+from grpo_care.demo.encoded_prompts import VISUAL_KEYS, collate, encode_each
 from grpo_care.modeling import backbone_hidden, lm_head_params
 from grpo_care.prompts import load_visuals
-from grpo_care.rollout import encode_prompts, tokenizer_of
+from grpo_care.rollout import tokenizer_of
 from grpo_care.video import VisualBudget
 
 IGNORE_INDEX = -100
+ENCODE_CHUNK = 64  # examples per processor call when load_examples encodes them
 PERCEPTION_QUESTION = "Which way did the {obj} drive, and where is it now?"
 
 
@@ -76,6 +79,7 @@ class Example:
     videos: list
     target: list  # token ids (chains of thought end with <|im_end|>)
     trained_from: int = 0  # target tokens before this index are context only (an answer drill's premises)
+    prompt: dict | None = None  # its row of the processor's output (encoded_prompts.encode_each), once encoded
 
 
 def _perception_messages(sample, record: dict) -> list[dict]:
@@ -88,7 +92,8 @@ def _perception_messages(sample, record: dict) -> list[dict]:
 
 def load_examples(sft_file, config, processor, misreads_as_context: bool = False
                   ) -> tuple[list[Example], list[Example], list[Example]]:
-    """(perception, chain-of-thought, answer-drill) examples of the SFT file; visuals decoded once, shared.
+    """(perception, chain-of-thought, answer-drill) examples of the SFT file, their prompts encoded (`prompt`);
+    visuals decoded and encoded once per clip, shared.
     Drills are empty when the records carry none (data written before they existed). `misreads_as_context`:
     a misread chain of thought (`cot_kind`) trains only what follows its premises, like a drill on the real
     clip, so the answer learns to follow written premises that the model does not learn to write."""
@@ -101,25 +106,49 @@ def load_examples(sft_file, config, processor, misreads_as_context: bool = False
         return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
     perception, cot, drills = [], [], []
+    black: dict = {}  # one set of black frames per frame shape, shared by every drill
+    visual_rows: dict = {}  # (id of an images list, id of a videos list) -> the first row encoded with them
     eval_wording = load_samples(sft_file, seed=config.seed, template="eval")
     for sample, eval_sample in zip(load_samples(sft_file, seed=config.seed, template="train"), eval_wording):
         record = records[sample.sample_id]
         item = load_visuals(sample, budget, multimodal=True)
         premises = tokenizer("<think>" + record["ground_truth"]["teacher_observation"][:-1],
                              add_special_tokens=False)
-        perception.append(Example(_perception_messages(sample, record), item.images, item.videos,
-                                  premises["input_ids"]))
+        made = [Example(_perception_messages(sample, record), item.images, item.videos, premises["input_ids"])]
         target, trained_from = ids(record["cot"]), 0
         if misreads_as_context and record.get("cot_kind") == "misread":
             target, trained_from = drill_target(tokenizer, record["cot"], record["cot_premises"])
-        for wording in (sample, eval_sample):
-            cot.append(Example(build_messages(wording), item.images, item.videos, target, trained_from))
+        made += [Example(build_messages(wording), item.images, item.videos, target, trained_from)
+                 for wording in (sample, eval_sample)]
         if "drill" in record:
             drill, trained_from = drill_target(tokenizer, record["drill"], record["drill_premises"])
-            black = ([np.zeros_like(x) for x in item.images], [np.zeros_like(x) for x in item.videos])
-            for wording in (sample, eval_sample):
-                drills.append(Example(build_messages(wording), *black, drill, trained_from))
+            shapes = tuple(x.shape for x in item.images + item.videos)
+            images, videos = black.setdefault(shapes, ([np.zeros_like(x) for x in item.images],
+                                                       [np.zeros_like(x) for x in item.videos]))
+            made += [Example(build_messages(wording), images, videos, drill, trained_from)
+                     for wording in (sample, eval_sample)]
+        perception.append(made[0])
+        cot += made[1:3]
+        drills += made[3:]
+    examples = perception + cot + drills
+    for start in range(0, len(examples), ENCODE_CHUNK):
+        _encode(examples[start:start + ENCODE_CHUNK], processor, visual_rows)
     return perception, cot, drills
+
+
+def _encode(examples: list[Example], processor, visual_rows: dict | None = None) -> None:
+    """Set each example's `prompt` (one processor call for all of them). With `visual_rows`, examples that share
+    their visual lists (one clip's perception and chain-of-thought prompts, every drill's black frames) share one
+    copy of the visual tensors instead of keeping one each."""
+    if not examples:
+        return
+    rows = encode_each([e.messages for e in examples], [e.images for e in examples], [e.videos for e in examples],
+                       processor)
+    for example, row in zip(examples, rows):
+        if visual_rows is not None:
+            first = visual_rows.setdefault((id(example.images), id(example.videos)), row)
+            row.update({k: first[k] for k in (*VISUAL_KEYS, *VISUAL_KEYS.values()) if k in first})
+        example.prompt = row
 
 
 def drill_target(tokenizer, drill: str, premises: str) -> tuple[list[int], int]:
@@ -150,8 +179,8 @@ def batch_inputs(examples: list[Example], processor) -> tuple[dict, torch.Tensor
     """Model inputs of prompt + target (prompts left padded, targets right padded) and the [B, L] labels: the
     target ids, IGNORE_INDEX on padding and on a drill's context tokens (fed, not trained)."""
     tokenizer = tokenizer_of(processor)
-    prompts = encode_prompts([e.messages for e in examples], [im for e in examples for im in e.images],
-                             [v for e in examples for v in e.videos], processor, multimodal=True)
+    _encode([e for e in examples if e.prompt is None], processor)
+    prompts = collate([e.prompt for e in examples], tokenizer.pad_token_id)
     length = max(len(e.target) for e in examples)
     tokens = torch.full((len(examples), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -200,7 +229,9 @@ def run_stage(model, processor, examples: list[Example], steps: int, batch_size:
     if not examples:
         raise ValueError(f"warm start stage {stage!r} has no examples")
     generator = torch.Generator().manual_seed(spec.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    # foreach: the per-tensor updates torch runs on CPU by default, bit for bit, in a few calls instead of ~70
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay,
+                                  foreach=True)
     model.train()
     order: list[int] = []
     history = []
