@@ -71,6 +71,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def demo_setup(tmp_path_factory):
+    """make(name, sizes, seed, design) -> (files, model, processor, config): a demo data set of `sizes` written with
+    `design`'s teacher and world, the quick plan's tiny model and processor, and the GRPO arm's trainer config."""
+
+    def make(name: str, sizes, seed: int, design):
+        from grpo_care.demo.pipeline import ARMS, QUICK, rl_config
+        from grpo_care.demo.synthetic_data import write_dataset
+        from grpo_care.demo.tiny_model import build_model_and_processor
+
+        root = tmp_path_factory.mktemp(name)
+        files = write_dataset(root / "data", sizes, seed=seed, teacher=design.teacher, world=design.world)
+        model, processor = build_model_and_processor(QUICK.model, seed=0)
+        return files, model, processor, rl_config(QUICK, files, root / "cfg", 0, ARMS["grpo"])
+
+    return make
+
+
 @pytest.fixture
 def package_env():
     """env(**extra) -> os.environ for a child Python that imports the very care_kernels and grpo_care this test

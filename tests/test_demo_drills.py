@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 from grpo_care.demo.consistency import judge
-from grpo_care.demo.pipeline import ARMS, DESIGN_1, DESIGN_2, QUICK, rl_config
+from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, QUICK
 from grpo_care.demo.synthetic_data import DatasetSizes, write_dataset
-from grpo_care.demo.tiny_model import build_model_and_processor
 from grpo_care.demo.warm_start import (
     IGNORE_INDEX,
     WarmStartSpec,
@@ -25,13 +24,8 @@ SIZES = DatasetSizes(train=2, sft=24, eval_per_level=2)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("drills")
-    files = write_dataset(root / "data", SIZES, seed=4, teacher=DESIGN_2.teacher,
-                          world=DESIGN_2.world)
-    model, processor = build_model_and_processor(QUICK.model, seed=0)
-    config = rl_config(QUICK, files, root / "cfg", 0, ARMS["grpo"])
-    return files, model, processor, config
+def data(demo_setup):
+    return demo_setup("drills", SIZES, 4, DESIGN_2)
 
 
 def _sft(files) -> list[dict]:

@@ -5,20 +5,15 @@ import numpy as np
 import pytest
 import torch
 from grpo_care.demo.encoded_prompts import collate, encode_each
-from grpo_care.demo.pipeline import ARMS, DESIGN_3, QUICK, rl_config
-from grpo_care.demo.synthetic_data import DatasetSizes, write_dataset
-from grpo_care.demo.tiny_model import build_model_and_processor
+from grpo_care.demo.pipeline import DESIGN_3
+from grpo_care.demo.synthetic_data import DatasetSizes
 from grpo_care.demo.warm_start import Example, batch_inputs, load_examples
 from grpo_care.rollout import encode_prompts
 
 
 @pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoded")
-    files = write_dataset(root / "data", DatasetSizes(train=2, sft=12, eval_per_level=2), seed=7,
-                          teacher=DESIGN_3.teacher, world=DESIGN_3.world)
-    _, processor = build_model_and_processor(QUICK.model, seed=0)
-    config = rl_config(QUICK, files, root / "cfg", 0, ARMS["grpo"])
+def examples(demo_setup):
+    files, _, processor, config = demo_setup("encoded", DatasetSizes(train=2, sft=12, eval_per_level=2), 7, DESIGN_3)
     return processor, load_examples(files.sft, config, processor)
 
 

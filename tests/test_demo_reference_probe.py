@@ -5,21 +5,15 @@ import json
 
 import pytest
 import torch
-from grpo_care.demo.pipeline import ARMS, DESIGN_1, DESIGN_2, QUICK, rl_config
+from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2
 from grpo_care.demo.reference_probe import mean_letter_probability, probe_cases, reference_probe
-from grpo_care.demo.synthetic_data import LETTERS, DatasetSizes, write_dataset
-from grpo_care.demo.tiny_model import build_model_and_processor
+from grpo_care.demo.synthetic_data import LETTERS, DatasetSizes
 from grpo_care.demo.warm_start import batch_inputs
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe")
-    files = write_dataset(root / "data", DatasetSizes(train=24, sft=2, eval_per_level=2), seed=3,
-                          teacher=DESIGN_2.teacher, world=DESIGN_2.world)
-    model, processor = build_model_and_processor(QUICK.model, seed=0)
-    config = rl_config(QUICK, files, root / "cfg", 0, ARMS["grpo"])
-    return files, model, processor, config
+def setup(demo_setup):
+    return demo_setup("probe", DatasetSizes(train=24, sft=2, eval_per_level=2), 3, DESIGN_2)
 
 
 @pytest.mark.parametrize("teacher", [DESIGN_1.teacher, DESIGN_2.teacher], ids=["design_1", "design_2"])
