@@ -2,13 +2,13 @@
 from those rows instead of running the processor (chat template, tokenizer, image and video processors) again at
 every step, which took about a tenth of a warm-start step.
 
-    rows = encode_each(examples, processor)        # one processor call; one row per example (unpadded tensors)
-    batch = collate([rows[1], rows[0]], pad_id)    # == encode_prompts([...messages of 1, 0], ..., processor)
+    rows = encode_each(messages, images, videos, processor)  # one processor call; a row per prompt (unpadded)
+    batch = collate([rows[1], rows[0]], pad_id)  # == encode_prompts([messages[1], messages[0]], ..., processor)
 
 A row holds the example's unpadded `input_ids` and `mm_token_type_ids` ([P]) and its own visual tensors
 (`pixel_values` [patches, C], `image_grid_thw` [images, 3], and the same for videos). `collate` left-pads the
 token rows, as the processor does, and concatenates the visual tensors in batch order, so a batch is bit for bit
-the processor's own encoding of it (tests/test_demo_drills.py checks it on the demo's examples).
+the processor's own encoding of it (tests/test_demo_encoded_prompts.py checks it on the demo's examples).
 """
 
 from __future__ import annotations
