@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -79,7 +79,8 @@ class Example:
     videos: list
     target: list  # token ids (chains of thought end with <|im_end|>)
     trained_from: int = 0  # target tokens before this index are context only (an answer drill's premises)
-    prompt: dict | None = None  # its row of the processor's output (encoded_prompts.encode_each), once encoded
+    # its row of the processor's output (encoded_prompts.encode_each), once encoded; tensors: not printed or compared
+    prompt: dict | None = field(default=None, repr=False, compare=False)
 
 
 def _perception_messages(sample, record: dict) -> list[dict]:
