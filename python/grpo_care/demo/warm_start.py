@@ -124,8 +124,9 @@ def load_examples(sft_file, config, processor, misreads_as_context: bool = False
         if "drill" in record:
             drill, trained_from = drill_target(tokenizer, record["drill"], record["drill_premises"])
             shapes = tuple(x.shape for x in item.images + item.videos)
-            images, videos = black.setdefault(shapes, ([np.zeros_like(x) for x in item.images],
-                                                       [np.zeros_like(x) for x in item.videos]))
+            if shapes not in black:
+                black[shapes] = ([np.zeros_like(x) for x in item.images], [np.zeros_like(x) for x in item.videos])
+            images, videos = black[shapes]
             made += [Example(build_messages(wording), images, videos, drill, trained_from)
                      for wording in (sample, eval_sample)]
         perception.append(made[0])
