@@ -120,14 +120,36 @@ def test_each_arm_gets_the_reference_the_protocol_names(tmp_path):
     assert configs["grpo_care"].ref_ema_update_every == FULL.ref_ema_update_every
 
 
-def test_design_flag_picks_the_plan_and_its_studys_seeds():
-    """--design 3 (the default) is study 3's plan and seeds; --design 2 and 1 rerun studies 2 and 1 as they were."""
-    from grpo_care.demo import STUDY_SEEDS, parse_args
-    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, DESIGN_3, FULL
+def test_the_plans_prompt_style_reaches_the_trainer_and_old_plan_files_still_resume(tmp_path):
+    """rl_config passes the plan's prompt style (design 4: short; 1-3: the paper's); a plan.json written before
+    DemoPlan had prompt_style (studies 1-3) resumes under its design, and not under design 4."""
+    from grpo_care.demo.pipeline import ARMS, DESIGN_3, DESIGN_4, PlanMismatch, _check_plan, plan_record, rl_config
+    from grpo_care.demo.synthetic_data import DatasetFiles
 
-    assert parse_args([]).design == 3 and parse_args(["--design", "1", "--study"]).design == 1
-    assert STUDY_SEEDS == {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14), 3: (20, 21, 22, 23, 24)}
-    assert FULL is DESIGN_3 and DESIGN_1.name == "full"  # study 1's plan.json says "full"
+    files = DatasetFiles(root=tmp_path, train=tmp_path / "training.jsonl", sft=tmp_path / "sft.jsonl", levels={})
+    assert rl_config(DESIGN_4, files, tmp_path / "a", 0, ARMS["grpo_care"]).prompt_style == "short"
+    assert rl_config(DESIGN_3, files, tmp_path / "a", 0, ARMS["grpo"]).prompt_style == "paper"
+    old = plan_record(DESIGN_3, 20)
+    del old["plan"]["prompt_style"]
+    (tmp_path / "plan.json").write_text(json.dumps(old))
+    _check_plan(tmp_path, DESIGN_3, 20, resume=True)
+    with pytest.raises(PlanMismatch, match=r"other settings \(name, prompt_style\)"):
+        _check_plan(tmp_path, DESIGN_4, 20, resume=True)
+
+
+def test_design_flag_picks_the_plan_and_its_studys_seeds():
+    """--design 4 (the default) is study 4's plan and seeds; --design 3, 2 and 1 rerun studies 3, 2 and 1 as they
+    were."""
+    from grpo_care.demo import STUDY_SEEDS, parse_args
+    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, DESIGN_3, DESIGN_4, FULL
+
+    assert parse_args([]).design == 4 and parse_args(["--design", "1", "--study"]).design == 1
+    assert STUDY_SEEDS == {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14), 3: (20, 21, 22, 23, 24),
+                           4: (30, 31, 32, 33, 34)}
+    assert FULL is DESIGN_4 and DESIGN_1.name == "full"  # study 1's plan.json says "full"
+    # design 4 is design 3 but for the prompts' instruction; designs 1-3 kept the paper's
+    assert replace(DESIGN_4, name=DESIGN_3.name, prompt_style="paper") == DESIGN_3
+    assert DESIGN_4.prompt_style == "short" and {DESIGN_1.prompt_style, DESIGN_2.prompt_style} == {"paper"}
     assert (DESIGN_1.teacher.cell_first, DESIGN_1.world.front_cue, DESIGN_1.world.sft_signal) == (
         False, "windshield", "next_move")
     assert (DESIGN_2.teacher.cell_first, DESIGN_2.teacher.states_next_move, DESIGN_2.world.front_cue,
@@ -137,7 +159,7 @@ def test_design_flag_picks_the_plan_and_its_studys_seeds():
     assert replace(DESIGN_3, name=DESIGN_2.name, teacher=DESIGN_2.teacher, rl_steps=DESIGN_2.rl_steps) == DESIGN_2
     assert (DESIGN_3.teacher.unfaithful_rate, DESIGN_3.teacher.slip_to, DESIGN_3.rl_steps) == (0.15, "signal", 200)
     with pytest.raises(SystemExit):
-        parse_args(["--design", "4"])
+        parse_args(["--design", "5"])
 
 
 def test_one_seed_runs_two_arms_for_half_the_steps_and_a_study_runs_the_plan():
@@ -145,17 +167,18 @@ def test_one_seed_runs_two_arms_for_half_the_steps_and_a_study_runs_the_plan():
     unchanged, and the flags that undo the single-seed defaults give exactly a study seed's plan (so such a run
     can resume into a study's seed directory)."""
     from grpo_care.demo import SINGLE_SEED_ARMS, SINGLE_SEED_RL_STEPS, parse_args, plan_for
-    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, DESIGN_3, QUICK
+    from grpo_care.demo.pipeline import DESIGN_1, DESIGN_2, DESIGN_3, DESIGN_4, QUICK
 
     one = plan_for(parse_args([]))
     assert (one.arms, one.rl_steps) == (SINGLE_SEED_ARMS, SINGLE_SEED_RL_STEPS) == (("grpo", "grpo_care"), 50)
-    assert one.warm == DESIGN_3.warm and one.teacher == DESIGN_3.teacher and one.world == DESIGN_3.world
-    assert plan_for(parse_args(["--study"])) == DESIGN_3 and DESIGN_3.rl_steps == 200
+    assert replace(one, arms=DESIGN_4.arms, rl_steps=DESIGN_4.rl_steps) == DESIGN_4
+    assert plan_for(parse_args(["--study"])) == DESIGN_4 and DESIGN_4.rl_steps == 200
+    assert plan_for(parse_args(["--design", "3", "--seeds", "20", "21"])) == DESIGN_3
     assert plan_for(parse_args(["--design", "2", "--seeds", "10", "11"])) == DESIGN_2
     assert plan_for(parse_args(["--design", "1", "--seeds", "0", "1"])) == DESIGN_1
     assert plan_for(parse_args(["--quick"])) == QUICK
-    as_in_the_study = ["--seed", "22", "--rl_steps", "200", "--arms", "grpo_care", "no_kl", "grpo"]
-    assert plan_for(parse_args(as_in_the_study)) == DESIGN_3
+    as_in_the_study = ["--seed", "32", "--rl_steps", "200", "--arms", "grpo_care", "no_kl", "grpo"]
+    assert plan_for(parse_args(as_in_the_study)) == DESIGN_4
     assert plan_for(parse_args(["--study", "--rl_steps", "300"])).rl_steps == 300
     with pytest.raises(SystemExit):
         parse_args(["--rl_steps", "0"])

@@ -74,3 +74,14 @@ def test_rows_with_and_without_an_image_collate_like_the_processor(examples):
         want = encode_prompts(messages, [x for i in order for x in ([with_image.images[0]] if i == 0 else [])],
                               [with_image.videos[0]] * 2, processor, multimodal=True)
         _assert_same(collate([rows[i] for i in order], processor.tokenizer.pad_token_id), want)
+
+
+def test_the_warm_starts_prompts_follow_the_configs_prompt_style(examples):
+    """QUICK (design 4's sizes cut down) asks in the short style: every chain-of-thought and drill prompt ends with
+    its instruction sentence, in the training wording for half of them and the evaluation wording for the other."""
+    from grpo_care.data import SHORT_EVAL_QUESTION_TEMPLATE, SHORT_QUESTION_TEMPLATE
+
+    _, (_, cot, drills) = examples
+    endings = [e.messages[0]["content"][-1]["text"].rsplit("\n", 1)[1] for e in cot + drills]
+    wordings = [t.rsplit("\n", 1)[1] for t in (SHORT_QUESTION_TEMPLATE, SHORT_EVAL_QUESTION_TEMPLATE)]
+    assert sorted(set(endings)) == sorted(wordings) and endings.count(wordings[0]) == len(endings) // 2

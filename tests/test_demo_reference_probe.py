@@ -38,6 +38,20 @@ def test_cases_are_the_reversing_cars_away_from_a_wall_and_every_prompt(setup, t
         assert f"drove {truth['facing']}{ending}" in tokenizer.decode(taught.target)
 
 
+@pytest.mark.parametrize("style", ["paper", "short"])
+def test_the_probe_asks_in_the_configs_prompt_style(setup, style):
+    """The probe's prompts are the RL prompts, in the trainer config's prompt style (design 4: short)."""
+    from dataclasses import replace
+
+    from grpo_care.data import QUESTION_TEMPLATE, SHORT_QUESTION_TEMPLATE
+
+    files, _, processor, config = setup
+    cases = probe_cases(processor, files.train, replace(config, prompt_style=style), DESIGN_2.teacher, seed=0)
+    instruction = {"paper": QUESTION_TEMPLATE, "short": SHORT_QUESTION_TEMPLATE}[style].split("\n", 1)[1]
+    prompts = [example.messages[0]["content"][-1]["text"] for kind in cases.values() for example, _ in kind]
+    assert prompts and all(instruction in text for text in prompts)
+
+
 def test_letter_probabilities_match_a_torch_forward_pass(setup):
     files, model, processor, config = setup
     cases = probe_cases(processor, files.train, config, DESIGN_2.teacher, seed=0)

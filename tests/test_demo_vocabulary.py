@@ -20,6 +20,19 @@ def test_every_demo_text_tokenizes_as_qwen(tok):
     assert len(tok) < 2000  # vs 151,665: the LM head of the demo model is ~100x smaller
 
 
+def test_the_short_prompts_leave_the_vocabulary_as_it_was(tok):
+    """Design 4's prompts (prompt_style="short") are worded with tokens the paper's prompts already use: the
+    vocabulary built without them is the same, token for token and id for id, so designs 1-3 (built before it
+    existed) still reproduce their runs."""
+    from grpo_care.demo.vocabulary import _build, demo_texts
+
+    texts = demo_texts()
+    short = [t for t in texts if "Please reason between the <think>" in t]
+    assert short and len(short) < len(texts)
+    assert _build([t for t in texts if t not in short]).get_vocab() == tok.get_vocab()
+    assert len(tok) == 1475  # since design 1: 1,475 tokens, Qwen's 22 special tokens included
+
+
 def test_answer_spans_keep_qwens_tokens(tok):
     # grpo_care.md 5.2: with Qwen's BPE the answer letter is the one token `>A` (CARE's answer span)
     from care_kernels.answer_spans import answer_token_mask

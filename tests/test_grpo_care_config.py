@@ -104,6 +104,8 @@ def test_bad_values_are_errors_that_name_the_field(tmp_path):
         GRPOCareConfig(num_generations=1)
     with pytest.raises(ValueError, match="loss_type must be one of"):
         GRPOCareConfig(loss_type="ppo")
+    with pytest.raises(ValueError, match="prompt_style must be paper or short, got 'long'"):
+        GRPOCareConfig(prompt_style="long")
     with pytest.raises(ValueError, match="unrecognized arguments: --not_a_field 1"):
         GRPOCareConfig.from_cli(["--not_a_field", "1"])
 

@@ -7,10 +7,13 @@ import pytest
 from grpo_care.data import (
     EVAL_QUESTION_TEMPLATE,
     QUESTION_TEMPLATE,
+    SHORT_EVAL_QUESTION_TEMPLATE,
+    SHORT_QUESTION_TEMPLATE,
     TYPE_TEMPLATE,
     DataFormatError,
     build_messages,
     load_samples,
+    question_text,
     seed_bench_r1_sample,
 )
 
@@ -162,3 +165,30 @@ def test_video_r1_json(tmp_path):
     path.write_text(json.dumps([dict(records[0], problem_type="essay")]))
     with pytest.raises(DataFormatError, match=r"record 0: bad video_r1 record: problem_type"):
         load_samples(path, tmp_path)
+
+
+def test_short_prompt_style_replaces_the_instructions_only(tmp_path):
+    """prompt_style="short": the same question and options, one sentence of instructions (with the paper's "and"
+    difference between the training and evaluation wordings), no option-letter sentence; other problem types
+    keep the sentence that says what form their answer takes."""
+    question = "Which color? Options:\nA. red\nB. blue\n"
+    assert question_text(question, template="train", prompt_style="short") == (
+        question + "\nPlease reason between the <think> </think> tags and answer between the <answer> </answer> tags.")
+    assert question_text(question, template="eval", prompt_style="short") == SHORT_EVAL_QUESTION_TEMPLATE.format(
+        Question=question)
+    assert "<think> and </think>" in SHORT_EVAL_QUESTION_TEMPLATE
+    assert "<answer> and </answer>" in SHORT_EVAL_QUESTION_TEMPLATE
+    assert question_text("How many?", "numerical", prompt_style="short") == (
+        SHORT_QUESTION_TEMPLATE.format(Question="How many?") + TYPE_TEMPLATE["numerical"])
+    assert question_text(question, template="eval") == (
+        EVAL_QUESTION_TEMPLATE.format(Question=question) + TYPE_TEMPLATE["multiple choice"])  # the default: the paper's
+    path = tmp_path / "training.jsonl"
+    path.write_text(json.dumps(TRAIN_RECORD) + "\n")
+    paper, = load_samples(path, tmp_path, seed=3)
+    short, = load_samples(path, tmp_path, seed=3, prompt_style="short")
+    assert short.options == paper.options and short.solution == paper.solution  # the same shuffle
+    assert short.text == SHORT_QUESTION_TEMPLATE.format(Question=paper.text.split("\nPlease think")[0])
+    with pytest.raises(ValueError, match="prompt_style must be one of paper, short, got 'long'"):
+        load_samples(path, tmp_path, prompt_style="long")
+    with pytest.raises(ValueError, match="template must be 'train' or 'eval'"):
+        load_samples(path, tmp_path, template="test")

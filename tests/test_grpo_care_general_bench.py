@@ -185,8 +185,12 @@ def test_per_sample_files_from_before_the_timing_option_resume_as_fixed_timing(b
     lines = samples.read_text().splitlines()
     meta = json.loads(lines[0])
     del meta["meta"]["real_video_timing"]  # as written before the option existed (every clip at 1 s per patch)
+    del meta["meta"]["prompt_style"]  # likewise: the paper's prompts
     samples.write_text("\n".join([json.dumps(meta), *lines[1:]]) + "\n")
     again = evaluate_files(model, processor, files, _config(bench, eval_real_video_timing=False), output_dir=tmp_path)
     assert sum(f["num_resumed"] for f in again["files"].values()) == 2
     with pytest.raises(ValueError, match="real_video_timing"):
         evaluate_files(model, processor, files, _config(bench), output_dir=tmp_path)
+    with pytest.raises(ValueError, match="prompt_style"):  # answers to other prompts are not resumed
+        evaluate_files(model, processor, files, _config(bench, eval_real_video_timing=False, prompt_style="short"),
+                       output_dir=tmp_path)

@@ -104,7 +104,8 @@ def check_train_inputs(config: GRPOCareConfig) -> None:
                              hint="pass --reward_funcs accuracy,format (or dotted paths that import)") from err
     with_pinned_batch(config, launched_world_size(config))
     load_samples(config.train_file, config.data_root or None, fmt=config.dataset_format, seed=config.seed,
-                 template="train", limit=config.max_train_samples)  # a malformed record: its file and line
+                 template="train", prompt_style=config.prompt_style,
+                 limit=config.max_train_samples)  # a malformed record: its file and line
 
 
 def check_hub_model(name: str, argument: str, source: str) -> None:
@@ -217,7 +218,7 @@ def _eval(argv: list[str]) -> int:
                          "pkg.module:factory (a module that imports, with that callable)") from err
     for file in files:  # a malformed record: its file and line, before the model loads
         load_samples(file, args.data_root or config.data_root or None, fmt=config.dataset_format,
-                     seed=config.seed, template="eval", limit=args.max_samples)
+                     seed=config.seed, template="eval", prompt_style=config.prompt_style, limit=args.max_samples)
     if args.output_dir and not args.overwrite:
         problem = resume_conflict(args.output_dir, config)
         if problem:

@@ -116,6 +116,12 @@ class GRPOCareConfig:
         "auto, seed_bench_r1 or video_r1 (auto: a record with `problem_type` is "
         "Video-R1, one without is SEED-Bench-R1).",
     )
+    prompt_style: str = _f(
+        "paper",
+        "the prompt's instructions: paper (GRPO-CARE's templates, grpo_care.md 2) or short (one sentence, "
+        "'Please reason between the <think> </think> tags and answer between the <answer> </answer> tags.'; no "
+        "option-letter sentence), for training and evaluation alike.",
+    )
     eval_files: list = _f([], "validation files scored by `grpo-care eval` (e.g. validation_L1/L2/L3.jsonl).")
     max_train_samples: int = _f(0, "use only the first N training records (0: all).")
 
@@ -382,6 +388,10 @@ class GRPOCareConfig:
         need(
             self.dataset_format in ("auto", "seed_bench_r1", "video_r1"),
             f"dataset_format must be auto, seed_bench_r1 or video_r1, got {self.dataset_format!r}",
+        )
+        need(
+            self.prompt_style in ("paper", "short"),
+            f"prompt_style must be paper or short, got {self.prompt_style!r}",
         )
         need(
             self.distributed in ("auto", "none", "ddp", "fsdp"),

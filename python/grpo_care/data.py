@@ -48,6 +48,42 @@ TYPE_TEMPLATE = {
     "regression": _NUMERICAL,
 }
 
+# `prompt_style="short"` (the demo's design 4, its demo README): one sentence instead of the paper's paragraph, with
+# the paper's "and" difference between its training and evaluation wordings, and no option-letter sentence for
+# multiple choice (the other problem types keep TYPE_TEMPLATE's sentence: it says what form the answer takes).
+# Worded with the paper's own tokens, so the demo's restricted vocabulary (demo/vocabulary.py) stays as it was.
+SHORT_QUESTION_TEMPLATE = (
+    "{Question}\nPlease reason between the <think> </think> tags and answer between the <answer> </answer> tags."
+)
+SHORT_EVAL_QUESTION_TEMPLATE = (
+    "{Question}\nPlease reason between the <think> and </think> tags and answer between the <answer> and </answer> "
+    "tags."
+)
+PROMPT_STYLES = ("paper", "short")
+
+
+def question_text(question: str, problem_type: str = "multiple choice", template: str = "train",
+                  prompt_style: str = "paper") -> str:
+    """The user turn's text: the question (options included) in the template's wording, then the answer-form
+    sentence of its problem type.
+
+    template: "train" (the training prompt) or "eval" (eval_bench.py's wording); prompt_style: "paper"
+    (QUESTION_TEMPLATE / EVAL_QUESTION_TEMPLATE + TYPE_TEMPLATE[problem_type], grpo_care.md 2) or "short"
+    (SHORT_QUESTION_TEMPLATE / SHORT_EVAL_QUESTION_TEMPLATE, + TYPE_TEMPLATE[problem_type] except for multiple
+    choice)."""
+    if template not in ("train", "eval"):
+        raise ValueError(f"template must be 'train' or 'eval', got {template!r}")
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
+    if problem_type not in TYPE_TEMPLATE:
+        raise ValueError(f"problem_type must be one of {sorted(TYPE_TEMPLATE)}, got {problem_type!r}")
+    if prompt_style == "paper":
+        wording = QUESTION_TEMPLATE if template == "train" else EVAL_QUESTION_TEMPLATE
+        return wording.format(Question=question) + TYPE_TEMPLATE[problem_type]
+    wording = SHORT_QUESTION_TEMPLATE if template == "train" else SHORT_EVAL_QUESTION_TEMPLATE
+    answer_form = "" if problem_type == "multiple choice" else TYPE_TEMPLATE[problem_type]
+    return wording.format(Question=question) + answer_form
+
 
 class DataFormatError(UsageError):
     """A record that cannot be read; the message starts with `file:line:`. A UsageError (so a ValueError):
@@ -155,9 +191,12 @@ def load_samples(
     fmt: str = "auto",
     seed: int = 42,
     template: str = "train",
+    prompt_style: str = "paper",
     limit: int = 0,
 ) -> list[Sample]:
-    """Read an annotation file into Samples (options shuffled once, deterministically from `seed`)."""
+    """Read an annotation file into Samples (options shuffled once, deterministically from `seed`); the prompt
+    text in `template`'s wording ("train" or "eval") and `prompt_style` ("paper" or "short": question_text)."""
+    question_text("", template=template, prompt_style=prompt_style)  # a bad template or style: said up front
     root = Path(root) if root else default_root(path)
     rng = random.Random(seed)
     level = Path(path).stem
@@ -166,9 +205,9 @@ def load_samples(
         kind = fmt if fmt != "auto" else ("video_r1" if "problem_type" in record else "seed_bench_r1")
         try:
             if kind == "seed_bench_r1":
-                sample = seed_bench_r1_sample(record, root, rng, template)
+                sample = seed_bench_r1_sample(record, root, rng, template, prompt_style)
             elif kind == "video_r1":
-                sample = video_r1_sample(record, root, template)
+                sample = video_r1_sample(record, root, template, prompt_style)
             else:
                 raise ValueError(f"unknown dataset format {fmt!r}")
         except (KeyError, TypeError, ValueError) as e:
@@ -183,13 +222,8 @@ def load_samples(
     return out
 
 
-def _question_template(template: str) -> str:
-    if template not in ("train", "eval"):
-        raise ValueError(f"template must be 'train' or 'eval', got {template!r}")
-    return QUESTION_TEMPLATE if template == "train" else EVAL_QUESTION_TEMPLATE
-
-
-def seed_bench_r1_sample(record: dict, root: Path, rng: random.Random, template: str = "train") -> Sample:
+def seed_bench_r1_sample(record: dict, root: Path, rng: random.Random, template: str = "train",
+                         prompt_style: str = "paper") -> Sample:
     """grpo_care.md 2.1: options, question text, gold letter, video (if any progress), observation image."""
     answer = record["answer"]
     if "golden_choice_idx" in record:
@@ -208,7 +242,7 @@ def seed_bench_r1_sample(record: dict, root: Path, rng: random.Random, template:
         + "\n".join(f"{chr(65 + i)}. {option}" for i, option in enumerate(options))
         + "\n"
     )
-    text = _question_template(template).format(Question=question) + TYPE_TEMPLATE["multiple choice"]
+    text = question_text(question, "multiple choice", template, prompt_style)
     source = record["video_source"]
     video = None
     if len(record.get("task_progress_metadata") or []) > 0:
@@ -225,7 +259,7 @@ def seed_bench_r1_sample(record: dict, root: Path, rng: random.Random, template:
     )
 
 
-def video_r1_sample(record: dict, root: Path, template: str = "train") -> Sample:
+def video_r1_sample(record: dict, root: Path, template: str = "train", prompt_style: str = "paper") -> Sample:
     """grpo_care.md 2.2: `problem` (+ "Options:" and an option a line for multiple choice) + TYPE_TEMPLATE."""
     problem_type = record["problem_type"]
     if problem_type not in TYPE_TEMPLATE:
@@ -234,7 +268,7 @@ def video_r1_sample(record: dict, root: Path, template: str = "train") -> Sample
     options = list(record.get("options") or [])
     if problem_type == "multiple choice":
         question = question + "Options:\n" + "".join(f"{op}\n" for op in options)
-    text = _question_template(template).format(Question=question) + TYPE_TEMPLATE[problem_type]
+    text = question_text(question, problem_type, template, prompt_style)
     data_type = record.get("data_type", "image")
     if data_type not in ("image", "video"):
         raise ValueError(f"data_type must be image or video, got {data_type!r}")

@@ -132,11 +132,12 @@ def protocol(config) -> dict:
         "video_max_frames": config.eval_video_max_frames,
         "real_video_timing": config.eval_real_video_timing,
         "seed": config.seed,
+        "prompt_style": config.prompt_style,
     }
 
 
 # what a per-sample file written before a protocol field existed was produced with
-_PROTOCOL_BEFORE = {"real_video_timing": False}
+_PROTOCOL_BEFORE = {"real_video_timing": False, "prompt_style": "paper"}
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -263,6 +264,7 @@ def evaluate(
         fmt=config.dataset_format,
         seed=config.seed,
         template="eval",
+        prompt_style=config.prompt_style,
         limit=max_samples,
     )
     path = Path(samples_file) if samples_file else None

@@ -123,6 +123,7 @@ class Trainer:
             fmt=config.dataset_format,
             seed=config.seed,
             template="train",
+            prompt_style=config.prompt_style,
             limit=config.max_train_samples,
         )
         samples = distributed.shard_samples(all_samples, self.dist)

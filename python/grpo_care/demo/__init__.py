@@ -2,8 +2,8 @@
 
     grpo-care demo                          # one seed, GRPO and GRPO-CARE, 50 RL steps each, into outputs/demo
     grpo-care demo --quick --output_dir D   # the CI smoke run: the same pipeline at toy sizes (< 2 minutes)
-    grpo-care demo --study                  # study 3, pre-registered: seeds 20-24, resumable, into outputs/demo_study
-    grpo-care demo --design 2 --study       # study 2 again (design 2, seeds 10-14; --design 1: study 1, seeds 0-4)
+    grpo-care demo --study                  # study 4, pre-registered: seeds 30-34, resumable, into outputs/demo_study
+    grpo-care demo --design 3 --study       # study 3 again (design 3, seeds 20-24; 2: 10-14; 1: 0-4)
     grpo-care demo --seeds 100 101 102 --output_dir D   # the same on other seeds (development seeds)
     grpo-care demo --summarize D0 D1 D2     # one table over finished single-seed runs
 
@@ -35,7 +35,7 @@ PLOTTING = {"matplotlib": "matplotlib"}
 INSTALL_HINT = "pip install \"care-kernels[demo]\" (from a checkout: pip install \".[demo]\")"
 ARM_KEYS = ("grpo", "no_kl", "grpo_care")  # grpo_care.demo.pipeline.ARMS, without importing torch here
 # per design, its study's pre-registered seeds (demo README)
-STUDY_SEEDS = {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14), 3: (20, 21, 22, 23, 24)}
+STUDY_SEEDS = {1: (0, 1, 2, 3, 4), 2: (10, 11, 12, 13, 14), 3: (20, 21, 22, 23, 24), 4: (30, 31, 32, 33, 34)}
 # One seed's defaults, so that `grpo-care demo` fits in its 10 minutes on slow 2-core machines (demo README, "The
 # model, and where the time goes"): the two arms the comparison is about, half a study arm's steps. --study
 # runs the design's plan.
@@ -55,15 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "--quick)")
     parser.add_argument("--rl_steps", type=int, default=None,
                         help=f"optimizer steps per RL arm (default: {SINGLE_SEED_RL_STEPS} for one seed, to keep the "
-                             "demo within its time budget; the plan's own for --study (design 3: 200) and --quick "
+                             "demo within its time budget; the plan's own for --study (designs 3-4: 200) and --quick "
                              "(2); pass 200 with --arms grpo no_kl grpo_care to repeat a study seed alone)")
     parser.add_argument("--warm_start_only", action="store_true",
                         help="stop after the warm start and its evaluation (checks the perception target)")
-    parser.add_argument("--design", type=int, choices=sorted(STUDY_SEEDS), default=3,
-                        help="the task and warm start: 3 (default, study 3's plan), 2 or 1 (studies 2 and 1)")
+    parser.add_argument("--design", type=int, choices=sorted(STUDY_SEEDS), default=4,
+                        help="the task, prompts and warm start: 4 (default, study 4's plan: design 3 with a one-line "
+                             "instruction), 3, 2 or 1 (studies 3, 2 and 1)")
     parser.add_argument("--study", action="store_true",
-                        help="run the design's pre-registered study (design 3: seeds 20-24; design 2: 10-14; "
-                             "design 1: 0-4; unless --seeds), resumable per seed and arm")
+                        help="run the design's pre-registered study (design 4: seeds 30-34; 3: 20-24; 2: 10-14; "
+                             "1: 0-4; unless --seeds), resumable per seed and arm")
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                         help="run the study on these seeds (implies --study)")
     parser.add_argument("--summarize", nargs="+", metavar="DIR",

@@ -57,7 +57,7 @@ def probe_cases(processor, train_file, config, teacher: Teacher, seed: int = 0) 
         records = {str(r["sample_id"]): r for r in (json.loads(line) for line in f if line.strip())}
     rng = random.Random(f"reference-probe-{seed}")
     after_true, after_teacher, after_random = [], [], []
-    for sample in load_samples(str(train_file), seed=seed, template="train"):
+    for sample in load_samples(str(train_file), seed=seed, template="train", prompt_style=config.prompt_style):
         truth = records[sample.sample_id]["ground_truth"]
         item = load_visuals(sample, budget, multimodal=True)
         options = truth["option_directions"]

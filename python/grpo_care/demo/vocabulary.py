@@ -25,9 +25,10 @@ from grpo_care.tiny import QWEN_SPECIAL_TOKENS, qwen_tokenizer
 
 
 def demo_texts() -> list[str]:
-    """Every text the demo puts through the tokenizer: chat-templated prompts of both templates for every task
-    kind and object, the warm start's questions and targets, every rationale the world allows."""
-    from grpo_care.data import build_messages, seed_bench_r1_sample
+    """Every text the demo puts through the tokenizer: chat-templated prompts in both wordings (training,
+    evaluation) and both prompt styles (data.PROMPT_STYLES) for every task kind and object, the warm start's
+    questions and targets, every rationale the world allows."""
+    from grpo_care.data import PROMPT_STYLES, build_messages, seed_bench_r1_sample
     from grpo_care.demo.synthetic_data import LETTERS, OPTION_ORDER
     from grpo_care.demo.tasks import TASK_KINDS, completion, observation, rationale
     from grpo_care.demo.warm_start import PERCEPTION_QUESTION
@@ -42,8 +43,8 @@ def demo_texts() -> list[str]:
                   "task_progress_metadata": [{}]}
         for letter, direction in zip("abcd", OPTION_ORDER):
             record[f"choice_{letter}"] = kind.option(motion, direction)
-        for template in ("train", "eval"):
-            sample = seed_bench_r1_sample(record, root=Path("."), rng=None, template=template)
+        for template, style in product(("train", "eval"), PROMPT_STYLES):
+            sample = seed_bench_r1_sample(record, root=Path("."), rng=None, template=template, prompt_style=style)
             texts.append(_chat_text(build_messages(sample)))
         texts.append(_chat_text([{"role": "user", "content": [
             {"type": "video"}, {"type": "image"},

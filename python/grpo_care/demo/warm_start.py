@@ -109,8 +109,9 @@ def load_examples(sft_file, config, processor, misreads_as_context: bool = False
     perception, cot, drills = [], [], []
     black: dict = {}  # one set of black frames per frame shape, shared by every drill
     visual_rows: dict = {}  # (id of an images list, id of a videos list) -> the first row encoded with them
-    eval_wording = load_samples(sft_file, seed=config.seed, template="eval")
-    for sample, eval_sample in zip(load_samples(sft_file, seed=config.seed, template="train"), eval_wording):
+    eval_wording = load_samples(sft_file, seed=config.seed, template="eval", prompt_style=config.prompt_style)
+    train_wording = load_samples(sft_file, seed=config.seed, template="train", prompt_style=config.prompt_style)
+    for sample, eval_sample in zip(train_wording, eval_wording):
         record = records[sample.sample_id]
         item = load_visuals(sample, budget, multimodal=True)
         premises = tokenizer("<think>" + record["ground_truth"]["teacher_observation"][:-1],
