@@ -192,3 +192,21 @@ def test_short_prompt_style_replaces_the_instructions_only(tmp_path):
         load_samples(path, tmp_path, prompt_style="long")
     with pytest.raises(ValueError, match="template must be 'train' or 'eval'"):
         load_samples(path, tmp_path, template="test")
+
+
+def test_the_paper_style_prompt_byte_for_byte():
+    """The default prompt as the authors' code writes it (grpo_care.md 2.1), spelled out rather than rebuilt from
+    the templates, for a multiple-choice training prompt and a numerical evaluation one."""
+    question = "What next? Options:\nA. up\nB. down\n"
+    assert question_text(question) == (
+        "What next? Options:\nA. up\nB. down\n\n"
+        "Please think about this question as if you were a human pondering deeply. Engage in an internal dialogue "
+        "using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it down', etc, or other "
+        "natural language thought expressions It's encouraged to include self-reflection or verification in the "
+        "reasoning process. Provide your detailed reasoning between the <think> </think> tags, and then give your "
+        "final answer between the <answer> </answer> tags. Please provide only the single option letter (e.g., A, "
+        "B, C, D, etc.) within the <answer> </answer> tags.")
+    assert question_text("How many?", "numerical", template="eval").endswith(
+        "Provide your detailed reasoning between the <think> and </think> tags, and then give your final answer "
+        "between the <answer> and </answer> tags. Please provide the numerical value (e.g., 42 or 3.14) within the "
+        "<answer> </answer> tags.")

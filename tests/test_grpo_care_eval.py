@@ -319,3 +319,16 @@ def test_report_tables_from_records():
     assert report["per_level"]["L1"]["accuracy"] == 0.0 and report["num_skipped"] == 2
     assert report["consistency"]["num_consistent"] == 2 and report["consistency"]["num_judged"] == 3
     assert [level_label(x) for x in ("validation_L1", "L2", "val-l3", "mmvu")] == ["L1", "L2", "L3", "mmvu"]
+
+
+@pytest.mark.parametrize("style", ["paper", "short"])
+def test_the_judge_gets_the_question_without_the_instructions(style):
+    """An LLM judge is shown the question and its options only, whatever the prompt style."""
+    from grpo_care.data import Sample, question_text
+    from grpo_care.evaluate import _question
+
+    question = "What next? Options:\nA. up\nB. down\n"
+    for template in ("train", "eval"):
+        sample = Sample(sample_id="1", text=question_text(question, template=template, prompt_style=style),
+                        solution="<answer>A</answer>")
+        assert _question(sample) == question

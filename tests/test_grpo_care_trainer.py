@@ -584,6 +584,21 @@ def test_resume_under_a_changed_config(assets, tmp_path):
     fewer = _config(assets, tmp_path / "a", resume_from_checkpoint="latest", max_train_samples=4, **base)
     with pytest.raises(ValueError, match="training data differs from the checkpoint's .6 samples then, 4 now"):
         train(fewer, model=_tiny_vl(assets), processor=assets["processor"])
+    reworded = _config(assets, tmp_path / "a", resume_from_checkpoint="latest", prompt_style="short", **base)
+    with pytest.raises(ValueError, match="training data differs .* resume with the checkpoint's train_file, "
+                                         "max_train_samples, seed and prompt_style"):
+        train(reworded, model=_tiny_vl(assets), processor=assets["processor"])
+
+
+def test_the_trainer_asks_in_its_configs_prompt_style(assets, tmp_path):
+    from grpo_care.data import QUESTION_TEMPLATE, SHORT_QUESTION_TEMPLATE
+    from grpo_care.trainer import Trainer
+
+    for style, template in (("paper", QUESTION_TEMPLATE), ("short", SHORT_QUESTION_TEMPLATE)):
+        config = _config(assets, tmp_path / style, max_steps=1, report_to=["none"], prompt_style=style)
+        trainer = Trainer(config, model=_tiny_vl(assets), processor=assets["processor"])
+        instruction = template.split("\n", 1)[1]
+        assert trainer.stream.samples and all(instruction in s.text for s in trainer.stream.samples)
 
 
 @pytest.mark.gpu

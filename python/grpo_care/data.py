@@ -62,6 +62,17 @@ SHORT_EVAL_QUESTION_TEMPLATE = (
 PROMPT_STYLES = ("paper", "short")
 
 
+def strip_instructions(text: str) -> str:
+    """The question with its options: a prompt text (question_text's, any template and style) without the
+    instructions that follow them; a text without them unchanged."""
+    for template in (QUESTION_TEMPLATE, SHORT_QUESTION_TEMPLATE):
+        start = template.split("{Question}", 1)[1][:24]  # "\nPlease think about this " / "\nPlease reason between "
+        cut = text.rfind(start)
+        if cut >= 0:
+            return text[:cut]
+    return text
+
+
 def question_text(question: str, problem_type: str = "multiple choice", template: str = "train",
                   prompt_style: str = "paper") -> str:
     """The user turn's text: the question (options included) in the template's wording, then the answer-form

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from grpo_care.data import Sample, build_messages, load_samples
+from grpo_care.data import Sample, build_messages, load_samples, strip_instructions
 from grpo_care.judge import JudgeRequest, consistency_summary, describe, judge_all
 from grpo_care.modeling import autocast, is_multimodal
 from grpo_care.prompts import load_visuals
@@ -75,9 +75,8 @@ def record_key(sample: Sample) -> str:
 
 
 def _question(sample: Sample) -> str:
-    """The question with its listed options, without the reasoning-format instructions of the template."""
-    cut = sample.text.find("\nPlease think about this question")
-    return sample.text[:cut] if cut >= 0 else sample.text
+    """The question with its listed options, without the instructions of the template (either prompt style)."""
+    return strip_instructions(sample.text)
 
 
 def _accuracy_table(records: list[dict], key: str) -> dict:

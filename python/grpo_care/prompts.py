@@ -117,7 +117,7 @@ class PromptStream:
             raise ValueError(
                 f"the training data differs from the checkpoint's ({state.get('num_samples')} samples then, "
                 f"{self.num_samples} now, or other ids, texts or order): resume with the checkpoint's train_file, "
-                "max_train_samples and seed"
+                "max_train_samples, seed and prompt_style"
             )
         self.epoch, self.cursor, self.skipped = (
             int(state["epoch"]),

@@ -114,8 +114,8 @@ DESIGN_2 = replace(DESIGN_2_WITHOUT_DRILLS, name="design_2",
 # arms train twice as long.
 DESIGN_3 = replace(DESIGN_2, name="design_3", teacher=replace(DESIGN_2.teacher, unfaithful_rate=0.15, slip_to="signal"),
                    rl_steps=200)
-# Study 4's plan (demo README, "Design 4" and its protocol): design 3 with a one-line instruction instead of the
-# paper's paragraph (development run 46), prompts of about 130-150 tokens instead of 245-265: the time budget.
+# Study 4's plan (demo README, "Design 4" and its protocol): design 3 asked in one sentence instead of the paper's
+# paragraph of instructions (development run 47), prompts of 133-162 tokens instead of 243-272: the time budget.
 DESIGN_4 = replace(DESIGN_3, name="design_4", prompt_style="short")
 FULL = DESIGN_4
 DESIGNS = {1: DESIGN_1, 2: DESIGN_2, 3: DESIGN_3, 4: DESIGN_4}  # `grpo-care demo --design N`
