@@ -60,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warm_start_only", action="store_true",
                         help="stop after the warm start and its evaluation (checks the perception target)")
     parser.add_argument("--design", type=int, choices=sorted(STUDY_SEEDS), default=4,
-                        help="the task, prompts and warm start: 4 (default, study 4's plan: design 3 with a one-line "
-                             "instruction), 3, 2 or 1 (studies 3, 2 and 1)")
+                        help="the task, prompts and warm start: 4 (default, study 4's plan: design 3 asked in one "
+                             "sentence), 3, 2 or 1 (studies 3, 2 and 1)")
     parser.add_argument("--study", action="store_true",
                         help="run the design's pre-registered study (design 4: seeds 30-34; 3: 20-24; 2: 10-14; "
                              "1: 0-4; unless --seeds), resumable per seed and arm")
