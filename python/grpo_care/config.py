@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import yaml
 
+from grpo_care.data import PROMPT_STYLES
 from grpo_care.user_errors import OneLineArgumentParser, UsageError, shown_path
 
 _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -390,8 +391,8 @@ class GRPOCareConfig:
             f"dataset_format must be auto, seed_bench_r1 or video_r1, got {self.dataset_format!r}",
         )
         need(
-            self.prompt_style in ("paper", "short"),
-            f"prompt_style must be paper or short, got {self.prompt_style!r}",
+            self.prompt_style in PROMPT_STYLES,
+            f"prompt_style must be {' or '.join(PROMPT_STYLES)}, got {self.prompt_style!r}",
         )
         need(
             self.distributed in ("auto", "none", "ddp", "fsdp"),

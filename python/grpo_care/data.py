@@ -73,6 +73,14 @@ def strip_instructions(text: str) -> str:
     return text
 
 
+def check_wording(template: str, prompt_style: str) -> None:
+    """A ValueError naming the bad argument unless template is train / eval and prompt_style one of PROMPT_STYLES."""
+    if template not in ("train", "eval"):
+        raise ValueError(f"template must be 'train' or 'eval', got {template!r}")
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
+
+
 def question_text(question: str, problem_type: str = "multiple choice", template: str = "train",
                   prompt_style: str = "paper") -> str:
     """The user turn's text: the question (options included) in the template's wording, then the answer-form
@@ -82,10 +90,7 @@ def question_text(question: str, problem_type: str = "multiple choice", template
     (QUESTION_TEMPLATE / EVAL_QUESTION_TEMPLATE + TYPE_TEMPLATE[problem_type], grpo_care.md 2) or "short"
     (SHORT_QUESTION_TEMPLATE / SHORT_EVAL_QUESTION_TEMPLATE, + TYPE_TEMPLATE[problem_type] except for multiple
     choice)."""
-    if template not in ("train", "eval"):
-        raise ValueError(f"template must be 'train' or 'eval', got {template!r}")
-    if prompt_style not in PROMPT_STYLES:
-        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
+    check_wording(template, prompt_style)
     if problem_type not in TYPE_TEMPLATE:
         raise ValueError(f"problem_type must be one of {sorted(TYPE_TEMPLATE)}, got {problem_type!r}")
     if prompt_style == "paper":
@@ -207,7 +212,7 @@ def load_samples(
 ) -> list[Sample]:
     """Read an annotation file into Samples (options shuffled once, deterministically from `seed`); the prompt
     text in `template`'s wording ("train" or "eval") and `prompt_style` ("paper" or "short": question_text)."""
-    question_text("", template=template, prompt_style=prompt_style)  # a bad template or style: said up front
+    check_wording(template, prompt_style)  # before any record, not as a bad record
     root = Path(root) if root else default_root(path)
     rng = random.Random(seed)
     level = Path(path).stem
